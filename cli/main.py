@@ -1,0 +1,375 @@
+"""medsearch command line: a thin typer shell over the library.
+
+Each command calls one library function and turns ``MedsearchError`` into a red message
+with the next step (exit code 2). Heavy modules are imported inside the commands so
+``medsearch --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="medsearch",
+    help="Retrieval-augmented multimodal search for medical imaging archives.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DEFAULT_HOME = "~/.medsearch"
+
+Home = Annotated[
+    Path,
+    typer.Option(
+        "--home",
+        envvar="MEDSEARCH_HOME",
+        help="Folder holding catalog.db, the vector indexes and trained models.",
+        show_default=DEFAULT_HOME,
+    ),
+]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+K = Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="How many results.")]
+Modality = Annotated[list[str] | None, typer.Option("--modality", help="Keep only this modality (CT, MR, X-ray...).")]
+Region = Annotated[list[str] | None, typer.Option("--body-region", help="Keep only this body region (Head, Thorax...).")]
+Split = Annotated[list[str] | None, typer.Option("--split", help="Keep only this split (train, dev, ...).")]
+Model = Annotated[
+    str | None,
+    typer.Option("--model", help="Model: towers, lite, open_clip:ARCH:CHECKPOINT, hf-hub:ORG/NAME. Default: the indexed one."),
+]
+Device = Annotated[str, typer.Option("--device", envvar="MEDSEARCH_DEVICE", help="auto, cpu, cuda, cuda:N.")]
+
+
+def _home(home: Path | None) -> Path:
+    return Path(home or os.environ.get("MEDSEARCH_HOME") or DEFAULT_HOME).expanduser().resolve()
+
+
+def _err(msg: str) -> None:
+    typer.secho(msg, fg=typer.colors.RED, err=True)
+
+
+def handle_errors(fn):
+    """Turn library errors into one clear line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any):
+        from medsearch.errors import MedsearchError
+
+        try:
+            return fn(*args, **kwargs)
+        except MedsearchError as e:
+            _err(f"error: {e.message}")
+            if e.hint:
+                _err(f"hint: {e.hint}")
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            _err("interrupted: committed work is kept; rerun the same command to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _print_hits(hits: list, title: str) -> None:
+    if not hits:
+        typer.echo(f"{title}: no results")
+        return
+    typer.secho(title, bold=True)
+    for rank, h in enumerate(hits, 1):
+        dx = h.diagnosis or h.title or "-"
+        where = " ".join(x for x in (h.modality_type, h.body_region, h.plane) if x) or "-"
+        typer.echo(f"{rank:>3}. {h.score:6.3f}  {h.case_key:<14} {h.image_key or '-':<28} {where:<24} {dx}")
+        if h.excerpt:
+            ex = " ".join(h.excerpt.split())
+            typer.echo(f"       {ex[:140] + ('…' if len(ex) > 140 else '')}")
+
+
+def _filters(modality, body_region, split):
+    from medsearch.search import Filters
+
+    return Filters(modality=modality or None, body_region=body_region or None, split=split or None)
+
+
+def _searcher(home: Path, model: str | None, device: str):
+    from medsearch.search import Searcher
+
+    return Searcher(_home(home), model=model, device=device)
+
+
+def _default_model(home: Path) -> str:
+    """The model for `index` when --model is not given: lite when trained, else the towers."""
+    from medsearch.catalog import Catalog
+
+    paths_home = _home(home)
+    if (paths_home / "catalog.db").exists():
+        cat = Catalog.open(paths_home / "catalog.db")
+        try:
+            recorded = cat.get_meta("default_model")
+        finally:
+            cat.close()
+        if recorded:
+            return recorded
+    if (paths_home / "models" / "lite" / "config.json").exists():
+        return "lite"
+    return "towers"
+
+
+# ---------------------------------------------------------------------------- commands
+@app.command()
+@handle_errors
+def ingest(
+    path: Annotated[Path, typer.Argument(help="Dataset folder (JSONL layout), image folder, DICOM tree or one file.")],
+    home: Home = None,  # type: ignore[assignment]
+    split: Split = None,
+    source: Annotated[str | None, typer.Option(help="Source name stored with each row (default: folder name).")] = None,
+    sidecar: Annotated[Path | None, typer.Option(help="CSV/JSONL of reports for an image folder.")] = None,
+    deid_text: Annotated[bool, typer.Option("--deid-text", help="Scrub names, dates, phone numbers, MRNs from report text.")] = False,
+    json_out: JsonOut = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Add cases, images and reports to the catalog (idempotent: a second run adds nothing)."""
+    from medsearch.catalog import Catalog
+
+    from indexer.ingest import ingest_path
+
+    h = _home(home)
+    cat = Catalog.open(h / "catalog.db")
+    bar = None
+    if not quiet and not json_out:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"ingest {path.name}", unit="item", dynamic_ncols=True)
+    try:
+        summary = ingest_path(
+            cat, path, source=source, splits=split, sidecar=sidecar, deid_text=deid_text,
+            progress=(lambda _: bar.update(1)) if bar else None,
+        )  # fmt: skip
+    finally:
+        if bar:
+            bar.close()
+        cat.close()
+    if json_out:
+        _print_json(summary.to_dict())
+        return
+    c = summary.counts
+    typer.echo(
+        f"{path}: {c['cases_added']} cases and {c['images_added']} images added, "
+        f"{c['cases_updated'] + c['images_updated']} updated, {c['unchanged']} unchanged, "
+        f"{c['skipped']} skipped ({summary.seconds:.1f}s)"
+    )
+    if summary.filtered:
+        typer.echo(f"  {summary.filtered} left out by --split")
+    for s in summary.skipped[:20]:
+        typer.secho(f"  skipped {s.item}: {s.reason}", fg=typer.colors.YELLOW)
+    if len(summary.skipped) > 20:
+        typer.echo(f"  ... and {len(summary.skipped) - 20} more (see --json)")
+
+
+@app.command()
+@handle_errors
+def index(
+    home: Home = None,  # type: ignore[assignment]
+    model: Model = None,
+    device: Device = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder batch.")] = 16,
+    workers: Annotated[int, typer.Option(min=0, help="Decode worker processes.")] = 1,
+    kind: Annotated[str, typer.Option(help="FAISS index kind: auto, flat, hnsw.")] = "auto",
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild indexes and retry failed images.")] = False,
+    json_out: JsonOut = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Embed what is not embedded yet and build/update the FAISS indexes (resumable)."""
+    from medsearch.catalog import Catalog
+    from medsearch.config import EmbedConfig, IndexConfig, Paths
+    from medsearch.encoders.registry import load_encoder
+
+    from indexer.embed import run_index
+
+    h = _home(home)
+    spec = model or _default_model(h)
+    enc = load_encoder(spec, device=device, models_dir=h / "models")
+    cat = Catalog.open(h / "catalog.db", create=False)
+    try:
+        summary = run_index(
+            cat, enc, Paths(h), config=EmbedConfig(batch_size=batch_size, workers=workers),
+            index_config=IndexConfig(kind=kind), progress=not (quiet or json_out), rebuild=rebuild,
+        )  # fmt: skip
+    finally:
+        cat.close()
+    if json_out:
+        _print_json(summary.to_dict())
+        return
+    typer.echo(
+        f"model {enc.model_id} on {enc.device}: {summary.images_embedded} images "
+        f"({summary.images_per_s:.1f}/s), {summary.texts_embedded} texts embedded"
+    )
+    for space, info in summary.indexes.items():
+        state = "rebuilt" if info["rebuilt"] else "up to date"
+        typer.echo(f"  {space} index: {info['count']} vectors, {info['kind']}, generation {info['generation']} ({state})")
+    for image_id, reason in summary.images_failed[:20]:
+        typer.secho(f"  image {image_id} failed: {reason}", fg=typer.colors.YELLOW)
+
+
+@app.command()
+@handle_errors
+def search(
+    query: Annotated[str, typer.Argument(help='Text, e.g. "left lower lobe consolidation".')],
+    home: Home = None,  # type: ignore[assignment]
+    k: K = 10,
+    modality: Modality = None,
+    body_region: Region = None,
+    split: Split = None,
+    mode: Annotated[str, typer.Option(help="auto, hybrid, image (cross-modal), text (reports/captions).")] = "auto",
+    all_images: Annotated[bool, typer.Option("--all-images", help="Several images per case.")] = False,
+    reports: Annotated[bool, typer.Option("--reports", help="Return cases by report text.")] = False,
+    model: Model = None,
+    device: Device = "auto",
+    json_out: JsonOut = False,
+) -> None:
+    """Text -> matching images and cases."""
+    s = _searcher(home, model, device)
+    f = _filters(modality, body_region, split)
+    if reports:
+        hits = s.search_reports(query, k=k, filters=f)
+    else:
+        hits = s.search_text(query, k=k, filters=f, per_case=not all_images, mode=mode)
+    if json_out:
+        _print_json([h.to_dict() for h in hits])
+    else:
+        _print_hits(hits, f'"{query}"')
+
+
+@app.command()
+@handle_errors
+def similar(
+    image: Annotated[str, typer.Argument(help="Image file (PNG/JPEG/DICOM), or a catalog image id or key.")],
+    home: Home = None,  # type: ignore[assignment]
+    k: K = 10,
+    modality: Modality = None,
+    body_region: Region = None,
+    split: Split = None,
+    exclude_own_case: Annotated[bool, typer.Option("--exclude-own-case", help="Leave out the query image's own case.")] = False,
+    all_images: Annotated[bool, typer.Option("--all-images", help="Several images per case.")] = False,
+    model: Model = None,
+    device: Device = "auto",
+    json_out: JsonOut = False,
+) -> None:
+    """Image -> the most similar prior images and cases."""
+    s = _searcher(home, model, device)
+    hits = s.similar(
+        image, k=k, filters=_filters(modality, body_region, split), per_case=not all_images,
+        exclude_same_case=exclude_own_case,
+    )  # fmt: skip
+    if json_out:
+        _print_json([h.to_dict() for h in hits])
+    else:
+        _print_hits(hits, f"similar to {image}")
+
+
+@app.command()
+@handle_errors
+def case(
+    ref: Annotated[str, typer.Argument(help="Case id or key (e.g. MPX1007).")],
+    home: Home = None,  # type: ignore[assignment]
+    json_out: JsonOut = False,
+) -> None:
+    """Show one case: report sections, labels and images."""
+    from dataclasses import asdict
+
+    from medsearch.catalog import Catalog
+
+    cat = Catalog.open(_home(home) / "catalog.db", create=False)
+    cv = cat.get_case(ref)
+    if json_out:
+        _print_json(asdict(cv))
+        return
+    typer.secho(f"{cv.case_key} ({cv.source}, split {cv.split}): {cv.title or ''}", bold=True)
+    typer.echo(f"diagnosis: {cv.diagnosis or '-'}   category: {cv.category or '-'}")
+    for name, text in cv.sections.items():
+        typer.secho(f"\n{name.upper()}", bold=True)
+        typer.echo(text)
+    typer.secho("\nIMAGES", bold=True)
+    for im in cv.images:
+        typer.echo(f"  {im['image_id']:>6} {im['key']:<28} {im['modality_type'] or '-':<6} {im['plane'] or '-':<10} {im['caption'] or ''}")
+
+
+@app.command()
+@handle_errors
+def info(home: Home = None, json_out: JsonOut = False) -> None:  # type: ignore[assignment]
+    """Counts of the catalog, stored vectors and indexes in a home."""
+    from medsearch.catalog import Catalog
+
+    h = _home(home)
+    cat = Catalog.open(h / "catalog.db", create=False)
+    data = {
+        "home": str(h),
+        **cat.counts(),
+        "vectors": [{"model": m, "space": s, "count": n} for m, s, n in cat.vector_models()],
+        "default_model": cat.get_meta("default_model"),
+        "modalities": dict(cat.distinct("modality")),
+        "body_regions": dict(cat.distinct("body_region")),
+        "splits": dict(cat.distinct("split")),
+    }
+    if json_out:
+        _print_json(data)
+        return
+    for key, value in data.items():
+        typer.echo(f"{key}: {value}")
+
+
+@app.command()
+@handle_errors
+def check(
+    home: Home = None,  # type: ignore[assignment]
+    repair: Annotated[bool, typer.Option("--repair", help="Rebuild broken indexes from stored vectors.")] = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Verify that catalog, stored vectors, FAISS indexes and manifests agree."""
+    from medsearch.catalog import Catalog
+    from medsearch.config import Paths
+    from medsearch.consistency import check_home
+
+    h = _home(home)
+    cat = Catalog.open(h / "catalog.db", create=False)
+    report = check_home(cat, Paths(h), repair=repair)
+    if json_out:
+        _print_json(report)
+    else:
+        for p in report["problems"]:
+            typer.secho(f"problem: {p}", fg=typer.colors.YELLOW)
+        for r in report["repaired"]:
+            typer.secho(f"repaired: {r}", fg=typer.colors.GREEN)
+        typer.echo("consistent" if report["ok"] else "inconsistent: run `medsearch check --repair`")
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def demo(
+    home: Home = None,  # type: ignore[assignment]
+    data: Annotated[Path | None, typer.Option(help="Folder with medpix-2.0 and covid-chestxray (default: ../shared/datasets).")] = None,
+    device: Device = "auto",
+) -> None:
+    """Ingest the shared datasets, index them and run example searches."""
+    from cli.demo import run_demo
+
+    run_demo(_home(home), data, device=device, echo=typer.echo)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""indexer: the embedding pipeline (readers -> catalog -> encoder -> vectors). Imports medsearch only."""

@@ -1,0 +1,313 @@
+"""Embedding pipeline: catalog rows without vectors -> encoder -> stored vectors -> FAISS.
+
+    reader (DataLoader workers: decode + preprocess)  ->  encoder (device, bf16 on CUDA)
+        ->  writer (catalog.put_vectors, one transaction per ``commit_every`` vectors)
+    then: FAISS index per space rebuilt from the stored vectors, saved atomically.
+
+Resumable by construction: only rows with no vector for the model are read, and vectors are
+committed in chunks, so a rerun after a crash continues where the last commit left off.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsearch.catalog import Catalog
+from medsearch.config import EmbedConfig, ImagingConfig, IndexConfig, Paths
+from medsearch.encoders.base import Encoder
+from medsearch.errors import MedsearchError
+from medsearch.vectors import VectorIndex, read_manifest
+
+
+@dataclass
+class EmbedSummary:
+    model_id: str
+    images_embedded: int = 0
+    texts_embedded: int = 0
+    images_failed: list[tuple[int, str]] = field(default_factory=list)
+    image_seconds: float = 0.0
+    text_seconds: float = 0.0
+    index_seconds: float = 0.0
+    indexes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images_embedded / self.image_seconds if self.image_seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model_id,
+            "images_embedded": self.images_embedded,
+            "images_per_s": round(self.images_per_s, 1),
+            "texts_embedded": self.texts_embedded,
+            "images_failed": [{"image_id": i, "reason": r} for i, r in self.images_failed],
+            "seconds": {
+                "images": round(self.image_seconds, 2),
+                "texts": round(self.text_seconds, 2),
+                "index": round(self.index_seconds, 2),
+                **{k: round(v, 2) for k, v in self.stage_seconds.items()},
+            },
+            "indexes": self.indexes,
+        }
+
+
+class _ImageDataset:
+    """Map-style dataset over (image_id, path, frame) rows; decoding runs in DataLoader workers."""
+
+    def __init__(self, rows: list[tuple[int, str, int | None]], encoder: Encoder, imaging: ImagingConfig) -> None:
+        self.rows = rows
+        self.preprocess = encoder.preprocess
+        self.imaging = imaging
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        from medsearch.imaging import load_image
+
+        image_id, path, frame = self.rows[i]
+        try:
+            img = load_image(path, frame=frame, config=self.imaging)
+            return image_id, self.preprocess(img), None
+        except MedsearchError as e:
+            return image_id, None, e.message
+        except Exception as e:  # a decoder bug must not stop an overnight run
+            return image_id, None, f"{type(e).__name__}: {e}"
+
+
+def _collate(batch):
+    import torch
+
+    ok = [(i, x) for i, x, err in batch if x is not None]
+    failed = [(i, err) for i, x, err in batch if x is None]
+    ids = np.array([i for i, _ in ok], dtype=np.int64)
+    xs = torch.stack([x for _, x in ok]) if ok else None
+    return ids, xs, failed
+
+
+def check_weights(catalog: Catalog, encoder: Encoder) -> bool:
+    """Drop stored vectors made by other weights of the same model id. True if any were dropped."""
+    key = f"weights:{encoder.model_id}"
+    old = catalog.get_meta(key)
+    if old == encoder.weights_hash:
+        return False
+    with catalog.atomic():
+        dropped = False
+        if old is not None:
+            catalog.db.execute("DELETE FROM vectors WHERE model = ?", [encoder.model_id])
+            dropped = True
+        catalog.set_meta(key, encoder.weights_hash)
+    return dropped
+
+
+def embed_images(
+    catalog: Catalog,
+    encoder: Encoder,
+    *,
+    config: EmbedConfig = EmbedConfig(),
+    imaging: ImagingConfig = ImagingConfig(),
+    progress: bool = True,
+    limit: int | None = None,
+    summary: EmbedSummary | None = None,
+) -> EmbedSummary:
+    """Embed every ok image that has no vector for this encoder yet."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    summary = summary or EmbedSummary(encoder.model_id)
+    rows = catalog.images_to_embed(encoder.model_id, limit=limit)
+    if not rows:
+        return summary
+    on_cuda = str(encoder.device).startswith("cuda")
+    loader = DataLoader(
+        _ImageDataset(rows, encoder, imaging),
+        batch_size=config.batch_size,
+        num_workers=config.workers,
+        collate_fn=_collate,
+        pin_memory=on_cuda,
+        prefetch_factor=4 if config.workers else None,
+        persistent_workers=False,
+    )
+    bar = _bar(len(rows), "embed images", "img", progress)
+    t0 = time.perf_counter()
+    buf_ids: list[np.ndarray] = []
+    buf_vecs: list[np.ndarray] = []
+    buffered = 0
+    t_enc = t_write = 0.0
+    for ids, xs, failed in loader:
+        for image_id, reason in failed:
+            catalog.mark_image_failed(int(image_id), reason)
+            summary.images_failed.append((int(image_id), reason))
+        if xs is not None:
+            te = time.perf_counter()
+            vecs = encoder.encode_image_batch(xs)  # (b, image_dim) float32
+            t_enc += time.perf_counter() - te
+            buf_ids.append(ids)
+            buf_vecs.append(vecs)
+            buffered += len(ids)
+        if buffered >= config.commit_every:
+            tw = time.perf_counter()
+            _flush(catalog, encoder.model_id, "image", buf_ids, buf_vecs)
+            t_write += time.perf_counter() - tw
+            summary.images_embedded += buffered
+            buf_ids, buf_vecs, buffered = [], [], 0
+        bar.update(len(ids) + len(failed))
+    if buffered:
+        _flush(catalog, encoder.model_id, "image", buf_ids, buf_vecs)
+        summary.images_embedded += buffered
+    bar.close()
+    del torch
+    summary.image_seconds += time.perf_counter() - t0
+    summary.stage_seconds["image_encode"] = summary.stage_seconds.get("image_encode", 0.0) + t_enc
+    summary.stage_seconds["image_write"] = summary.stage_seconds.get("image_write", 0.0) + t_write
+    return summary
+
+
+def embed_texts(
+    catalog: Catalog,
+    encoder: Encoder,
+    *,
+    config: EmbedConfig = EmbedConfig(),
+    progress: bool = True,
+    summary: EmbedSummary | None = None,
+) -> EmbedSummary:
+    """Embed every stored text (captions, report sections and sentences) that has no vector yet."""
+    summary = summary or EmbedSummary(encoder.model_id)
+    total = catalog.db.execute("SELECT count(*) FROM texts").fetchone()[0] - catalog.count_vectors(
+        encoder.model_id, "text"
+    )
+    if total <= 0:
+        return summary
+    bar = _bar(total, "embed texts", "txt", progress)
+    t0 = time.perf_counter()
+    for ids, texts in _batched(catalog.texts_to_embed(encoder.model_id), config.text_batch_size * 8):
+        vecs = encoder.encode_texts(texts)  # (b, text_dim) float32
+        catalog.put_vectors(encoder.model_id, "text", ids, vecs)
+        summary.texts_embedded += len(ids)
+        bar.update(len(ids))
+    bar.close()
+    summary.text_seconds += time.perf_counter() - t0
+    return summary
+
+
+def build_indexes(
+    catalog: Catalog,
+    paths: Paths,
+    *,
+    model_id: str,
+    weights_hash: str,
+    dims: dict[str, int],
+    config: IndexConfig = IndexConfig(),
+    force: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """(Re)build the FAISS index of each space from stored vectors; skip spaces already in sync."""
+    out: dict[str, dict[str, Any]] = {}
+    directory = paths.index_dir(model_id)
+    for space, dim in dims.items():
+        count = catalog.count_vectors(model_id, space)
+        mpath = directory / f"{space}.json"
+        generation = 1
+        if mpath.exists():
+            try:
+                man = read_manifest(mpath)
+                generation = man.generation + 1
+                # Same count, same weights and no rows changed since the build -> in sync.
+                if (
+                    not force
+                    and man.count == count
+                    and man.weights_hash == weights_hash
+                    and catalog.get_meta(f"dirty:{model_id}:{space}") != "1"
+                    and (directory / f"{space}.faiss").exists()
+                    and (config.kind in ("auto", man.kind))
+                ):
+                    out[space] = {"count": man.count, "kind": man.kind, "generation": man.generation, "rebuilt": False}
+                    continue
+            except MedsearchError:
+                pass
+        if count == 0:
+            continue
+        idx = VectorIndex.from_blocks(
+            catalog.iter_vectors(model_id, space), model_id=model_id, weights_hash=weights_hash, space=space,
+            dim=dim, count=count, config=config, generation=generation,
+        )  # fmt: skip
+        idx.save(directory)
+        catalog.set_meta(f"dirty:{model_id}:{space}", "0")
+        out[space] = {"count": idx.ntotal, "kind": idx.manifest.kind, "generation": generation, "rebuilt": True}
+    catalog.set_meta("default_model", model_id)
+    return out
+
+
+def run_index(
+    catalog: Catalog,
+    encoder: Encoder,
+    paths: Paths,
+    *,
+    config: EmbedConfig = EmbedConfig(),
+    imaging: ImagingConfig = ImagingConfig(),
+    index_config: IndexConfig = IndexConfig(),
+    progress: bool = True,
+    rebuild: bool = False,
+) -> EmbedSummary:
+    """The whole ``medsearch index`` step: embed images and texts, then build the indexes."""
+    check_weights(catalog, encoder)
+    if rebuild:  # retry images that failed to decode last time
+        with catalog.atomic():
+            catalog.db.execute("UPDATE images SET status = 'ok', error = NULL WHERE status = 'failed'")
+    summary = EmbedSummary(encoder.model_id)
+    before = {s: catalog.count_vectors(encoder.model_id, s) for s in ("image", "text")}
+    embed_images(catalog, encoder, config=config, imaging=imaging, progress=progress, summary=summary)
+    embed_texts(catalog, encoder, config=config, progress=progress, summary=summary)
+    for s in ("image", "text"):
+        if catalog.count_vectors(encoder.model_id, s) != before[s]:
+            catalog.set_meta(f"dirty:{encoder.model_id}:{s}", "1")
+    t0 = time.perf_counter()
+    summary.indexes = build_indexes(
+        catalog, paths, model_id=encoder.model_id, weights_hash=encoder.weights_hash,
+        dims={"image": encoder.image_dim, "text": encoder.text_dim}, config=index_config, force=rebuild,
+    )  # fmt: skip
+    summary.index_seconds = time.perf_counter() - t0
+    return summary
+
+
+def _flush(catalog: Catalog, model: str, space: str, ids: list[np.ndarray], vecs: list[np.ndarray]) -> None:
+    catalog.put_vectors(model, space, np.concatenate(ids).tolist(), np.concatenate(vecs))
+
+
+def _batched(rows: Iterator[tuple[int, str]], n: int) -> Iterator[tuple[list[int], list[str]]]:
+    ids: list[int] = []
+    texts: list[str] = []
+    for i, t in rows:
+        ids.append(i)
+        texts.append(t)
+        if len(ids) >= n:
+            yield ids, texts
+            ids, texts = [], []
+    if ids:
+        yield ids, texts
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, desc: str, unit: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1)
+
+
+def home_paths(home: str | Path) -> Paths:
+    return Paths(Path(home).expanduser().resolve())

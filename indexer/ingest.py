@@ -1,0 +1,214 @@
+"""Ingest: reader items -> validated catalog rows, idempotent and resumable.
+
+Each chunk of ``chunk`` items is one transaction, so a crash loses at most the chunk in
+flight and a rerun redoes it without duplicates (rows are keyed by (source, key) and
+compared by content hash). Bad items are reported by name, counted and skipped; nothing
+already stored is touched by a failed item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from medsearch.catalog import Catalog, now
+from medsearch.config import ImagingConfig
+from medsearch.errors import InvalidImage, InvalidInput, MedsearchError
+from medsearch.records import CaseRecord, ImageRecord, Skipped
+
+from .readers import Item, detect_layout, read_path
+
+
+@dataclass
+class IngestSummary:
+    path: str
+    layout: str
+    cases_added: int = 0
+    cases_updated: int = 0
+    images_added: int = 0
+    images_updated: int = 0
+    unchanged: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+    filtered: int = 0  # left out by --split
+    seconds: float = 0.0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {
+            "cases_added": self.cases_added,
+            "cases_updated": self.cases_updated,
+            "images_added": self.images_added,
+            "images_updated": self.images_updated,
+            "unchanged": self.unchanged,
+            "skipped": len(self.skipped),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "layout": self.layout,
+            **self.counts,
+            "filtered_by_split": self.filtered,
+            "seconds": round(self.seconds, 2),
+            "skipped_items": [{"item": s.item, "reason": s.reason} for s in self.skipped],
+        }
+
+
+def file_sha256(path: str, max_bytes: int) -> tuple[str, int]:
+    """(sha256 hex, size) of a file, streamed; refuses files over ``max_bytes``."""
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            n += len(chunk)
+            if n > max_bytes:
+                raise InvalidImage(f"{path}: file larger than {max_bytes} bytes", hint="raise ImagingConfig.max_file_bytes")
+            h.update(chunk)
+    return h.hexdigest(), n
+
+
+def ingest_path(
+    catalog: Catalog,
+    path: str | Path,
+    *,
+    source: str | None = None,
+    splits: Sequence[str] | None = None,
+    sidecar: Path | None = None,
+    imaging: ImagingConfig = ImagingConfig(),
+    chunk: int = 256,
+    deid_text: bool = False,
+    progress: Callable[[Item], None] | None = None,
+) -> IngestSummary:
+    """Ingest one dataset folder, image folder, DICOM tree or file into the catalog."""
+    p = Path(path)
+    try:
+        layout = detect_layout(p)
+    except FileNotFoundError:
+        raise InvalidInput(f"{p} does not exist", hint="give a dataset folder, image folder, DICOM tree or file") from None
+    items = read_path(p, source=source, salt=catalog.salt, sidecar=sidecar)
+    return ingest_items(
+        catalog, items, path=str(p.resolve()), layout=layout, splits=splits, imaging=imaging, chunk=chunk,
+        deid_text=deid_text, progress=progress,
+    )  # fmt: skip
+
+
+def ingest_items(
+    catalog: Catalog,
+    items: Iterable[Item],
+    *,
+    path: str,
+    layout: str,
+    splits: Sequence[str] | None = None,
+    imaging: ImagingConfig = ImagingConfig(),
+    chunk: int = 256,
+    deid_text: bool = False,
+    progress: Callable[[Item], None] | None = None,
+) -> IngestSummary:
+    from medsearch.imaging import probe_image
+    from medsearch.text import split_sentences
+
+    scrub = None
+    if deid_text:
+        from medsearch.deid import scrub_text as scrub
+
+    t0 = time.perf_counter()
+    summary = IngestSummary(path=path, layout=layout)
+    wanted = {s.lower() for s in splits} if splits else None
+    log_id = catalog.log_ingest({"path": path, "reader": layout, "started_at": now()})
+    case_ids: dict[tuple[str, str], int] = {}
+    dropped_cases: set[tuple[str, str]] = set()
+    status = "failed"
+    try:
+        pending = 0
+        tx = catalog.db.atomic()
+        tx.__enter__()
+        try:
+            for item in items:
+                if progress:
+                    progress(item)
+                if isinstance(item, Skipped):
+                    summary.skipped.append(item)
+                    continue
+                if isinstance(item, CaseRecord):
+                    if wanted is not None and (item.split or "").lower() not in wanted:
+                        dropped_cases.add((item.source, item.key))
+                        summary.filtered += 1
+                        continue
+                    rec = item
+                    if scrub is not None:
+                        rec = replace(rec, sections={k: scrub(v) for k, v in rec.sections.items()})
+                    sentences = [
+                        (sec, i, s) for sec, text in rec.sections.items() for i, s in enumerate(split_sentences(text))
+                    ]
+                    cid, st = catalog.upsert_case(rec, sentences=sentences)
+                    case_ids[(rec.source, rec.key)] = cid
+                    if st == "added":
+                        summary.cases_added += 1
+                    elif st == "updated":
+                        summary.cases_updated += 1
+                    else:
+                        summary.unchanged += 1
+                elif isinstance(item, ImageRecord):
+                    ck = (item.source, item.case_key)
+                    if ck in dropped_cases or (wanted is not None and (item.split or "").lower() not in wanted):
+                        summary.filtered += 1
+                        continue
+                    cid = case_ids.get(ck)
+                    if cid is None:
+                        row = catalog.db.execute(
+                            "SELECT id FROM cases WHERE source = ? AND key = ?", [item.source, item.case_key]
+                        ).fetchone()
+                        if row is None:
+                            summary.skipped.append(Skipped(item.path, f"its case {item.case_key!r} was not ingested"))
+                            continue
+                        cid = case_ids[ck] = row[0]
+                    try:
+                        if not Path(item.path).is_file():
+                            raise InvalidImage(f"{item.path}: referenced image file is missing")
+                        info = probe_image(item.path, config=imaging)
+                        sha, nbytes = file_sha256(item.path, imaging.max_file_bytes)
+                    except (MedsearchError, OSError) as e:
+                        summary.skipped.append(Skipped(item.path, _reason(e)))
+                        continue
+                    rec = item
+                    if scrub is not None and rec.caption:
+                        rec = replace(rec, caption=scrub(rec.caption))
+                    _, st = catalog.upsert_image(
+                        rec, cid, sha256=sha if rec.frame is None else f"{sha}#{rec.frame}", nbytes=nbytes,
+                        width=info.width, height=info.height,
+                    )  # fmt: skip
+                    if st == "added":
+                        summary.images_added += 1
+                    elif st == "updated":
+                        summary.images_updated += 1
+                    else:
+                        summary.unchanged += 1
+                pending += 1
+                if pending >= chunk:
+                    tx.__exit__(None, None, None)
+                    tx = catalog.db.atomic()
+                    tx.__enter__()
+                    pending = 0
+        except BaseException as e:
+            tx.__exit__(type(e), e, e.__traceback__)
+            raise
+        else:
+            tx.__exit__(None, None, None)
+        status = "ok"
+    finally:
+        summary.seconds = time.perf_counter() - t0
+        catalog.finish_ingest(
+            log_id, status, summary.counts, [{"item": s.item, "reason": s.reason} for s in summary.skipped]
+        )
+    return summary
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, MedsearchError):
+        return e.message
+    if isinstance(e, OSError):
+        return f"cannot read file: {e.strerror or e}"
+    return str(e)
