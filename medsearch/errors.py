@@ -72,3 +72,15 @@ class CatalogError(MedsearchError):
     """The catalog file is unreadable, from a newer version, or otherwise unusable."""
 
     http_status = 500
+
+
+class GenerationError(MedsearchError):
+    """A draft generator failed: a malformed completion, or a draft with no valid citation."""
+
+    http_status = 502
+
+
+class LLMUnavailable(GenerationError):
+    """An LLM endpoint that cannot be reached, times out, or refuses the request."""
+
+    http_status = 503

@@ -126,6 +126,23 @@ class Searcher:
         with self._lock:
             self._indexes = {}
 
+    def warm(self) -> dict[str, VectorIndex]:
+        """Load the encoder and every built index now and check they match (server start-up, hot swap).
+
+        Returns the loaded indexes by space; raises IndexNotBuilt when no index is built, and
+        IndexInconsistent/IndexMismatch when one cannot be used as it is on disk.
+        """
+        loaded = {space: self.index(space) for space in ("image", "text") if self.has_index(space)}
+        if not loaded:
+            raise IndexNotBuilt(f"no index of model {self.model_id} in {self.paths.home}", hint="run `medsearch index`")
+        self._check_encoder()
+        return loaded
+
+    def loaded_indexes(self) -> dict[str, VectorIndex]:
+        """The indexes loaded so far, by space."""
+        with self._lock:
+            return dict(self._indexes)
+
     def _check_encoder(self) -> None:
         for space, idx in list(self._indexes.items()):
             if idx.manifest.weights_hash != self.encoder.weights_hash:

@@ -198,9 +198,16 @@ class TowersEncoder:
         self._image_net = net.to(self.device)
 
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
-        self._tokenizer = AutoTokenizer.from_pretrained(str(self._text_dir), local_files_only=True)
-        text_net = AutoModel.from_pretrained(str(self._text_dir), local_files_only=True)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # the core never prints
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self._text_dir), local_files_only=True)
+            text_net = AutoModel.from_pretrained(str(self._text_dir), local_files_only=True)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         text_net.eval().requires_grad_(False)
         self._text_net = text_net.to(self.device)
         # content budget per chunk: the context minus [CLS] and [SEP]

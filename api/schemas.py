@@ -1,0 +1,244 @@
+"""Public request/response schemas. Nothing leaves the API unless a schema here names it.
+
+Stored records (``medsearch.records``) carry more than a client should see (file paths,
+pseudonymous patient keys); these models list the fields that are public.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+FilterValue = list[str] | None
+
+
+class Filters(BaseModel):
+    """Metadata filters; each is a list of accepted values (case-insensitive). Empty = no filter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    modality: FilterValue = Field(None, description="Coarse modality, e.g. CT, MR, X-ray.", examples=[["CT"]])
+    body_region: FilterValue = Field(None, description="Body region, e.g. Head, Thorax.", examples=[["Head"]])
+    split: FilterValue = None
+    source: FilterValue = None
+    plane: FilterValue = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [v] if v.strip() else None
+        if isinstance(v, list):
+            vals = [x for x in v if isinstance(x, str) and x.strip()]
+            if len(vals) > 50:
+                raise ValueError("at most 50 values per filter")
+            return vals or None
+        return v
+
+
+class TextSearchRequest(BaseModel):
+    """Text -> images/cases."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(..., min_length=1, max_length=2000, examples=["ring-enhancing lesion with surrounding edema"])
+    k: int = Field(10, ge=1, le=100, description="How many hits.")
+    filters: Filters = Field(default_factory=Filters)
+    mode: Literal["auto", "hybrid", "image", "text"] = Field(
+        "auto", description="auto/hybrid: every space the model has; image: cross-modal only; text: reports/captions."
+    )
+    per_case: bool = Field(True, description="One hit per case (its best image).")
+    target: Literal["images", "reports"] = Field("images", description="images: hits are images; reports: cases by report text.")
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the query is blank")
+        return v
+
+
+class Hit(BaseModel):
+    """One search result."""
+
+    rank: int
+    score: float
+    case_id: int
+    case_key: str
+    image_id: int | None
+    image_key: str | None
+    source: str
+    modality_type: str | None
+    modality: str | None
+    body_region: str | None
+    plane: str | None
+    split: str | None
+    diagnosis: str | None
+    title: str | None
+    excerpt: str | None
+    matched: str = Field(description="Which space produced it: image, text, caption, fused.")
+    image_url: str | None = None
+    thumbnail_url: str | None = None
+    case_url: str
+
+
+class QueryImage(BaseModel):
+    """What the image query was, without the image: a catalog id, or the upload's hash and size."""
+
+    image_id: int | None = None
+    case_id: int | None = None
+    sha256: str | None = None
+    bytes: int | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+class SearchResponse(BaseModel):
+    hits: list[Hit]
+    count: int
+    model: str
+    generation: dict[str, int] = Field(description="Index generation per space that answered.")
+    took_ms: float
+    query_image: QueryImage | None = None
+
+
+class ImageInfo(BaseModel):
+    image_id: int
+    key: str
+    modality_type: str | None = None
+    modality: str | None = None
+    plane: str | None = None
+    body_region: str | None = None
+    caption: str | None = None
+    width: int | None = None
+    height: int | None = None
+    status: str = "ok"
+    image_url: str
+    thumbnail_url: str
+
+
+class CaseOut(BaseModel):
+    """A whole case: report sections, labels and all its images."""
+
+    case_id: int
+    case_key: str
+    source: str
+    split: str | None
+    title: str | None
+    diagnosis: str | None
+    category: str | None
+    sections: dict[str, str]
+    labels: dict[str, Any]
+    images: list[ImageInfo]
+
+
+class IndexInfo(BaseModel):
+    count: int
+    generation: int
+    kind: str
+    dim: int
+    built_at: str
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "no_index", "degraded"]
+    version: str
+    model: str | None
+    shared_space: bool | None
+    indexes: dict[str, IndexInfo]
+    catalog: dict[str, int]
+    auth_required: bool
+    drafts_available: bool
+    loaded_at: str | None
+    last_reload_error: str | None = None
+
+
+class FacetValue(BaseModel):
+    value: str
+    count: int
+
+
+class FacetsOut(BaseModel):
+    """Values the filters accept, with image counts (for the web page's selects)."""
+
+    modality: list[FacetValue]
+    body_region: list[FacetValue]
+    split: list[FacetValue]
+    source: list[FacetValue]
+    plane: list[FacetValue]
+
+
+class ReloadOut(BaseModel):
+    swapped: bool
+    model: str
+    generation: dict[str, int]
+    indexes: dict[str, int]
+    took_ms: float
+
+
+class Citation(BaseModel):
+    """A citation ``[C<n>]`` of a draft sentence: the evidence case and its best supporting sentence."""
+
+    cite: str = Field(description="The marker, e.g. C2 (n-th evidence case).")
+    n: int
+    case_id: int
+    case_key: str
+    similarity: float = Field(description="Cosine between the draft sentence and `evidence`, in [0, 1].")
+    evidence: str
+    case_url: str
+
+
+class DraftSentence(BaseModel):
+    section: str = Field(description="findings or impression")
+    text: str
+    citations: list[Citation]
+    support: float = Field(description="Best cosine to the cited evidence, in [0, 1]; 0 when uncited.")
+    supported: bool
+    flags: list[str] = Field(description="uncited, low_support, invalid_citation")
+
+
+class Evidence(BaseModel):
+    """A prior case the draft may cite."""
+
+    cite: str
+    n: int
+    case_id: int
+    case_key: str
+    source: str
+    score: float
+    image_id: int | None
+    image_key: str | None
+    matched: str
+    modality_type: str | None
+    body_region: str | None
+    diagnosis: str | None
+    thumbnail_url: str | None
+    case_url: str
+
+
+class DraftOut(BaseModel):
+    """A draft report: sentences, each citing the evidence cases it comes from."""
+
+    generator: str
+    model: str
+    sentences: list[DraftSentence]
+    evidence: list[Evidence]
+    invalid_citations_removed: int = 0
+    fallback_from: str | None = None
+    fallback_reason: str | None = None
+    timings: dict[str, float] = {}
+    took_ms: float = 0.0
+    query_image: QueryImage | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Machine-readable error name, e.g. NotFound, InvalidImage, rate_limited.")
+    message: str
+    hint: str | None = None
+    request_id: str | None = None
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,384 @@
+"""De-identification of DICOM headers and report text.
+
+Method (recorded in the catalog by ``deid_method()``):
+
+* **Headers: whitelist, not blacklist.** ``safe_metadata`` copies out only attributes that
+  DICOM PS3.15 Annex E (Table E.1-1, Basic Application Level Confidentiality Profile) does not
+  list for removal - modality, body part, view, laterality, image geometry, encoding, device
+  model - and checks code-string values against the CS character set, so free text cannot ride
+  along. Everything else (names, IDs, addresses, institution, physicians, descriptions,
+  comments, private tags) is never read into the result. ``PHI_TAGS`` lists the profile's
+  keywords; ``assert_no_phi`` checks a result against it.
+* **Identifiers: keyed pseudonyms.** Study/Series/SOP Instance UIDs and PatientID become
+  ``HMAC-SHA256(salt, kind + value)`` (hex, 32 chars). The salt is a secret kept with the
+  catalog; the same salt gives the same keys across runs (idempotent ingest), another salt
+  gives unrelated keys. Without the salt, low-entropy IDs such as MRNs cannot be brute-forced
+  back from their keys, which a plain hash would allow - so an empty salt is refused.
+* **Dates** (``dates=``): ``"remove"`` (default, as the basic profile) drops them;
+  ``"year"`` keeps only the study year (``study_year``, allowed by HIPAA Safe Harbor);
+  ``"shift"`` keeps a full date moved back by a per-patient number of days
+  (``study_date_shifted``), derived from HMAC(salt, PatientID) so intervals between one
+  patient's studies survive (PS3.15 "Retain Longitudinal Temporal Information with Modified
+  Dates" option). ``date_shift_days=`` overrides the derived shift with a fixed one.
+* **Pixels are not cleaned.** Burned-in annotations are not removed; ``burned_in_annotation``
+  is reported so callers can skip such images.
+* **Report text:** ``scrub_text`` is an opt-in, regex-based scrubber (names after titles,
+  labelled IDs, dates, phones, emails, long digit runs, ages over 89). It reduces, but cannot
+  guarantee the absence of, PHI in free text.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Iterable, Iterator, MutableSequence
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidInput
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+DATE_MODES = ("remove", "year", "shift")
+
+# Keywords of the attributes PS3.15 Table E.1-1 (Basic Profile) removes, empties or replaces.
+PHI_TAGS: tuple[str, ...] = (
+    "AccessionNumber", "AcquisitionComments", "AcquisitionContextSequence", "AcquisitionDate",
+    "AcquisitionDateTime", "AcquisitionDeviceProcessingDescription", "AcquisitionTime",
+    "ActualHumanPerformersSequence", "AdditionalPatientHistory", "AdmissionID", "AdmittingDate",
+    "AdmittingDiagnosesCodeSequence", "AdmittingDiagnosesDescription", "AdmittingTime", "Allergies",
+    "AuthorObserverSequence", "BranchOfService", "CassetteID", "CommentsOnThePerformedProcedureStep",
+    "ConfidentialityConstraintOnPatientDataDescription", "ConsultingPhysicianName", "ContentCreatorName",
+    "ContentCreatorIdentificationCodeSequence", "ContentDate", "ContentSequence", "ContentTime",
+    "ContrastBolusAgent", "CountryOfResidence", "CurrentPatientLocation", "CurveDate", "CurveTime",
+    "CustodialOrganizationSequence", "DataSetTrailingPadding", "DerivationDescription", "DetectorID",
+    "DeviceSerialNumber", "DeviceUID", "DigitalSignaturesSequence", "DischargeDiagnosisDescription",
+    "DistributionAddress", "DistributionName", "EthnicGroup", "FrameComments", "FrameOfReferenceUID",
+    "GantryID", "GeneratorID", "GraphicAnnotationSequence", "HumanPerformerName", "HumanPerformerOrganization",
+    "IconImageSequence", "IdentifyingComments", "ImageComments", "ImagePresentationComments",
+    "ImagingServiceRequestComments", "Impressions", "InstanceCreatorUID", "InstitutionAddress",
+    "InstitutionCodeSequence", "InstitutionName", "InstitutionalDepartmentName", "InsurancePlanIdentification",
+    "IntendedRecipientsOfResultsIdentificationSequence", "InterpretationApproverSequence",
+    "InterpretationAuthor", "InterpretationDiagnosisDescription", "InterpretationIDIssuer",
+    "InterpretationRecorder", "InterpretationText", "InterpretationTranscriber", "IrradiationEventUID",
+    "IssuerOfAdmissionID", "IssuerOfPatientID", "IssuerOfServiceEpisodeID", "LastMenstrualDate", "MAC",
+    "MediaStorageSOPInstanceUID", "MedicalAlerts", "MedicalRecordLocator", "MilitaryRank",
+    "ModifiedAttributesSequence", "ModifiedImageDescription", "ModifyingDeviceID",
+    "NameOfPhysiciansReadingStudy", "NamesOfIntendedRecipientsOfResults", "Occupation",
+    "OperatorIdentificationSequence", "OperatorsName", "OrderCallbackPhoneNumber", "OrderEnteredBy",
+    "OrderEntererLocation", "OriginalAttributesSequence", "OtherPatientIDs", "OtherPatientIDsSequence",
+    "OtherPatientNames", "OverlayDate", "OverlayTime", "ParticipantSequence", "PatientAddress", "PatientAge",
+    "PatientBirthDate", "PatientBirthName", "PatientBirthTime", "PatientComments", "PatientID",
+    "PatientInstitutionResidence", "PatientInsurancePlanCodeSequence", "PatientMotherBirthName", "PatientName",
+    "PatientPrimaryLanguageCodeSequence", "PatientReligiousPreference", "PatientSex", "PatientSexNeutered",
+    "PatientSize", "PatientState", "PatientTelephoneNumbers", "PatientTransportArrangements", "PatientWeight",
+    "PerformedLocation", "PerformedProcedureStepDescription", "PerformedProcedureStepEndDate",
+    "PerformedProcedureStepEndTime", "PerformedProcedureStepID", "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime", "PerformedStationAETitle", "PerformedStationName",
+    "PerformingPhysicianIdentificationSequence", "PerformingPhysicianName", "PersonAddress",
+    "PersonIdentificationCodeSequence", "PersonName", "PersonTelephoneNumbers",
+    "PhysicianApprovingInterpretation", "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence",
+    "PhysiciansReadingStudyIdentificationSequence", "PlateID", "PreMedication", "PregnancyStatus",
+    "ProtocolName", "ReasonForStudy", "ReasonForTheImagingServiceRequest", "ReferencedFrameOfReferenceUID",
+    "ReferencedPatientAliasSequence", "ReferencedPatientSequence", "ReferencedSOPInstanceUID",
+    "ReferencedStudySequence", "ReferringPhysicianAddress", "ReferringPhysicianIdentificationSequence",
+    "ReferringPhysicianName", "ReferringPhysicianTelephoneNumbers", "RegionOfResidence",
+    "RelatedFrameOfReferenceUID", "RequestAttributesSequence", "RequestedContrastAgent",
+    "RequestedProcedureComments", "RequestedProcedureDescription", "RequestedProcedureID",
+    "RequestedProcedureLocation", "RequestedSOPInstanceUID", "RequestingPhysician", "RequestingService",
+    "ResponsibleOrganization", "ResponsiblePerson", "ResultsComments", "ResultsDistributionListSequence",
+    "ResultsIDIssuer", "ScheduledHumanPerformersSequence", "ScheduledPatientInstitutionResidence",
+    "ScheduledPerformingPhysicianIdentificationSequence", "ScheduledPerformingPhysicianName",
+    "ScheduledProcedureStepDescription", "ScheduledProcedureStepEndDate", "ScheduledProcedureStepEndTime",
+    "ScheduledProcedureStepLocation", "ScheduledProcedureStepStartDate", "ScheduledProcedureStepStartTime",
+    "ScheduledStationAETitle", "ScheduledStationGeographicLocationCodeSequence", "ScheduledStationName",
+    "ScheduledStationNameCodeSequence", "ScheduledStudyLocation", "ScheduledStudyLocationAETitle", "SeriesDate",
+    "SeriesDescription", "SeriesInstanceUID", "SeriesTime", "ServiceEpisodeDescription", "ServiceEpisodeID",
+    "SOPInstanceUID", "SourceImageSequence", "SpecialNeeds", "StationName", "StorageMediaFileSetUID",
+    "StudyComments", "StudyDate", "StudyDescription", "StudyID", "StudyIDIssuer", "StudyInstanceUID",
+    "StudyTime", "SynchronizationFrameOfReferenceUID", "TextComments", "TextString", "TimezoneOffsetFromUTC",
+    "TopicAuthor", "TopicKeywords", "TopicSubject", "TopicTitle", "UID",
+    "VerifyingObserverIdentificationCodeSequence", "VerifyingObserverName", "VerifyingObserverSequence",
+    "VerifyingOrganization", "VisitComments",
+)  # fmt: skip
+
+# The directly identifying ones: their raw values must never appear anywhere in stored metadata.
+IDENTIFYING_TAGS: tuple[str, ...] = (
+    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
+    "PatientMotherBirthName", "PatientBirthDate", "PatientAddress", "PatientTelephoneNumbers",
+    "MedicalRecordLocator", "AccessionNumber", "StudyID", "AdmissionID", "StudyInstanceUID",
+    "SeriesInstanceUID", "SOPInstanceUID", "InstitutionName", "InstitutionAddress",
+    "InstitutionalDepartmentName", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
+    "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord", "RequestingPhysician", "StationName",
+    "DeviceSerialNumber",
+)  # fmt: skip
+
+_PHI_NORMALISED = {k.lower() for k in PHI_TAGS}
+_CS = re.compile(r"[A-Z0-9 _]{1,16}")  # DICOM Code String: what a CS value may contain
+
+
+# ---------------------------------------------------------------------------- pseudonyms and dates
+def pseudonym(value: str, salt: str, kind: str) -> str:
+    """Keyed pseudonym of an identifier: hex HMAC-SHA256(salt, kind NUL value), 32 characters."""
+    _require_salt(salt)
+    msg = f"{kind}\x00{value.strip()}".encode()
+    return hmac.new(salt.encode(), msg, hashlib.sha256).hexdigest()[:32]
+
+
+def patient_date_shift(patient_id: str, salt: str, max_days: int = 365) -> int:
+    """Days (from -max_days to -1) that all of one patient's dates move by; stable for a salt."""
+    _require_salt(salt)
+    digest = hmac.new(salt.encode(), f"date-shift\x00{patient_id.strip()}".encode(), hashlib.sha256).digest()
+    return -(1 + int.from_bytes(digest[:8], "big") % max_days)
+
+
+def deid_method(dates: str = "remove") -> str:
+    """One line describing the de-identification applied, stored with each case."""
+    _check_dates(dates)
+    how = {
+        "remove": "removed",
+        "year": "year only",
+        "shift": "shifted per patient by HMAC(salt, PatientID) days",
+    }[dates]
+    return (
+        "DICOM PS3.15 E.1.1 basic profile, whitelist of non-identifying attributes; "
+        f"uids/patient id: HMAC-SHA256 with secret salt; dates: {how}; pixels not cleaned"
+    )
+
+
+# ---------------------------------------------------------------------------- headers
+def safe_metadata(
+    ds: Dataset, salt: str, *, dates: str = "remove", date_shift_days: int | None = None
+) -> dict[str, Any]:
+    """The non-identifying, filterable fields of a DICOM header plus pseudonymous keys.
+
+    Keys (present only when the header has a usable value): modality, sop_class, body_part, view,
+    laterality, rows, columns, frames, samples_per_pixel, bits_stored, photometric, transfer_syntax,
+    manufacturer, model, slice_thickness, pixel_spacing, orientation, contrast,
+    burned_in_annotation, study_key, series_key, instance_key, patient_key, and study_year
+    (``dates="year"``) or study_date_shifted (``dates="shift"``, ISO date).
+    """
+    _require_salt(salt)
+    _check_dates(dates)
+    meta: dict[str, Any] = {}
+    for key, kw in (("modality", "Modality"), ("body_part", "BodyPartExamined"), ("view", "ViewPosition"),
+                    ("photometric", "PhotometricInterpretation"), ("burned_in_annotation", "BurnedInAnnotation")):  # fmt: skip
+        if (v := _code(ds.get(kw))) is not None:
+            meta[key] = v
+    lat = _code(ds.get("Laterality")) or _code(ds.get("ImageLaterality"))
+    if lat is not None:
+        meta["laterality"] = lat
+    for key, kw in (("rows", "Rows"), ("columns", "Columns"), ("frames", "NumberOfFrames"),
+                    ("samples_per_pixel", "SamplesPerPixel"), ("bits_stored", "BitsStored")):  # fmt: skip
+        if (n := _int(ds.get(kw))) is not None:
+            meta[key] = n
+    if "frames" not in meta and "rows" in meta:
+        meta["frames"] = 1
+    sop_class = ds.get("SOPClassUID")
+    if sop_class:
+        meta["sop_class"] = str(getattr(sop_class, "name", sop_class))
+    file_meta = getattr(ds, "file_meta", None)
+    ts = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if ts:
+        meta["transfer_syntax"] = str(ts)
+    for key, kw in (("manufacturer", "Manufacturer"), ("model", "ManufacturerModelName")):
+        if (s := _text(ds.get(kw), 64)) is not None:
+            meta[key] = s
+    if (t := _float(ds.get("SliceThickness"))) is not None:
+        meta["slice_thickness"] = t
+    if (sp := _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2)) is not None:
+        meta["pixel_spacing"] = sp
+    if (o := _floats(ds.get("ImageOrientationPatient"), 6)) is not None:
+        meta["orientation"] = [round(x, 4) for x in o]
+    if "ContrastBolusAgent" in ds:  # presence only: the agent's text is a descriptor to clean
+        meta["contrast"] = bool(str(ds.get("ContrastBolusAgent") or "").strip())
+
+    for key, kw in (("study_key", "StudyInstanceUID"), ("series_key", "SeriesInstanceUID"),
+                    ("instance_key", "SOPInstanceUID")):  # fmt: skip
+        uid = str(ds.get(kw) or "").strip()
+        if not uid and kw == "SOPInstanceUID" and file_meta is not None:
+            uid = str(file_meta.get("MediaStorageSOPInstanceUID") or "").strip()
+        if uid:
+            meta[key] = pseudonym(uid, salt, kw)
+    patient_id = str(ds.get("PatientID") or "").strip()
+    if patient_id:
+        meta["patient_key"] = pseudonym(patient_id, salt, "PatientID")
+
+    if dates != "remove":
+        day = _study_day(ds)
+        if day is not None and dates == "year":
+            meta["study_year"] = day.year
+        elif day is not None and dates == "shift":
+            shift = date_shift_days if date_shift_days is not None else (
+                patient_date_shift(patient_id, salt) if patient_id else None
+            )  # fmt: skip
+            if shift is not None:  # no PatientID, no consistent shift: leave the date out
+                meta["study_date_shifted"] = (day + _dt.timedelta(days=shift)).isoformat()
+    return meta
+
+
+def assert_no_phi(meta: dict[str, Any], ds: Dataset | None = None) -> None:
+    """Raise ``AssertionError`` if ``meta`` has a PHI attribute as a key or, given ``ds``, a raw identifier value.
+
+    Keys are compared to ``PHI_TAGS`` ignoring case and underscores (``study_date`` is PHI,
+    ``study_year`` is not). Values of ``IDENTIFYING_TAGS`` in ``ds`` (3+ characters, and each
+    name component) must not occur as a whole token anywhere in ``json.dumps(meta)``.
+    """
+    for key in _keys(meta):
+        if key.replace("_", "").lower() in _PHI_NORMALISED:
+            raise AssertionError(f"metadata key {key!r} is a PHI attribute of the PS3.15 basic profile")
+    if ds is None:
+        return
+    text = json.dumps(meta, default=str)
+    for kw in IDENTIFYING_TAGS:
+        for value in _raw_values(ds.get(kw)):
+            if len(value) >= 3 and re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text, re.I):
+                raise AssertionError(f"metadata contains the raw value of {kw}")
+
+
+# ---------------------------------------------------------------------------- report text
+_MONTH = (
+    r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|"
+    r"Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)"
+)
+_NAME_WORD = r"(?:[A-Z][a-zA-Z'\u2019-]+|[A-Z]\.)"
+_SCRUB_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"), "[EMAIL]"),
+    # labelled identifiers: keep the label, replace a value that holds a digit
+    (
+        re.compile(
+            r"(?i)\b((?:MRN|MR#|medical record(?: number| no\.?)?|accession(?: number| no\.?| #)?|"
+            r"patient id|hospital (?:number|no\.?)|NHS (?:number|no\.?)|SSN)\s*[:#]?\s*)"
+            r"(?=[A-Z0-9-]*\d)[A-Z0-9][A-Z0-9-]{2,}"
+        ),
+        r"\1[ID]",
+    ),
+    (re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), "[ID]"),  # SSN
+    # dates: ISO, numeric D/M/Y or M/D/Y, and with month names
+    (re.compile(r"\b\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b"), "[DATE]"),
+    (re.compile(r"\b\d{1,2}[-/.]\d{1,2}[-/.](?:\d{4}|\d{2})\b"), "[DATE]"),
+    (re.compile(rf"\b{_MONTH}\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}}\b"), "[DATE]"),
+    (re.compile(rf"\b\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTH}\.?,?\s+\d{{4}}\b"), "[DATE]"),
+    (re.compile(rf"\b{_MONTH}\.?\s+\d{{4}}\b"), "[DATE]"),
+    # phone numbers: (555) 123-4567, 555-123-4567, +44 20 7946 0958
+    (re.compile(r"(?<![\w+])(?:\+?1[\s.-]?)?\(?\d{3}\)?[\s.-]\d{3}[\s.-]\d{4}\b"), "[PHONE]"),
+    (re.compile(r"(?<!\w)\+\d{1,3}(?:[\s.-]?\d{2,4}){2,4}\b"), "[PHONE]"),
+    # MRN-like runs of 6+ digits
+    (re.compile(r"\b\d{6,}\b"), "[ID]"),
+    # ages over 89 (HIPAA Safe Harbor): "92-year-old", "95 yo"
+    (re.compile(r"\b(?:9\d|1[0-4]\d)(?=[- ]?(?:years?|yrs?)[- ]old\b|\s*(?:yo|y/o|y\.o\.)(?!\w))"), "[AGE 90+]"),
+    # names after titles: keep the title
+    (
+        re.compile(rf"\b((?:Dr|Drs|Mr|Mrs|Ms|Miss|Mx|Prof|Doctor|Professor|Nurse)\.?\s+){_NAME_WORD}(?:\s+{_NAME_WORD}){{0,2}}"),
+        r"\1[NAME]",
+    ),
+    (re.compile(rf"(?i:\b(patient name|name)\s*:\s*){_NAME_WORD}(?:\s+{_NAME_WORD}){{0,2}}"), r"\1: [NAME]"),
+)  # fmt: skip
+
+
+def scrub_text(text: str, known_names: Iterable[str] = ()) -> str:
+    """Replace likely PHI in report text with tokens: [NAME], [DATE], [PHONE], [EMAIL], [ID], [AGE 90+].
+
+    Regex-based and opt-in; ``known_names`` (e.g. the header's PatientName, ``^``-separated
+    components allowed) are replaced wherever they occur. Bare years are kept.
+    """
+    out = text
+    for pattern, repl in _SCRUB_RULES:
+        out = pattern.sub(repl, out)
+    for name in known_names:
+        for part in {p.strip() for p in re.split(r"[\^,]", str(name)) if len(p.strip()) >= 2}:
+            out = re.sub(rf"(?<!\w){re.escape(part)}(?!\w)", "[NAME]", out, flags=re.I)
+    return out
+
+
+# ---------------------------------------------------------------------------- helpers
+def _require_salt(salt: str) -> None:
+    if not isinstance(salt, str) or not salt:
+        raise InvalidInput(
+            "salt for pseudonymous ids is empty",
+            hint="pass the catalog's secret salt (e.g. secrets.token_hex(16)); the same salt keeps keys stable",
+        )
+
+
+def _check_dates(dates: str) -> None:
+    if dates not in DATE_MODES:
+        raise InvalidInput(f"dates={dates!r} is not a date mode", hint=f"use one of: {', '.join(DATE_MODES)}")
+
+
+def _code(value: Any) -> str | None:
+    """A CS value (first of a multi-value) if it is a well-formed code string, else None."""
+    if value is None:
+        return None
+    if isinstance(value, MutableSequence | list | tuple):
+        if not value:
+            return None
+        value = value[0]
+    s = str(value).strip().upper()
+    return s if _CS.fullmatch(s) else None
+
+
+def _text(value: Any, limit: int) -> str | None:
+    s = " ".join(str(value or "").split())
+    return s[:limit] if s else None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(value: Any, n: int) -> list[float] | None:
+    if value is None or isinstance(value, str | bytes):
+        return None
+    try:
+        out = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def _study_day(ds: Dataset) -> _dt.date | None:
+    for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+        digits = re.sub(r"\D", "", str(ds.get(kw) or ""))  # DA is YYYYMMDD; old files use YYYY.MM.DD
+        if len(digits) == 8:
+            try:
+                return _dt.date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
+            except ValueError:
+                continue
+    return None
+
+
+def _keys(obj: Any) -> Iterator[str]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield str(k)
+            yield from _keys(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from _keys(v)
+
+
+def _raw_values(value: Any) -> Iterator[str]:
+    """Strings of an element value: each item of a multi-value, and each component of a person name."""
+    if value is None:
+        return
+    items = list(value) if isinstance(value, MutableSequence | list | tuple) else [value]  # MultiValue or one
+    for item in items:
+        s = str(item).strip()
+        if not s:
+            continue
+        yield s
+        if "^" in s:
+            yield from (p.strip() for p in s.split("^") if p.strip())

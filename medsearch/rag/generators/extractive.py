@@ -1,0 +1,143 @@
+"""The default generator: no LLM, sentences chosen from the evidence by consensus.
+
+For every candidate sentence i of evidence case c(i) (findings sentences for FINDINGS,
+impression/diagnosis sentences for IMPRESSION), with case weights w = exp((score - best) / T):
+
+    agreement(i) = sum_{c != c(i)} w_c * max_{j in c} cos(i, j) / sum_{c != c(i)} w_c
+                   (is it said by the other retrieved cases too?)
+    centroid(i)  = cos(i, weighted mean of all candidate vectors)   (is it typical of the set?)
+    case(i)      = w_{c(i)} / max w                                 (how close is its case?)
+    image(i)     = cos(query image, i), min-max scaled              (shared space only)
+    score(i)     = a * agreement + b * centroid + c * case + d * image
+
+Sentences are then taken greedily by score, skipping near-duplicates (cosine >= duplicate)
+and contradictions (a negation mismatch, "no effusion" vs "small effusion", between
+sentences on the same topic, cosine >= contradiction), and written in report order. Each
+sentence cites its own case plus every other case that says nearly the same (corroborate).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from ...errors import GenerationError
+from ..config import ExtractiveConfig
+from ..evidence import EvidencePack
+from ..grounding import Proposed
+from .base import Generation, OnToken
+
+_NEGATION = re.compile(
+    r"\b(no|not|without|absent|absence|negative|free of|unremarkable|normal|resolved|ruled out|none)\b", re.IGNORECASE
+)
+
+
+def is_negated(text: str) -> bool:
+    """True when a sentence denies a finding ("No pleural effusion.", "Unremarkable liver.")."""
+    return bool(_NEGATION.search(text))
+
+
+def consensus_scores(pack: EvidencePack, cand: np.ndarray, cfg: ExtractiveConfig) -> np.ndarray:
+    """(c,) scores of candidate sentence indices ``cand`` (see the module docstring)."""
+    scores = np.array([c.score for c in pack.cases], dtype=np.float32)  # (k,)
+    w = np.exp((scores - scores.max()) / max(cfg.temperature, 1e-6))  # (k,)
+    V = pack.sent_vecs[cand]  # (c, d)
+    S = V @ V.T  # (c, c)
+    owner = pack.sent_case[cand]  # (c,)
+    cases = np.unique(owner)
+    # best match of each candidate inside each case: (c, n_cases)
+    best = np.stack([S[:, owner == k].max(axis=1) for k in cases], axis=1)
+    wk = w[cases]  # (n_cases,)
+    other = owner[:, None] != cases[None, :]  # (c, n_cases)
+    denom = (other * wk).sum(axis=1)
+    agreement = np.where(denom > 0, (best * other * wk).sum(axis=1) / np.maximum(denom, 1e-12), 0.0)
+    per_sent = w[owner] / np.bincount(owner, minlength=len(scores))[owner]  # each case weighs w_c in total
+    cen = (V * per_sent[:, None]).sum(axis=0)
+    cen /= max(float(np.linalg.norm(cen)), 1e-12)
+    centroid = V @ cen
+    case_rel = w[owner] / w.max()
+    a, b, c, d = cfg.weights
+    out = a * agreement + b * centroid + c * case_rel
+    if pack.image_text is not None:
+        it = pack.image_text[cand]
+        span = float(it.max() - it.min())
+        out = out + d * ((it - it.min()) / span if span > 0 else np.zeros_like(it))
+    return out.astype(np.float32)
+
+
+def _candidates(pack: EvidencePack, sections: tuple[str, ...], cfg: ExtractiveConfig) -> np.ndarray:
+    keep = [
+        i for i, (sec, t) in enumerate(zip(pack.sent_section, pack.sent_text, strict=True))
+        if sec in sections and cfg.min_words <= len(t.split()) <= cfg.max_words
+    ]  # fmt: skip
+    return np.array(keep, dtype=np.int64)
+
+
+def select(pack: EvidencePack, cand: np.ndarray, limit: int, cfg: ExtractiveConfig, section: str) -> list[Proposed]:
+    """Greedy consensus selection of up to ``limit`` sentences among ``cand``, in report order."""
+    if len(cand) == 0 or limit <= 0:
+        return []
+    score = consensus_scores(pack, cand, cfg)
+    V = pack.sent_vecs[cand]
+    S = V @ V.T  # (c, c)
+    neg = np.array([is_negated(pack.sent_text[i]) for i in cand])
+    chosen: list[int] = []  # positions in cand
+    for p in np.argsort(-score, kind="stable"):
+        if len(chosen) >= limit:
+            break
+        if any(S[p, q] >= cfg.duplicate for q in chosen):
+            continue
+        if any(neg[p] != neg[q] and S[p, q] >= cfg.contradiction for q in chosen):
+            continue
+        chosen.append(int(p))
+    owner = pack.sent_case[cand]
+    out: list[tuple[float, float, Proposed]] = []
+    for p in chosen:
+        i = int(cand[p])
+        own_n = int(pack.sent_case[i]) + 1
+        cites = [own_n]
+        for k in np.unique(owner):
+            n = int(k) + 1
+            if n != own_n and S[p, owner == k].max() >= cfg.corroborate:
+                cites.append(n)
+        out.append((float(pack.sent_seq[i]), -float(score[p]), Proposed(section, pack.sent_text[i], sorted(cites))))
+    out.sort(key=lambda t: (t[0], t[1]))
+    return [p for *_, p in out]
+
+
+class ExtractiveGenerator:
+    """Consensus extraction from the evidence (no LLM). ``model`` is 'extractive'."""
+
+    name = "extractive"
+
+    def __init__(self, config: ExtractiveConfig = ExtractiveConfig()) -> None:
+        self.config = config
+
+    @property
+    def model(self) -> str:
+        return "extractive-consensus"
+
+    def generate(self, pack: EvidencePack, on_token: OnToken | None = None) -> Generation:
+        """FINDINGS and IMPRESSION sentences chosen from the evidence; ``on_token`` is not used."""
+        cfg = self.config
+        cand = _candidates(pack, cfg.findings_sections, cfg)
+        if len(cand) == 0:  # no findings text in the evidence: fall back to image captions
+            cand = _candidates(pack, ("caption",), cfg)
+        findings = select(pack, cand, cfg.max_findings, cfg, "findings")
+        impression = select(pack, _impression_candidates(pack, cfg), cfg.max_impression, cfg, "impression")
+        if not findings and not impression:
+            raise GenerationError(
+                f"the {len(pack.cases)} evidence cases for {pack.query} have no report sentences to draft from",
+                hint="ingest cases with findings text, or use an LLM generator",
+            )
+        return Generation(model=self.model, sentences=findings + impression)
+
+
+def _impression_candidates(pack: EvidencePack, cfg: ExtractiveConfig) -> np.ndarray:
+    """Impression/diagnosis sentences; short diagnoses ("Bladder diverticulum") are allowed."""
+    keep = [
+        i for i, (sec, t) in enumerate(zip(pack.sent_section, pack.sent_text, strict=True))
+        if sec in cfg.impression_sections and 1 <= len(t.split()) <= cfg.max_words
+    ]  # fmt: skip
+    return np.array(keep, dtype=np.int64)

