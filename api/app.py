@@ -225,7 +225,11 @@ def check_settings(settings: ApiSettings) -> None:
     if not paths.catalog.exists():
         raise NotFound(f"no catalog in {paths.home}", hint="run `medsearch ingest PATH` and `medsearch index` first")
     if settings.auth_required and not KeyStore(settings.keys_path).has_active():
-        why = "--auth required" if settings.auth == "required" else f"the server listens on {settings.host}, beyond loopback"
+        why = (
+            "--auth required"
+            if settings.auth == "required"
+            else f"the server listens on {settings.host}, beyond loopback"
+        )
         raise InvalidInput(
             f"API keys are required ({why}) but {settings.keys_path.name} holds no active key",
             hint="create one with `medsearch keys add --scope admin`, or serve on 127.0.0.1",

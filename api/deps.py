@@ -12,7 +12,9 @@ from .state import AppState, Principal
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer msk_...` (from `medsearch keys add`).")
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same key in an `X-API-Key` header.")
 
-_KEY_HINT = "send `Authorization: Bearer <key>` or `X-API-Key: <key>`; create a key with `medsearch keys add --scope read`"
+_KEY_HINT = (
+    "send `Authorization: Bearer <key>` or `X-API-Key: <key>`; create a key with `medsearch keys add --scope read`"
+)
 
 
 def get_state(request: Request) -> AppState:

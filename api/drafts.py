@@ -42,10 +42,12 @@ def run_draft(state: Any, searcher: Any, query: Any, desc: S.QueryImage, generat
     drafter_cls = _drafter_cls()
     allowed = state.settings.draft_generators
     if generator not in allowed:
-        raise InvalidInput(f"generator {generator!r} is not enabled on this server", hint=f"use one of: {', '.join(allowed)}")
+        raise InvalidInput(
+            f"generator {generator!r} is not enabled on this server", hint=f"use one of: {', '.join(allowed)}"
+        )
     from medsearch.rag.config import DraftConfig, LLMConfig
 
-    config = DraftConfig(generator=generator, llm=state.settings.llm or LLMConfig())
+    config = DraftConfig(generator=generator, llm=state.settings.llm or LLMConfig(), fallback=state.settings.draft_fallback)
     draft = drafter_cls(searcher, config=config).draft(query)
     return draft_out(draft, desc)
 
@@ -54,12 +56,21 @@ def draft_out(draft: Any, desc: S.QueryImage | None) -> S.DraftOut:
     """``medsearch.rag.records.Draft`` -> the public schema."""
     sentences = [
         S.DraftSentence(
-            section=s.section, text=s.text, support=round(float(s.support), 4), supported=bool(s.supported),
+            section=s.section,
+            text=s.text,
+            support=round(float(s.support), 4),
+            supported=bool(s.supported),
             flags=list(s.flags),
             citations=[
-                S.Citation(cite=f"C{c.n}", n=c.n, case_id=c.case_id, case_key=c.case_key,
-                           similarity=round(float(c.similarity), 4), evidence=c.evidence,
-                           case_url=f"/v1/cases/{c.case_id}")  # fmt: skip
+                S.Citation(
+                    cite=f"C{c.n}",
+                    n=c.n,
+                    case_id=c.case_id,
+                    case_key=c.case_key,
+                    similarity=round(float(c.similarity), 4),
+                    evidence=c.evidence,
+                    case_url=f"/v1/cases/{c.case_id}",
+                )  # fmt: skip
                 for c in s.citations
             ],
         )
@@ -67,9 +78,18 @@ def draft_out(draft: Any, desc: S.QueryImage | None) -> S.DraftOut:
     ]
     evidence = [
         S.Evidence(
-            cite=f"C{e.n}", n=e.n, case_id=e.case_id, case_key=e.case_key, source=e.source,
-            score=round(float(e.score), 6), image_id=e.image_id, image_key=e.image_key, matched=e.matched,
-            modality_type=e.modality_type, body_region=e.body_region, diagnosis=e.diagnosis,
+            cite=f"C{e.n}",
+            n=e.n,
+            case_id=e.case_id,
+            case_key=e.case_key,
+            source=e.source,
+            score=round(float(e.score), 6),
+            image_id=e.image_id,
+            image_key=e.image_key,
+            matched=e.matched,
+            modality_type=e.modality_type,
+            body_region=e.body_region,
+            diagnosis=e.diagnosis,
             thumbnail_url=f"/v1/images/{e.image_id}/thumbnail" if e.image_id else None,
             case_url=f"/v1/cases/{e.case_id}",
         )  # fmt: skip

@@ -139,7 +139,9 @@ class KeyStore:
             if info is None:
                 raise NotFound(f"no API key with id {key_id!r}", hint="see `medsearch keys list`")
             if info.active:
-                info = KeyInfo(**{**asdict(info), "revoked_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                info = KeyInfo(
+                    **{**asdict(info), "revoked_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                )
                 self._keys[key_id] = info
                 self._write()
         return info

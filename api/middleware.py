@@ -8,6 +8,7 @@ read, and counts streamed bytes for chunked bodies, so no route ever buffers an 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -17,6 +18,7 @@ from starlette.exceptions import HTTPException
 from .metrics import Metrics
 
 Scope = dict[str, Any]
+log = logging.getLogger("medsearch.api")
 
 _CSP_PAGE = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
@@ -91,6 +93,16 @@ class ObserveMiddleware:
         except BodyTooLarge:
             if not status["started"]:
                 await _too_large(send_wrapper, request_id, self.max_body)
+        except Exception:
+            log.exception("unhandled error on %s %s (request %s)", scope.get("method"), path, request_id)
+            if status["started"]:
+                raise
+            await _send_json(send_wrapper, 500, {
+                "code": "internal",
+                "message": "internal server error",
+                "hint": "the server log has the details under this request_id",
+                "request_id": request_id,
+            })  # fmt: skip
         finally:
             self.metrics.in_flight.dec()
             route = scope.get("route")
@@ -109,22 +121,18 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _too_large(send: Any, request_id: str, limit: int) -> None:
-    body = json.dumps(
-        {
-            "error": {
-                "code": "payload_too_large",
-                "message": f"request body is larger than the limit of {limit:,} bytes",
-                "hint": "send a smaller image (downscale or crop it), or raise the server's --max-upload-mb",
-                "request_id": request_id,
-            }
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                        (b"connection", b"close")],
-        }
-    )  # fmt: skip
+    await _send_json(send, 413, {
+        "code": "payload_too_large",
+        "message": f"request body is larger than the limit of {limit:,} bytes",
+        "hint": "send a smaller image (downscale or crop it), or raise the server's --max-upload-mb",
+        "request_id": request_id,
+    }, close=True)  # fmt: skip
+
+
+async def _send_json(send: Any, status: int, error: dict[str, Any], close: bool = False) -> None:
+    body = json.dumps({"error": error}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

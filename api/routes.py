@@ -269,7 +269,9 @@ def create_draft(
     who: Caller,
     file: FileField = None,
     image_id: ImageIdField = None,
-    generator: Annotated[str, Form(description="extractive (no LLM), or an LLM generator the server enables.")] = "extractive",
+    generator: Annotated[
+        str, Form(description="extractive (no LLM), or an LLM generator the server enables.")
+    ] = "extractive",
 ) -> S.DraftOut:
     """Image -> a draft report whose sentences cite the similar prior cases they come from."""
     from .drafts import run_draft

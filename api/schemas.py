@@ -49,7 +49,9 @@ class TextSearchRequest(BaseModel):
         "auto", description="auto/hybrid: every space the model has; image: cross-modal only; text: reports/captions."
     )
     per_case: bool = Field(True, description="One hit per case (its best image).")
-    target: Literal["images", "reports"] = Field("images", description="images: hits are images; reports: cases by report text.")
+    target: Literal["images", "reports"] = Field(
+        "images", description="images: hits are images; reports: cases by report text."
+    )
 
     @field_validator("query")
     @classmethod

@@ -46,6 +46,7 @@ class ApiSettings:
     thumbnail_cache: int = 1024  # thumbnails kept in memory (PNG bytes)
     draft_generators: tuple[str, ...] = ("extractive",)  # generators a client may ask for
     llm: Any = None  # medsearch.rag.config.LLMConfig for LLM generators (server-side only)
+    draft_fallback: bool = False  # an LLM failure drafts with the extractive generator instead
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:

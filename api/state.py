@@ -22,7 +22,7 @@ from typing import Any
 
 from medsearch.catalog import Catalog
 from medsearch.config import ImagingConfig, Paths
-from medsearch.errors import IndexNotBuilt, MedsearchError
+from medsearch.errors import IndexInconsistent, IndexNotBuilt, MedsearchError
 from medsearch.search import Searcher
 
 from .keys import KeyStore
@@ -152,7 +152,9 @@ class AppState:
         self.loaded_at: str | None = None
         self.loaded_stamp: tuple[Any, ...] | None = None
         self.last_reload_error: str | None = None
+        self.unusable_index = False  # the last reload found an index that failed its checks
         self._failed_stamp: tuple[Any, ...] | None = None
+        self._pending_stamp: tuple[Any, ...] | None = None
         from .drafts import available
 
         self.drafts_available = available()
@@ -161,6 +163,12 @@ class AppState:
     def current(self) -> Searcher:
         """The Searcher of the current generation (take it once per request)."""
         s = self.searcher
+        if s is None and self.unusable_index and self.last_reload_error is not None:
+            raise IndexInconsistent(
+                f"the index cannot be served: {self.last_reload_error}",
+                hint="run `medsearch check` to see why and `medsearch check --repair` to fix it; "
+                "the server picks the repaired index up without a restart",
+            )
         if s is None:
             raise IndexNotBuilt(
                 "no index has been built in this home yet",
@@ -201,9 +209,7 @@ class AppState:
             t0 = time.perf_counter()
             model_id = self.model_id()
             if not model_id:
-                raise IndexNotBuilt(
-                    "no index has been built in this home yet", hint="run `medsearch index` first"
-                )
+                raise IndexNotBuilt("no index has been built in this home yet", hint="run `medsearch index` first")
             stamp = self._stamp(model_id)
             try:
                 enc = self._encoder_for(model_id)
@@ -211,6 +217,7 @@ class AppState:
                 loaded = new.warm()  # every index loaded, checksum- and count-checked, before the swap
             except MedsearchError as e:
                 self.last_reload_error = e.message
+                self.unusable_index = not isinstance(e, IndexNotBuilt)  # built, but failed its checks
                 self.metrics.reloads.labels(result="failed").inc()
                 raise
             self.searcher = new  # the swap: one reference assignment
@@ -231,11 +238,19 @@ class AppState:
             }
 
     def maybe_reload(self) -> bool:
-        """Reload when the manifests changed since the last load (the file watch). True if swapped."""
+        """The file watch: reload once the manifests changed and then stayed unchanged for one poll.
+
+        Waiting for a quiet poll means a `medsearch index` that writes the image and then the text
+        index is picked up as one swap, not as two. Returns True when it swapped.
+        """
         stamp = self._stamp(self.model_id())
         if stamp == self.loaded_stamp or stamp == (None,):
+            self._pending_stamp = None
             return False
-        if self.last_reload_error is not None and stamp == self._failed_stamp:
+        if stamp != self._pending_stamp:
+            self._pending_stamp = stamp  # changed since the last poll: wait until it settles
+            return False
+        if stamp == self._failed_stamp:
             return False  # already failed on exactly these files; wait for the next write
         try:
             self.reload()

@@ -42,15 +42,15 @@ def _first_image(dataset: Path, split: str, modality: str) -> Path:
 
 
 def run_demo(home: Path, data: Path | None, *, device: str = "auto", echo: Callable[[str], None] = print) -> None:
-    from medsearch.catalog import Catalog
-    from medsearch.config import Paths
-    from medsearch.encoders.registry import load_encoder
-    from medsearch.search import Filters, Searcher
     from tqdm import tqdm
 
     from cli.main import _print_hits
     from indexer.embed import run_index
     from indexer.ingest import ingest_path
+    from medsearch.catalog import Catalog
+    from medsearch.config import Paths
+    from medsearch.encoders.registry import load_encoder
+    from medsearch.search import Filters, Searcher
 
     datasets = find_datasets(data)
     echo(f"medsearch demo: home {home}, data {datasets}")

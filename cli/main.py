@@ -134,14 +134,13 @@ def ingest(
     source: Annotated[str | None, typer.Option(help="Source name stored with each row (default: folder name).")] = None,
     sidecar: Annotated[Path | None, typer.Option(help="CSV/JSONL of reports for an image folder.")] = None,
     deid_text: Annotated[bool, typer.Option("--deid-text", help="Scrub names, dates, phone numbers, MRNs from report text.")] = False,
+    chunk: Annotated[int, typer.Option(min=1, help="Items per catalog transaction (a crash redoes at most these).")] = 256,
     json_out: JsonOut = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Add cases, images and reports to the catalog (idempotent: a second run adds nothing)."""
-    from medsearch.catalog import Catalog
-
     from indexer.ingest import ingest_path
-
+    from medsearch.catalog import Catalog
     from medsearch.errors import InvalidInput
 
     if not path.exists():  # before the catalog is created, so a typo leaves no empty home behind
@@ -155,7 +154,7 @@ def ingest(
         bar = tqdm(desc=f"ingest {path.name}", unit="item", dynamic_ncols=True)
     try:
         summary = ingest_path(
-            cat, path, source=source, splits=split, sidecar=sidecar, deid_text=deid_text,
+            cat, path, source=source, splits=split, sidecar=sidecar, deid_text=deid_text, chunk=chunk,
             progress=(lambda _: bar.update(1)) if bar is not None else None,
         )  # fmt: skip
     finally:
@@ -189,15 +188,15 @@ def index(
     workers: Annotated[int, typer.Option(min=0, help="Decode worker processes.")] = 1,
     kind: Annotated[str, typer.Option(help="FAISS index kind: auto, flat, hnsw.")] = "auto",
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild indexes and retry failed images.")] = False,
+    commit_every: Annotated[int, typer.Option(min=1, help="Vectors per catalog commit (a crash loses at most these).")] = 512,
     json_out: JsonOut = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Embed what is not embedded yet and build/update the FAISS indexes (resumable)."""
+    from indexer.embed import run_index
     from medsearch.catalog import Catalog
     from medsearch.config import EmbedConfig, IndexConfig, Paths
     from medsearch.encoders.registry import load_encoder
-
-    from indexer.embed import run_index
 
     h = _home(home)
     cat = Catalog.open(h / "catalog.db", create=False)
@@ -205,7 +204,7 @@ def index(
     try:
         enc = load_encoder(spec, device=device, models_dir=h / "models")
         summary = run_index(
-            cat, enc, Paths(h), config=EmbedConfig(batch_size=batch_size, workers=workers),
+            cat, enc, Paths(h), config=EmbedConfig(batch_size=batch_size, workers=workers, commit_every=commit_every),
             index_config=IndexConfig(kind=kind), progress=not (quiet or json_out), rebuild=rebuild,
         )  # fmt: skip
     finally:
@@ -335,7 +334,8 @@ def info(home: Home = None, json_out: JsonOut = False) -> None:  # type: ignore[
 @handle_errors
 def check(
     home: Home = None,  # type: ignore[assignment]
-    repair: Annotated[bool, typer.Option("--repair", help="Rebuild broken indexes from stored vectors.")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Rebuild broken indexes from stored vectors; embed rows whose vectors are gone.")] = False,
+    device: Device = "auto",
     json_out: JsonOut = False,
 ) -> None:
     """Verify that catalog, stored vectors, FAISS indexes and manifests agree."""
@@ -345,7 +345,22 @@ def check(
 
     h = _home(home)
     cat = Catalog.open(h / "catalog.db", create=False)
-    report = check_home(cat, Paths(h), repair=repair)
+    try:
+        report = check_home(cat, Paths(h), repair=repair)
+        models = sorted({e["model"] for e in report["indexes"] if e.get("not_embedded")})
+        if repair and models:  # vectors are gone: only the encoder can make them again
+            from indexer.embed import run_index
+            from medsearch.config import EmbedConfig
+            from medsearch.encoders.registry import load_encoder
+
+            done = report["repaired"]
+            for m in models:
+                enc = load_encoder(m, device=device, models_dir=h / "models")
+                s = run_index(cat, enc, Paths(h), config=EmbedConfig(workers=0), progress=False)
+                done.append(f"embedded {s.images_embedded} images and {s.texts_embedded} texts of {m} that had no vector")
+            report = {**check_home(cat, Paths(h)), "repaired": done}
+    finally:
+        cat.close()
     if json_out:
         _print_json(report)
     else:
@@ -353,8 +368,49 @@ def check(
             typer.secho(f"problem: {p}", fg=typer.colors.YELLOW)
         for r in report["repaired"]:
             typer.secho(f"repaired: {r}", fg=typer.colors.GREEN)
+        for e in report["indexes"]:
+            if e.get("not_embedded"):
+                typer.echo(f"pending: {e['not_embedded']} {e['space']} rows have no {e['model']} vector yet (run `medsearch index`)")
         typer.echo("consistent" if report["ok"] else "inconsistent: run `medsearch check --repair`")
     if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command("audit-phi")
+@handle_errors
+def audit_phi(
+    home: Home = None,  # type: ignore[assignment]
+    examples: Annotated[int, typer.Option(min=0, max=50, help="Redacted examples to show per kind.")] = 3,
+    json_out: JsonOut = False,
+) -> None:
+    """Scan the catalog (reports, captions, metadata, labels, file names) for PHI-like content; exit 1 if any."""
+    from medsearch.catalog import Catalog
+    from medsearch.phi_audit import audit_phi as run_audit
+
+    h = _home(home)
+    cat = Catalog.open(h / "catalog.db", create=False, readonly=True)
+    try:
+        report = run_audit(cat, examples=examples)
+    finally:
+        cat.close()
+    if json_out:
+        _print_json(report)
+    else:
+        sc = report["scanned"]
+        typer.echo(f"PHI audit of {h}: {sc['cases']} cases, {sc['images']} images, {sc['labels']} labels, "
+                   f"{sc['chars']:,} characters scanned")  # fmt: skip
+        for kind, k in report["kinds"].items():
+            if not k["count"]:
+                continue
+            where = ", ".join(f"{f} ({n})" for f, n in list(k["where"].items())[:4])
+            typer.secho(f"{kind:<14} {k['count']:>7}  {where}", fg=typer.colors.YELLOW)
+            for ex in k["examples"]:
+                typer.echo(f"{'':<24}{ex['where']} {ex['field']}: {ex['text']}")
+        if report["findings"]:
+            typer.echo(f"{report['findings']} PHI-like spans: review them; `medsearch ingest --deid-text` scrubs report text")
+        else:
+            typer.echo("no PHI-like content found")
+    if report["findings"]:
         raise typer.Exit(1)
 
 
@@ -448,8 +504,158 @@ def draft(
         typer.secho(f"note: {d.fallback_from} failed ({d.fallback_reason}); drafted with extractive", fg=typer.colors.YELLOW, err=True)
 
 
+@app.command()
+@handle_errors
+def train(
+    home: Home = None,  # type: ignore[assignment]
+    base: Annotated[str, typer.Option("--base", help="lite (frozen towers + trained heads), open_clip:ARCH:CKPT|TAG or hf-hub:ORG/NAME to fine-tune.")] = "lite",
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Passes over the pairs (default: the recipe's step budget with early stopping).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimiser steps (upper bound; early stopping on dev).")] = None,
+    unfreeze: Annotated[int, typer.Option("--unfreeze", min=0, help="Also train the last N image blocks (lite) / N blocks per tower (open_clip; 0 = all).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (training is deterministic on CPU).")] = 0,
+    split: Annotated[str, typer.Option("--split", help="Catalog split to train on.")] = "train",
+    dev_split: Annotated[str, typer.Option("--dev-split", help="Split for early stopping: auto (dev if present), none, or a name.")] = "auto",
+    source: Annotated[list[str] | None, typer.Option("--source", help="Only images of this catalog source (repeatable).")] = None,
+    crops: Annotated[int | None, typer.Option("--crops", min=0, help="Random crops per image besides the centre view (lite).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=2, help="Pairs per step.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate.")] = None,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per step (open_clip).")] = 1,
+    name: Annotated[str | None, typer.Option("--name", help="Save as lite:NAME (or a named fine-tune) instead of the default.")] = None,
+    device: Device = "auto",
+    json_out: JsonOut = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Contrastive training on the catalog: the built-in lite model, or fine-tune an open_clip model."""
+    from dataclasses import replace
+
+    from medsearch.catalog import Catalog
+    from medsearch.config import Paths
+    from medsearch.training import TrainConfig, train
+
+    h = _home(home)
+    cfg = TrainConfig(base=base, seed=seed, split=split, dev_split=dev_split, unfreeze=unfreeze, epochs=epochs,
+                      grad_accum=grad_accum, name=name, sources=tuple(source or ()))  # fmt: skip
+    overrides = {k: v for k, v in dict(steps=steps, crops=crops, batch_size=batch_size, lr=lr).items() if v is not None}
+    cfg = replace(cfg, **overrides)
+    cat = Catalog.open(h / "catalog.db", create=False)
+    bars: dict[str, Any] = {}
+    verbose = not (quiet or json_out)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if not verbose:
+            return
+        from tqdm import tqdm
+
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, dynamic_ncols=True, file=sys.stderr, leave=False)
+        bar.total = total
+        bar.update(done - bar.n)
+
+    def log(msg: str) -> None:
+        if verbose:
+            typer.echo(msg, err=True)
+
+    try:
+        result = train(cat, Paths(h), cfg, device=device, log=log, progress=progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+        cat.close()
+    if json_out:
+        _print_json(result.to_dict())
+        return
+    dev = (result.config.get("dev") or {}).get("best") or {}
+    typer.echo(f"trained {result.model_id} in {result.seconds:.0f}s -> {result.path}")
+    if dev:
+        typer.echo("dev: " + ", ".join(f"{k} {v:.3f}" for k, v in dev.items()))
+    typer.echo(f"next: medsearch index --model {result.model_id} --home {h}")
+
+
 eval_app = typer.Typer(help="Evaluate retrieval and report drafts on a dataset split.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("retrieval")
+@handle_errors
+def eval_retrieval(
+    dataset: Annotated[str, typer.Argument(help="A catalog source name, or a dataset folder (read into memory when not ingested).")],
+    home: Home = None,  # type: ignore[assignment]
+    split: Annotated[str, typer.Option("--split", help="Split whose images and cases are the queries.")] = "dev",
+    pool: Annotated[str, typer.Option("--pool", help="split: the split's images; all: every image of the dataset.")] = "split",
+    knn_k: Annotated[int, typer.Option("--knn-k", min=1, help="Neighbours in the kNN label vote.")] = 10,
+    n_boot: Annotated[int, typer.Option("--n-boot", min=100, help="Bootstrap resamples for the 95% intervals.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of Recall@K curves here.")] = None,
+    model: Model = None,
+    device: Device = "auto",
+    json_out: JsonOut = False,
+) -> None:
+    """Recall@K, P@K, mAP, MRR, median rank and label accuracy with 95% CIs, against chance and the frozen towers."""
+    from medsearch.catalog import Catalog
+    from medsearch.encoders.registry import load_encoder
+    from medsearch.evaluation import (
+        EvalConfig,
+        embed_eval_set,
+        evaluate_retrieval,
+        load_eval_set,
+        markdown,
+        plot_recall_curves,
+    )
+
+    h = _home(home)
+    path = Path(dataset).expanduser()
+    source = path.name if path.exists() else dataset
+    cat = None
+    if (h / "catalog.db").exists():
+        cat = Catalog.open(h / "catalog.db", readonly=True)
+        if not cat.db.execute("SELECT 1 FROM images WHERE source = ? LIMIT 1", [source]).fetchone():
+            cat.close()
+            cat = None
+    if cat is None:
+        if not path.is_dir():
+            from medsearch.errors import NotFound
+
+            raise NotFound(f"no source {dataset!r} in {h / 'catalog.db'} and no dataset folder at {path}",
+                           hint="pass a dataset folder, or `medsearch ingest DATASET` first")  # fmt: skip
+        from indexer.ingest import ingest_path
+
+        if not json_out:
+            typer.echo(f"{source} is not in {h}; reading {path} into memory", err=True)
+        cat = Catalog.open(None)
+        ingest_path(cat, path, source=source)
+    spec = model or ("lite" if (h / "models" / "lite" / "model.safetensors").exists() else "towers")
+    enc = load_encoder(spec, device=device, models_dir=h / "models")
+    towers = load_encoder("towers", device=device)
+    cfg = EvalConfig(split=split, pool=pool, source=source, knn_k=knn_k, n_boot=n_boot, seed=seed)
+    es = load_eval_set(cat, cfg)
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if json_out:
+            return
+        from tqdm import tqdm
+
+        bar = bars.setdefault(stage, tqdm(total=total, desc=stage, dynamic_ncols=True, file=sys.stderr, leave=False))
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        emb = embed_eval_set(es, enc, cache_dir=h / "models" / "cache", progress=progress)
+        base = emb if enc is towers else embed_eval_set(es, towers, cache_dir=h / "models" / "cache", progress=progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+        cat.close()
+    report = evaluate_retrieval(es, emb, base, cfg)
+    if plot is not None:
+        report["plot"] = str(plot_recall_curves(report, plot))
+    if json_out:
+        _print_json(report)
+        return
+    typer.echo(markdown(report))
+    if plot is not None:
+        typer.echo(f"\nRecall@K curves: {report['plot']}")
 
 
 @eval_app.command("drafts")
@@ -525,9 +731,21 @@ def serve(
     cors_origin: Annotated[list[str] | None, typer.Option("--cors-origin", help="Allow this browser origin (repeatable); CORS is off without it.")] = None,
     audit_log: Annotated[Path | None, typer.Option(help="Audit log file, JSON lines (default: HOME/audit.log; '-' = server log).")] = None,
     watch: Annotated[float, typer.Option(min=0, help="Seconds between checks for a new index generation; 0 = off.")] = 2.0,
+    generator: Annotated[list[str] | None, typer.Option("--generator", "-g", help="Draft generator clients may use (repeatable): extractive (default), openai, llama-cpp, transformers.")] = None,
+    gguf: Gguf = None,
+    base_url: BaseUrl = None,
+    llm_model: LlmModel = None,
+    api_key: ApiKey = None,
+    model_dir: ModelDir = None,
+    fallback: Fallback = False,
+    timeout: LlmTimeout = 120.0,
+    max_tokens: MaxTokens = 220,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
-    """Start the HTTP API and the web page (FastAPI on uvicorn). OpenAPI docs at /docs."""
+    """Start the HTTP API and the web page (FastAPI on uvicorn). OpenAPI docs at /docs.
+
+    LLM settings (--base-url, --gguf, ...) are the server's: clients only pick a generator from --generator.
+    """
     import uvicorn
 
     from api.app import create_app
@@ -539,6 +757,8 @@ def serve(
         home=_home(home), model=model, device=device, host=host, port=port, auth=auth, keys_file=keys_file,
         rate_per_minute=rate_limit, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         cors_origins=tuple(cors_origin or ()), audit_log=audit_log, watch_seconds=watch,
+        draft_generators=tuple(generator or ("extractive",)), draft_fallback=fallback,
+        llm=_draft_config("extractive", gguf, base_url, llm_model, api_key, model_dir, fallback, timeout, max_tokens).llm,
     )  # fmt: skip
     application = create_app(settings)  # checks the catalog and the keys before binding
     keys = "required" if settings.auth_required else "optional (read access without a key)"

@@ -10,6 +10,7 @@ committed in chunks, so a rerun after a crash continues where the last commit le
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -187,7 +188,8 @@ def embed_texts(
         return summary
     bar = _bar(total, "embed texts", "txt", progress)
     t0 = time.perf_counter()
-    for ids, texts in _batched(catalog.texts_to_embed(encoder.model_id), config.text_batch_size * 8):
+    chunk = max(1, min(config.text_batch_size * 8, config.commit_every))  # texts per encode call and commit
+    for ids, texts in _batched(catalog.texts_to_embed(encoder.model_id), chunk):
         vecs = encoder.encode_texts(texts)  # (b, text_dim) float32
         catalog.put_vectors(encoder.model_id, "text", ids, vecs)
         summary.texts_embedded += len(ids)
@@ -207,13 +209,19 @@ def build_indexes(
     config: IndexConfig = IndexConfig(),
     force: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """(Re)build the FAISS index of each space from stored vectors; skip spaces already in sync."""
+    """(Re)build the FAISS index of each space from stored vectors; skip spaces already in sync.
+
+    An index that only lacks newly stored vectors is updated in place (``VectorIndex.sync``:
+    new vectors added, no rebuild) when its kind is still the right one; anything else (a
+    vector replaced or removed, other weights, ``force``) rebuilds it from stored vectors.
+    """
     out: dict[str, dict[str, Any]] = {}
     directory = paths.index_dir(model_id)
     for space, dim in dims.items():
         count = catalog.count_vectors(model_id, space)
         mpath = directory / f"{space}.json"
         generation = 1
+        man = None
         if mpath.exists():
             try:
                 man = read_manifest(mpath)
@@ -230,18 +238,50 @@ def build_indexes(
                     out[space] = {"count": man.count, "kind": man.kind, "generation": man.generation, "rebuilt": False}
                     continue
             except MedsearchError:
-                pass
+                man = None
         if count == 0:
             continue
+        blocks = functools.partial(catalog.iter_vectors, model_id, space)  # re-iterable: ivfpq samples a first pass
+        if not force and man is not None and man.weights_hash == weights_hash and man.dim == dim and count > man.count:
+            added = _try_sync(directory, space, model_id, weights_hash, man, count, config, blocks, generation)
+            if added is not None:
+                idx, n_added = added
+                catalog.set_meta(f"dirty:{model_id}:{space}", "1")
+                idx.save(directory)
+                catalog.set_meta(f"dirty:{model_id}:{space}", "0")
+                out[space] = {"count": idx.ntotal, "kind": idx.manifest.kind, "generation": generation,
+                              "rebuilt": False, "added": n_added}  # fmt: skip
+                continue
         idx = VectorIndex.from_blocks(
-            catalog.iter_vectors(model_id, space), model_id=model_id, weights_hash=weights_hash, space=space,
+            blocks, model_id=model_id, weights_hash=weights_hash, space=space,
             dim=dim, count=count, config=config, generation=generation,
         )  # fmt: skip
+        # dirty until the save is complete: a crash between the .faiss and the manifest swap
+        # (same count, e.g. --rebuild) must not look "in sync" to the next run
+        catalog.set_meta(f"dirty:{model_id}:{space}", "1")
         idx.save(directory)
         catalog.set_meta(f"dirty:{model_id}:{space}", "0")
         out[space] = {"count": idx.ntotal, "kind": idx.manifest.kind, "generation": generation, "rebuilt": True}
     catalog.set_meta("default_model", model_id)
     return out
+
+
+def _try_sync(directory: Path, space: str, model_id: str, weights_hash: str, man: Any, count: int,
+              config: IndexConfig, blocks: Any, generation: int) -> tuple[VectorIndex, int] | None:  # fmt: skip
+    """Load the saved index and add the new stored vectors to it; None when a rebuild is due."""
+    if config.kind == "auto":
+        # keep the built kind unless the collection crossed the exact-search threshold
+        if (man.kind == "flat") != (count <= config.flat_max):
+            return None
+    elif config.kind != man.kind:
+        return None
+    try:
+        idx = VectorIndex.load(directory, space, model_id=model_id, weights_hash=weights_hash)
+    except MedsearchError:
+        return None
+    # IVF lists trained on the old vectors stop fitting when the collection more than doubles
+    added = idx.sync(blocks, generation=generation, max_new_fraction=1.0 if man.kind == "ivfpq" else float("inf"))
+    return None if added is None else (idx, added)
 
 
 def run_index(
@@ -272,6 +312,9 @@ def run_index(
         catalog, paths, model_id=encoder.model_id, weights_hash=encoder.weights_hash,
         dims={"image": encoder.image_dim, "text": encoder.text_dim}, config=index_config, force=rebuild,
     )  # fmt: skip
+    from medsearch.bm25 import build_bm25_index  # BM25 over report/caption text, beside the vector indexes
+
+    summary.indexes["bm25"] = {"kind": "bm25", **build_bm25_index(catalog, paths.index_dir(encoder.model_id), force=rebuild)}
     summary.index_seconds = time.perf_counter() - t0
     return summary
 

@@ -9,9 +9,10 @@ already stored is touched by a failed item.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from medsearch.catalog import Catalog, now
@@ -117,7 +118,7 @@ def ingest_items(
     t0 = time.perf_counter()
     summary = IngestSummary(path=path, layout=layout)
     wanted = {s.lower() for s in splits} if splits else None
-    log_id = catalog.log_ingest({"path": path, "reader": layout, "started_at": now()})
+    log_id = catalog.log_ingest({"path": printable(path), "reader": layout, "started_at": now()})
     case_ids: dict[tuple[str, str], int] = {}
     dropped_cases: set[tuple[str, str]] = set()
     status = "failed"
@@ -130,7 +131,11 @@ def ingest_items(
                 if progress:
                     progress(item)
                 if isinstance(item, Skipped):
-                    summary.skipped.append(item)
+                    summary.skipped.append(Skipped(printable(item.item), printable(item.reason)))
+                    continue
+                if (bad := _not_text(item)) is not None:  # e.g. a file name with bytes that are not UTF-8
+                    name = item.path if isinstance(item, ImageRecord) else f"{item.source}:{item.key}"
+                    summary.skipped.append(Skipped(printable(name), bad))
                     continue
                 if isinstance(item, CaseRecord):
                     if wanted is not None and (item.split or "").lower() not in wanted:
@@ -167,7 +172,7 @@ def ingest_items(
                         cid = case_ids[ck] = row[0]
                     try:
                         if not Path(item.path).is_file():
-                            raise InvalidImage(f"{item.path}: referenced image file is missing")
+                            raise InvalidImage(f"{item.path}: referenced image file is missing or not a regular file")
                         info = probe_image(item.path, config=imaging)
                         sha, nbytes = file_sha256(item.path, imaging.max_file_bytes)
                     except (MedsearchError, OSError) as e:
@@ -204,6 +209,21 @@ def ingest_items(
             log_id, status, summary.counts, [{"item": s.item, "reason": s.reason} for s in summary.skipped]
         )
     return summary
+
+
+def printable(s: str) -> str:
+    """``s`` with undecodable bytes of a file name (lone surrogates) spelled as ``\\udcxx`` escapes."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _not_text(rec: CaseRecord | ImageRecord) -> str | None:
+    """Why a record cannot be stored (a string that is not valid Unicode), or None."""
+    try:
+        json.dumps(asdict(rec), ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:
+        what = "file name" if isinstance(rec, ImageRecord) else "key or text"
+        return f"the {what} is not valid UTF-8 text; rename the file or fix the record"
+    return None
 
 
 def _reason(e: BaseException) -> str:

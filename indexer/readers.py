@@ -17,6 +17,7 @@ A case is always yielded before its images. Nothing is loaded whole: every file 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -67,17 +68,34 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | 
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw.decode("utf-8"))
+                rec = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # a BOM may start a file
             except UnicodeDecodeError as e:
                 yield lineno, None, f"not UTF-8 ({e.reason} at byte {e.start})"
                 continue
             except json.JSONDecodeError as e:
                 yield lineno, None, f"malformed JSON ({e.msg} at column {e.colno})"
                 continue
+            except RecursionError:
+                yield lineno, None, "JSON nested too deeply to read"
+                continue
             if not isinstance(rec, dict):
                 yield lineno, None, f"expected a JSON object, got {type(rec).__name__}"
                 continue
+            if (bad := _not_unicode(rec)) is not None:
+                yield lineno, None, bad
+                continue
             yield lineno, rec, None
+
+
+def _not_unicode(rec: dict[str, Any]) -> str | None:
+    """Why a decoded record cannot be stored as text (JSON escapes can spell lone surrogates), or None."""
+    try:
+        json.dumps(rec, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not valid Unicode (a lone UTF-16 surrogate {e.object[e.start:e.end]!a} in a string)"
+    except (ValueError, RecursionError):  # a structure json.dumps cannot walk back
+        return "JSON nested too deeply to read"
+    return None
 
 
 def _text(v: Any) -> str | None:
@@ -153,7 +171,14 @@ def read_jsonl_dataset(root: Path, *, source: str | None = None) -> Iterator[Ite
             if not rec.get("id"):
                 yield Skipped(where, "report has no 'id'")
                 continue
-            case = _case_from_report(rec, source)
+            if rec.get("labels") is not None and not isinstance(rec["labels"], dict):
+                yield Skipped(where, f"'labels' must be a JSON object, got {type(rec['labels']).__name__}")
+                continue
+            try:
+                case = _case_from_report(rec, source)
+            except (TypeError, ValueError) as e:  # a field of an unexpected type
+                yield Skipped(where, f"invalid report record ({e})")
+                continue
             known_cases.add(case.key)
             yield case
     if not images.exists():
@@ -169,6 +194,10 @@ def read_jsonl_dataset(root: Path, *, source: str | None = None) -> Iterator[Ite
             continue
         if not _safe_relative(str(file)):
             yield Skipped(where, f"file {file!r} points outside the dataset folder")
+            continue
+        frame = rec.get("frame")
+        if frame is not None and (type(frame) is not int or not 0 <= frame < 2**31):
+            yield Skipped(where, f"'frame' must be a whole number from 0, got {str(frame)[:40]!r}")
             continue
         case_key = str(rec.get("case_id") or rec.get("image_id") or Path(str(file)).stem)
         if case_key not in known_cases:
@@ -232,8 +261,13 @@ def walk_files(root: Path) -> Iterator[Path | Skipped]:
                     subdirs.append(Path(e.path))
                 elif e.is_file():
                     yield Path(e.path)
+                elif e.is_symlink():
+                    yield Skipped(e.path, "broken symlink: its target does not exist")
+                else:
+                    yield Skipped(e.path, "not a regular file (a FIFO, socket or device)")
             except OSError as err:
-                yield Skipped(e.path, f"cannot stat: {err.strerror}")
+                why = "symlink loop" if err.errno == errno.ELOOP else err.strerror
+                yield Skipped(e.path, f"cannot stat: {why}")
         stack.extend(reversed(subdirs))
 
 
@@ -247,11 +281,19 @@ def _load_sidecar(path: Path) -> dict[str, dict[str, Any]]:
                 if f:
                     rows[str(Path(str(f)))] = rec
     else:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            for rec in csv.DictReader(fh):
-                f = rec.get("file") or rec.get("image") or rec.get("path")
-                if f:
-                    rows[str(Path(f))] = {k: v for k, v in rec.items() if k}
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as fh:
+                for rec in csv.DictReader(fh):
+                    f = rec.get("file") or rec.get("image") or rec.get("path")
+                    if f:
+                        rows[str(Path(f))] = {k: v for k, v in rec.items() if k}
+        except (UnicodeDecodeError, csv.Error) as e:  # before any image of the folder is stored
+            from medsearch.errors import InvalidInput
+
+            raise InvalidInput(
+                f"sidecar {path} cannot be read as UTF-8 CSV ({e})",
+                hint="save it as UTF-8 CSV without NUL bytes, or move it out of the folder",
+            ) from None
     return rows
 
 

@@ -411,7 +411,11 @@ class Catalog:
 
     # ------------------------------------------------------------------ vectors
     def put_vectors(self, model: str, space: str, ids: Sequence[int], vecs: np.ndarray) -> None:
-        """Store (n, d) vectors for catalog rows ``ids`` in one transaction (replacing old ones)."""
+        """Store (n, d) vectors for catalog rows ``ids`` in one transaction (replacing old ones).
+
+        The same transaction marks the (model, space) index dirty, so a crash between this
+        commit and the next index build can never leave an index that looks in sync but is not.
+        """
         vecs = np.ascontiguousarray(vecs, dtype=np.float16)  # (n, d) float16
         dim = int(vecs.shape[1])
         rows = [(model, space, int(i), dim, vecs[j].tobytes()) for j, i in enumerate(ids)]
@@ -419,6 +423,7 @@ class Catalog:
             self.db.conn.executemany(
                 "INSERT OR REPLACE INTO vectors (model, space, item_id, dim, vec) VALUES (?, ?, ?, ?, ?)", rows
             )
+            self.set_meta(f"dirty:{model}:{space}", "1")
 
     def iter_vectors(
         self, model: str, space: str, block: int = 65536

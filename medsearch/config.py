@@ -29,12 +29,26 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """Which FAISS index to build. ``kind='auto'`` picks by size."""
+    """Which FAISS index to build. ``kind='auto'`` picks by size (see ``medsearch.ann``)."""
 
     kind: str = "auto"  # auto, flat, hnsw, ivfpq
-    flat_max: int = 200_000  # below this many vectors, exact search
+    flat_max: int = 100_000  # up to this many vectors, exact search (benchmarks/search_bench.py)
+    large_kind: str = "ivfpq"  # what auto builds above flat_max: ivfpq (fast build) or hnsw
+    target_recall: float = 0.95  # recall@10 the search knob is tuned to reach
+    tune: bool = True  # tune efSearch / nprobe on sampled stored vectors after a build
+    tune_queries: int = 300
+    tune_margin: float = 0.01  # tune to target + margin, so fresh queries still meet the target
+    seed: int = 0
     hnsw_m: int = 32
-    hnsw_ef_search: int = 128
+    hnsw_ef_construction: int = 64
+    hnsw_ef_search: int = 128  # starting value; replaced by the tuned one
+    ivf_nlist: int = 0  # 0: a power of two near 2*sqrt(n)
+    ivf_nprobe: int = 16  # starting value; replaced by the tuned one
+    ivf_niter: int = 10  # k-means iterations for the coarse lists
+    ivf_train_per_list: int = 40  # training vectors per list
+    pq_m: int = 0  # 0: largest divisor of dim up to dim/8
+    refine_k_factor: float = 8.0  # ivfpq re-ranks k_factor*k candidates exactly
+    use_gpu: bool = True  # faiss-gpu, when installed and a GPU is visible, trains IVF lists
     metric: str = "ip"  # inner product on L2-normalised vectors = cosine
 
 
@@ -67,4 +81,6 @@ class Paths:
 
     def index_dir(self, model_id: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)
+        if safe in ("", ".", ".."):  # would name the indexes folder itself or the home: stay inside indexes/
+            safe = f"_{safe}"
         return self.indexes / safe

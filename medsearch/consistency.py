@@ -1,16 +1,21 @@
 """Consistency of a home: catalog rows, stored vectors, FAISS files and manifests agree.
 
 ``check_home(..., repair=True)`` fixes what can be fixed without re-embedding: orphan vectors
-(rows deleted) are dropped, and every index that disagrees is rebuilt from stored vectors.
+(rows deleted) are dropped, every index that disagrees is rebuilt from stored vectors, an index
+whose vectors are all gone is removed, and temp files left by a killed save are deleted. Rows
+with no stored vector are reported as ``not_embedded``: only an encoder can fix those
+(``medsearch check --repair`` then runs the ``index`` step for them).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from .catalog import Catalog
 from .config import IndexConfig, Paths
-from .errors import MedsearchError
+from .errors import IndexNotBuilt, MedsearchError
 from .vectors import VectorIndex, read_manifest
 
 _TABLE = {"image": "images", "text": "texts"}
@@ -21,7 +26,7 @@ def check_home(catalog: Catalog, paths: Paths, *, repair: bool = False) -> dict[
     problems: list[str] = []
     repaired: list[str] = []
     indexes: list[dict[str, Any]] = []
-    for model, space, _n in catalog.vector_models():
+    for model, space in _pairs(catalog, paths):
         table = _TABLE.get(space)
         if table is None:
             problems.append(f"vectors of unknown space {space!r} for {model}")
@@ -59,28 +64,56 @@ def check_home(catalog: Catalog, paths: Paths, *, repair: bool = False) -> dict[
                     missing = _missing_ids(catalog, model, space, id_arr)
                     if missing:
                         broken = f"{missing} ids in the {space} index of {model} have no stored vector"
+                    elif len(np.unique(id_arr)) != len(id_arr):
+                        broken = f"the {space} index of {model} holds {len(id_arr) - len(np.unique(id_arr))} duplicate ids"
+        except IndexNotBuilt as e:
+            broken = e.message if stored else None  # nothing stored, nothing to index
         except MedsearchError as e:
             broken = e.message
         if broken:
             problems.append(broken)
-            if repair and stored:
-                weights = catalog.get_meta(f"weights:{model}") or ""
+            if repair and not stored:  # nothing to rebuild from: a stale index must not be served
+                for suffix in (".faiss", ".json"):
+                    (directory / f"{space}{suffix}").unlink(missing_ok=True)
+                repaired.append(f"removed the {space} index of {model}: the catalog stores no {space} vectors")
+                entry.update(count=0)
+            elif repair:
+                # the catalog's record of the weights is the truth (a stale manifest may carry old ones)
+                weights, kind = catalog.get_meta(f"weights:{model}") or "", "auto"
                 try:
-                    weights = read_manifest(directory / f"{space}.json").weights_hash or weights
+                    man = read_manifest(directory / f"{space}.json")
+                    weights, kind = weights or man.weights_hash, man.kind
                 except MedsearchError:
                     pass
                 dim = catalog.db.execute(
                     "SELECT dim FROM vectors WHERE model = ? AND space = ? LIMIT 1", [model, space]
                 ).fetchone()[0]
                 idx = VectorIndex.from_blocks(
-                    catalog.iter_vectors(model, space), model_id=model, weights_hash=weights, space=space,
-                    dim=dim, count=stored, config=IndexConfig(),
+                    lambda: catalog.iter_vectors(model, space), model_id=model, weights_hash=weights, space=space,
+                    dim=dim, count=stored,
+                    config=IndexConfig(kind=kind if kind in ("flat", "hnsw", "ivfpq") else "auto"),
                     generation=_next_generation(directory / f"{space}.json"),
                 )  # fmt: skip
                 idx.save(directory)
+                catalog.set_meta(f"dirty:{model}:{space}", "0")
                 repaired.append(f"rebuilt the {space} index of {model} from {stored} stored vectors")
                 entry.update(count=idx.ntotal, kind=idx.manifest.kind, generation=idx.manifest.generation)
+        if space == "image":
+            entry["not_embedded"] = catalog.db.execute(
+                "SELECT count(*) FROM images i WHERE i.status = 'ok' AND NOT EXISTS (SELECT 1 FROM vectors v "
+                "WHERE v.model = ? AND v.space = 'image' AND v.item_id = i.id)", [model]
+            ).fetchone()[0]  # fmt: skip
+        elif space == "text":
+            entry["not_embedded"] = catalog.db.execute(
+                "SELECT count(*) FROM texts t WHERE NOT EXISTS (SELECT 1 FROM vectors v "
+                "WHERE v.model = ? AND v.space = 'text' AND v.item_id = t.id)", [model]
+            ).fetchone()[0]  # fmt: skip
         indexes.append(entry)
+    stale = sorted(paths.indexes.glob("*/.*.tmp")) if paths.indexes.is_dir() else []
+    if repair:  # left by a killed save: disk space only, never read
+        for tmp in stale:
+            tmp.unlink(missing_ok=True)
+            repaired.append(f"removed the temp file {tmp.parent.name}/{tmp.name}")
     unembedded = catalog.db.execute(
         "SELECT count(*) FROM images i WHERE i.status = 'ok' AND NOT EXISTS "
         "(SELECT 1 FROM vectors v WHERE v.space = 'image' AND v.item_id = i.id)"
@@ -92,14 +125,33 @@ def check_home(catalog: Catalog, paths: Paths, *, repair: bool = False) -> dict[
         "repaired": repaired,
         "indexes": indexes,
         "images_not_embedded": unembedded,
+        "stale_files": [f"{t.parent.name}/{t.name}" for t in stale if t.exists()],
     }
 
 
-def _missing_ids(catalog: Catalog, model: str, space: str, ids) -> int:
-    have = set()
-    for block_ids, _ in catalog.iter_vectors(model, space):
-        have.update(block_ids.tolist())
-    return sum(1 for i in ids.tolist() if i not in have)
+def _pairs(catalog: Catalog, paths: Paths) -> list[tuple[str, str]]:
+    """Both spaces of every model with stored vectors or an index manifest on disk (its vectors may be gone)."""
+    pairs = {(m, s) for m, s, _ in catalog.vector_models()}
+    if paths.indexes.is_dir():
+        for mpath in paths.indexes.glob("*/*.json"):
+            if mpath.stem not in _TABLE:
+                continue
+            try:
+                model = read_manifest(mpath).model_id
+            except MedsearchError:  # unreadable: the model is the one whose folder it is in
+                model = next((m for m, _ in pairs if paths.index_dir(m) == mpath.parent), None)
+            if model is not None and paths.index_dir(model) == mpath.parent:
+                pairs.add((model, mpath.stem))
+    return sorted({(m, space) for m, _ in pairs for space in _TABLE})  # both spaces of every model
+
+
+def _missing_ids(catalog: Catalog, model: str, space: str, ids: np.ndarray) -> int:
+    """How many of ``ids`` have no stored vector (one id scan, no vector blobs read)."""
+    stored = np.fromiter(
+        (r[0] for r in catalog.db.execute("SELECT item_id FROM vectors WHERE model = ? AND space = ?", [model, space])),
+        dtype=np.int64,
+    )
+    return int((~np.isin(ids, stored)).sum())
 
 
 def _next_generation(mpath) -> int:

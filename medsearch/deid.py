@@ -294,6 +294,25 @@ def scrub_text(text: str, known_names: Iterable[str] = ()) -> str:
     return out
 
 
+_KINDS = {"[EMAIL]": "email", "[ID]": "id", "[DATE]": "date", "[PHONE]": "phone", "[AGE 90+]": "age_over_89",
+          "[NAME]": "name"}  # fmt: skip
+
+
+def find_phi(text: str) -> list[tuple[str, int, int]]:
+    """(kind, start, end) of each span ``scrub_text`` would replace (labels and titles kept out), in order.
+
+    Kinds: email, id, date, phone, age_over_89, name. Overlaps go to the rule that ``scrub_text`` runs first.
+    """
+    spans: list[tuple[str, int, int]] = []
+    for pattern, repl in _SCRUB_RULES:
+        kind = next(v for k, v in _KINDS.items() if k in repl)
+        for m in pattern.finditer(text):
+            start = m.end(1) if repl.startswith("\\1") else m.start()
+            if start < m.end() and not any(s < m.end() and start < e for _, s, e in spans):
+                spans.append((kind, start, m.end()))
+    return sorted(spans, key=lambda s: s[1])
+
+
 # ---------------------------------------------------------------------------- helpers
 def _require_salt(salt: str) -> None:
     if not isinstance(salt, str) or not salt:

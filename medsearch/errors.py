@@ -74,6 +74,12 @@ class CatalogError(MedsearchError):
     http_status = 500
 
 
+class StorageError(MedsearchError):
+    """A write that failed for lack of space or an I/O error; what was there before is kept."""
+
+    http_status = 507
+
+
 class GenerationError(MedsearchError):
     """A draft generator failed: a malformed completion, or a draft with no valid citation."""
 

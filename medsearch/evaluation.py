@@ -22,9 +22,11 @@ The report part (``evaluate_retrieval``) is below the metrics.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -152,9 +154,7 @@ def summarize(values: np.ndarray, *, n_boot: int = 1000, seed: int = 0, stat: st
     return {"value": _num(value), "ci95": [_num(lo), _num(hi)], "n": int(len(v))}
 
 
-def knn_vote(
-    sims: np.ndarray, neighbour_labels: np.ndarray, k: int, exclude: np.ndarray | None = None
-) -> np.ndarray:
+def knn_vote(sims: np.ndarray, neighbour_labels: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
     """Similarity-weighted vote of the top-k neighbours -> (nq,) predicted labels.
 
     sims (nq, n) float, neighbour_labels (n,) str/object; weight = max(similarity, 0) + 1e-6,
@@ -183,3 +183,542 @@ def _num(x: float | None, nd: int = 4) -> float | None:
     if isinstance(x, float) and math.isinf(x):
         return x
     return round(float(x), nd)
+
+
+# =========================================================================== the retrieval report
+
+# Zero-shot prompt words for label values seen in the shared datasets; other values use their name.
+LABEL_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "modality_type": {
+        "CT": ("CT", "computed tomography", "CT scan"),
+        "MR": ("MR", "MRI", "magnetic resonance imaging", "MRI scan"),
+        "X-ray": ("X-ray", "radiograph", "chest X-ray"),
+    },
+    "body_region": {
+        "Head": ("head", "brain", "skull"),
+        "Thorax": ("chest", "thorax", "lungs"),
+        "Abdomen": ("abdomen", "liver", "abdominal organs"),
+        "Spine and Muscles": ("spine", "spinal cord", "vertebrae", "musculoskeletal system"),
+        "Reproductive and Urinary System": ("pelvis", "kidney", "bladder", "uterus"),
+    },
+}
+PROMPT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "modality_type": ("{w} image", "a {w} of the patient", "{w} shows"),
+    "body_region": ("image of the {w}", "{w} imaging", "scan of the {w}"),
+}
+LABELS = ("modality_type", "body_region", "category")
+TARGETS = {  # medpix-2.0 dev, pool = dev images (issue 3)
+    "caption->image R@10": 0.45,
+    "caption->case R@10": 0.65,
+    "image->image P@10 modality_type": 0.90,
+    "modality_type accuracy (kNN vote)": 0.92,
+}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What ``evaluate_retrieval`` measures and how."""
+
+    split: str = "dev"
+    pool: str = "split"  # split: the split's images; all: every image of the source
+    source: str | None = None  # catalog source (None: all)
+    ks: tuple[int, ...] = (1, 5, 10)
+    curve_k: int = 50  # Recall@K curves for the plot go up to this K
+    knn_k: int = 10
+    fuse_depth: int = 80  # each mode's ranking depth fed to RRF (SearchConfig k * oversample)
+    rrf_k: int = 60
+    n_boot: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class EvalSet:
+    """The pool images of one evaluation and the texts attached to them."""
+
+    split: str
+    pool: str
+    image_ids: np.ndarray  # (n,) catalog ids
+    keys: list[str]  # content keys (sha256:frame)
+    paths: list[str]
+    frames: list[int | None]
+    case: np.ndarray  # (n,) int64
+    is_query: np.ndarray  # (n,) bool: image of the evaluated split
+    labels: dict[str, np.ndarray]  # name -> (n,) object
+    caption: np.ndarray  # (n,) object: whitespace-normalised caption or None
+    findings: dict[int, str]  # case id -> findings text (query cases only)
+    docs: list[str]  # texts of the text/BM25 modes: captions of pool images + report sections of pool cases
+    doc_case: np.ndarray  # (n_docs,) int64
+    doc_image: np.ndarray  # (n_docs,) int64 pool position, -1 for a case-level text
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def load_eval_set(catalog: Catalog, config: EvalConfig = EvalConfig()) -> EvalSet:
+    """Read the pool of an evaluation from the catalog (ok images only)."""
+    if config.pool not in ("split", "all"):
+        raise InvalidInput(f"unknown pool {config.pool!r}", hint="use --pool split or --pool all")
+    where, params = "i.status = 'ok'", []
+    if config.source:
+        where += " AND i.source = ?"
+        params.append(config.source)
+    splits = {r[0] for r in catalog.db.execute(f"SELECT DISTINCT i.split FROM images i WHERE {where}", params)}
+    if config.split not in splits:
+        have = ", ".join(sorted(str(s) for s in splits)) or "none"
+        raise NotFound(
+            f"split {config.split!r} has no images" + (f" in source {config.source!r}" if config.source else ""),
+            hint=f"splits present: {have}",
+        )
+    if config.pool == "split":
+        where += " AND i.split = ?"
+        params.append(config.split)
+    rows = catalog.db.execute(
+        "SELECT i.id, i.sha256, i.frame, i.path, i.case_id, i.split, i.modality_type, i.body_region, c.category, "
+        f"i.caption, c.sections FROM images i JOIN cases c ON c.id = i.case_id WHERE {where} ORDER BY i.id",
+        params,
+    ).fetchall()
+    caption = np.array([(" ".join(r[9].split()) if r[9] and r[9].strip() else None) for r in rows], dtype=object)
+    case = np.array([r[4] for r in rows], dtype=np.int64)
+    is_query = np.array([r[5] == config.split for r in rows], dtype=bool)
+    findings: dict[int, str] = {}
+    sections_of: dict[int, dict[str, str]] = {}
+    for r in rows:
+        if r[4] not in sections_of:
+            sections_of[r[4]] = json.loads(r[10] or "{}")
+            f = " ".join((sections_of[r[4]].get("findings") or "").split())
+            if f and r[5] == config.split:
+                findings[r[4]] = f
+    docs: list[str] = []
+    doc_case: list[int] = []
+    doc_image: list[int] = []
+    for j, c in enumerate(caption):
+        if c:
+            docs.append(c)
+            doc_case.append(int(case[j]))
+            doc_image.append(j)
+    for cid, secs in sections_of.items():
+        for text in secs.values():
+            t = " ".join((text or "").split())
+            if t:
+                docs.append(t)
+                doc_case.append(cid)
+                doc_image.append(-1)
+    return EvalSet(
+        split=config.split, pool=config.pool,
+        image_ids=np.array([r[0] for r in rows], dtype=np.int64),
+        keys=[f"{r[1]}:{r[2] if r[2] is not None else ''}" for r in rows],
+        paths=[r[3] for r in rows], frames=[r[2] for r in rows], case=case, is_query=is_query,
+        labels={
+            "modality_type": np.array([r[6] for r in rows], dtype=object),
+            "body_region": np.array([r[7] for r in rows], dtype=object),
+            "category": np.array([r[8] for r in rows], dtype=object),
+        },
+        caption=caption, findings=findings, docs=docs,
+        doc_case=np.array(doc_case, dtype=np.int64), doc_image=np.array(doc_image, dtype=np.int64),
+        meta={"source": config.source},
+    )  # fmt: skip
+
+
+@dataclass
+class Embeddings:
+    """Vectors of one model for an EvalSet (rows L2-normalised)."""
+
+    model_id: str
+    shared: bool
+    images: np.ndarray  # (n, d)
+    docs: np.ndarray  # (n_docs, d_text)
+    findings: dict[int, np.ndarray]  # case id -> (d_text,)
+    captions: dict[str, np.ndarray]  # caption text -> (d_text,)
+    encode_texts: Callable[[list[str]], np.ndarray]  # for prompts
+
+
+def embed_eval_set(
+    es: EvalSet, encoder: Encoder, *, cache_dir: Path | None = None, progress: Callable[[str, int, int], None] | None = None,
+    batch: int = 16,
+) -> Embeddings:  # fmt: skip
+    """Embed the pool images and texts with ``encoder``.
+
+    The towers and a lite model with frozen towers reuse the training feature cache
+    (``cache_dir``), so nothing already computed is computed again.
+    """
+    from .encoders.base import l2_normalize
+
+    texts = sorted({*es.docs, *es.findings.values(), *(c for c in es.caption if c)})
+    towers = getattr(encoder, "towers", None) if getattr(encoder, "frozen_towers", False) else None
+    if towers is None and getattr(encoder, "model_id", "") == "towers":
+        towers = encoder
+    if towers is not None and cache_dir is not None:
+        from .training import FeatureStore, ViewSpec, image_view_features, text_features
+
+        store = FeatureStore(cache_dir, towers.weights_hash)
+        feats = image_view_features(
+            store, towers, keys=es.keys, paths=es.paths, frames=es.frames, n_views=1, spec=ViewSpec(), progress=progress
+        )[:, 0]  # (n, 1280)
+        tfeats = text_features(store, towers, texts, progress=progress)  # (m, 384)
+        if towers is encoder:
+            img, tv = l2_normalize(feats), l2_normalize(tfeats)
+        else:
+            img, tv = encoder.project_image_features(feats), encoder.project_text_features(tfeats)  # type: ignore[attr-defined]
+    else:
+        img = _encode_images(encoder, es.paths, es.frames, batch, progress)
+        tv = (
+            np.concatenate([encoder.encode_texts(texts[s : s + 256]) for s in range(0, len(texts), 256)])
+            if texts
+            else None
+        )
+    vec = {t: tv[i] for i, t in enumerate(texts)} if tv is not None else {}
+    dim = img.shape[1] if tv is None else tv.shape[1]
+    docs = np.stack([vec[t] for t in es.docs]) if es.docs else np.zeros((0, dim), np.float32)
+    return Embeddings(
+        model_id=encoder.model_id, shared=bool(getattr(encoder, "shared_space", False)), images=img, docs=docs,
+        findings={c: vec[t] for c, t in es.findings.items()}, captions={c: vec[c] for c in es.caption if c},
+        encode_texts=encoder.encode_texts,
+    )  # fmt: skip
+
+
+def _encode_images(
+    encoder: Encoder, paths: Sequence[str], frames: Sequence[int | None], batch: int, progress
+) -> np.ndarray:
+    import torch
+
+    from .imaging import load_image
+
+    out = []
+    for s in range(0, len(paths), batch):
+        xs = [
+            encoder.preprocess(load_image(p, frame=f))
+            for p, f in zip(paths[s : s + batch], frames[s : s + batch], strict=True)
+        ]
+        out.append(encoder.encode_image_batch(torch.stack(xs)))
+        if progress:
+            progress("image embeddings", min(s + batch, len(paths)), len(paths))
+    return np.concatenate(out) if out else np.zeros((0, encoder.image_dim), np.float32)
+
+
+# --------------------------------------------------------------------------- report pieces
+
+
+def _rank_summary(rel: np.ndarray, n_valid: np.ndarray, n_rel: np.ndarray, cfg: EvalConfig) -> dict[str, Any]:
+    fr = first_relevant_rank(rel)
+    out: dict[str, Any] = {"n_queries": int(len(rel)), "pool": int(np.median(n_valid)) if len(n_valid) else 0}
+    for k in cfg.ks:
+        out[f"R@{k}"] = summarize(recall_at_k(rel, k), n_boot=cfg.n_boot, seed=cfg.seed)
+        out[f"chance R@{k}"] = _num(float(chance_recall_at_k(n_rel, n_valid, k).mean()))
+    out["median rank"] = summarize(fr, n_boot=cfg.n_boot, seed=cfg.seed, stat="median")
+    out["MRR"] = summarize(reciprocal_rank(fr), n_boot=cfg.n_boot, seed=cfg.seed)
+    out["curve"] = [_num(float(recall_at_k(rel, k).mean())) for k in range(1, cfg.curve_k + 1)]
+    out["chance curve"] = [_num(float(chance_recall_at_k(n_rel, n_valid, k).mean())) for k in range(1, cfg.curve_k + 1)]
+    return out
+
+
+def _doc_to_image_scores(es: EvalSet, doc_scores: np.ndarray, exclude_case: np.ndarray | None) -> np.ndarray:
+    """(nq, n_docs) text scores -> (nq, n) image scores: max over the docs attached to each image.
+
+    A caption belongs to its image; a report section to every image of its case. Report
+    sections of the query's own case (``exclude_case[q]``) are removed first.
+    """
+    nq = doc_scores.shape[0]
+    n = len(es.image_ids)
+    d = doc_scores.astype(np.float64).copy()
+    if exclude_case is not None:
+        own = (es.doc_image[None, :] < 0) & (es.doc_case[None, :] == exclude_case[:, None])
+        d[own] = -np.inf
+    out = np.full((nq, n), -np.inf)
+    pos_of_case: dict[int, list[int]] = {}
+    for j, c in enumerate(es.case):
+        pos_of_case.setdefault(int(c), []).append(j)
+    for t in range(len(es.docs)):
+        targets = [int(es.doc_image[t])] if es.doc_image[t] >= 0 else pos_of_case.get(int(es.doc_case[t]), [])
+        for j in targets:
+            np.maximum(out[:, j], d[:, t], out=out[:, j])
+    return out
+
+
+def _rrf_scores(score_mats: Sequence[np.ndarray], depth: int, k: int) -> np.ndarray:
+    """RRF of several (nq, n) score matrices, each cut at ``depth`` (as the searcher does)."""
+    nq, n = score_mats[0].shape
+    out = np.zeros((nq, n))
+    idx = np.broadcast_to(np.arange(n), (nq, n))
+    for s in score_mats:
+        order = np.lexsort((idx, -s), axis=1)[:, :depth]
+        valid = np.isfinite(np.take_along_axis(s, order, axis=1))
+        contrib = np.where(valid, 1.0 / (k + np.arange(1, order.shape[1] + 1)), 0.0)
+        np.put_along_axis(out, order, np.take_along_axis(out, order, axis=1) + contrib, axis=1)
+    return out
+
+
+def _bm25_doc_scores(es: EvalSet, queries: list[str]) -> np.ndarray:
+    from .bm25 import BM25
+
+    bm = BM25.build(es.docs)
+    return np.stack([bm.scores(q) for q in queries]) if queries else np.zeros((0, len(es.docs)))
+
+
+def _cross_modal(es: EvalSet, emb: Embeddings, cfg: EvalConfig) -> dict[str, Any]:
+    """caption->image (image and case level) and image->caption."""
+    q = np.where(es.is_query & np.array([c is not None for c in es.caption]))[0]
+    out: dict[str, Any] = {}
+    if not len(q):
+        return out
+    qcap = es.caption[q]
+    Q = np.stack([emb.captions[c] for c in qcap])  # (nq, d)
+    s = Q @ emb.images.T  # (nq, n)
+    rel_img = es.caption[None, :] == qcap[:, None]  # own image + identical captions
+    rel_case = es.case[None, :] == es.case[q][:, None]
+    n_valid = np.full(len(q), len(es.image_ids))
+    out["caption->image"] = _rank_summary(ranked_relevance(s, rel_img)[0], n_valid, rel_img.sum(1), cfg)
+    out["caption->case"] = _rank_summary(ranked_relevance(s, rel_case)[0], n_valid, rel_case.sum(1), cfg)
+    uniq = sorted({c for c in es.caption if c})
+    T = np.stack([emb.captions[c] for c in uniq])  # (m, d)
+    s2 = emb.images[q] @ T.T  # (nq, m)
+    rel_txt = np.array(uniq, dtype=object)[None, :] == qcap[:, None]
+    out["image->caption"] = _rank_summary(
+        ranked_relevance(s2, rel_txt)[0], np.full(len(q), len(uniq)), rel_txt.sum(1), cfg
+    )
+    dup = int(sum(1 for c in qcap if (es.caption == c).sum() > 1))
+    out["duplicates"] = (
+        f"{dup} of {len(q)} query captions occur on more than one pool image; every image carrying the identical "
+        f"caption text counts as correct (caption->image), and image->caption ranks the {len(uniq)} unique caption texts"
+    )
+    return out
+
+
+def _findings_modes(es: EvalSet, emb: Embeddings, cfg: EvalConfig, towers_emb: Embeddings | None) -> dict[str, Any]:
+    """Findings of each query case -> images of that case, per mode and fused (plus the towers' text mode)."""
+    cases = sorted(c for c in es.findings if (es.case[es.is_query] == c).any())
+    if not cases:
+        return {}
+    qc = np.array(cases, dtype=np.int64)
+    rel = es.case[None, :] == qc[:, None]  # (nq, n)
+    n_valid = np.full(len(qc), len(es.image_ids))
+    mats: dict[str, np.ndarray] = {}
+    F_ = np.stack([emb.findings[c] for c in cases])
+    if emb.shared:
+        mats["image"] = F_ @ emb.images.T
+    mats["text"] = _doc_to_image_scores(es, F_ @ emb.docs.T, qc)
+    mats["bm25"] = _doc_to_image_scores(es, _bm25_doc_scores(es, [es.findings[c] for c in cases]), qc)
+    mats["hybrid"] = _rrf_scores([mats[m] for m in ("image", "text", "bm25") if m in mats], cfg.fuse_depth, cfg.rrf_k)
+    out: dict[str, Any] = {
+        m: _rank_summary(ranked_relevance(s, rel)[0], n_valid, rel.sum(1), cfg) for m, s in mats.items()
+    }
+    if towers_emb is not None:
+        Ft = np.stack([towers_emb.findings[c] for c in cases])
+        st = _doc_to_image_scores(es, Ft @ towers_emb.docs.T, qc)
+        out["towers text"] = _rank_summary(ranked_relevance(st, rel)[0], n_valid, rel.sum(1), cfg)
+    out["note"] = (
+        "query = a case's findings; correct = any pool image of that case; text/bm25 rank captions of pool images "
+        "and report sections of pool cases, minus the query case's own report; hybrid = RRF (k="
+        f"{cfg.rrf_k}) of each mode's top {cfg.fuse_depth}"
+    )
+    return out
+
+
+def _image_image(es: EvalSet, images: np.ndarray, cfg: EvalConfig) -> dict[str, Any]:
+    """image->image P@10 and mAP by label, own case excluded."""
+    q = np.where(es.is_query)[0]
+    s = images[q] @ images.T  # (nq, n)
+    exclude = es.case[None, :] == es.case[q][:, None]
+    out: dict[str, Any] = {}
+    for name in LABELS:
+        lab = es.labels[name]
+        ok = np.array([lab[i] is not None for i in q])
+        if not ok.any():
+            continue
+        rel = (lab[None, :] == lab[q][:, None]) & np.array([x is not None for x in lab])[None, :]
+        rr, n_valid = ranked_relevance(s[ok], rel[ok], exclude[ok])
+        n_rel = (rel[ok] & ~exclude[ok]).sum(1)
+        out[name] = {
+            "P@10": summarize(precision_at_k(rr, 10), n_boot=cfg.n_boot, seed=cfg.seed),
+            "mAP": summarize(average_precision(rr), n_boot=cfg.n_boot, seed=cfg.seed),
+            "chance P@10": _num(float((n_rel / np.maximum(n_valid, 1)).mean())),
+            "n_classes": int(len({x for x in lab if x is not None})),
+        }
+    return out
+
+
+def _classify(es: EvalSet, emb: Embeddings, cfg: EvalConfig, prompts: bool) -> dict[str, Any]:
+    """Modality and body-region accuracy: kNN vote (own case excluded) and zero-shot prompts."""
+    from .encoders.base import l2_normalize
+
+    q = np.where(es.is_query)[0]
+    s = emb.images[q] @ emb.images.T
+    exclude = es.case[None, :] == es.case[q][:, None]
+    out: dict[str, Any] = {}
+    for name in ("modality_type", "body_region"):
+        lab = es.labels[name]
+        ok = np.array([lab[i] is not None for i in q])
+        if not ok.any():
+            continue
+        truth = lab[q][ok]
+        pred = knn_vote(s[ok], lab, cfg.knn_k, exclude[ok])
+        res: dict[str, Any] = {"kNN vote": summarize((pred == truth).astype(float), n_boot=cfg.n_boot, seed=cfg.seed)}
+        classes = sorted({x for x in lab if x is not None})
+        if prompts and emb.shared and len(classes) > 1:
+            C = []
+            for c in classes:
+                words = LABEL_WORDS.get(name, {}).get(c, (c,))
+                texts = [t.format(w=w) for t in PROMPT_TEMPLATES.get(name, ("{w}",)) for w in words]
+                C.append(l2_normalize(emb.encode_texts(texts)).mean(0))
+            Cm = l2_normalize(np.stack(C))  # (n_classes, d)
+            zs = np.array(classes, dtype=object)[np.argmax(emb.images[q][ok] @ Cm.T, axis=1)]
+            res["zero-shot"] = summarize((zs == truth).astype(float), n_boot=cfg.n_boot, seed=cfg.seed)
+        vals, counts = np.unique(np.array([x for x in lab if x is not None], dtype=str), return_counts=True)
+        majority = vals[np.argmax(counts)]
+        res["chance (majority class)"] = _num(float((truth == majority).mean()))
+        res["majority class"] = str(majority)
+        out[name] = res
+    return out
+
+
+def evaluate_retrieval(
+    es: EvalSet, emb: Embeddings, towers_emb: Embeddings | None = None, config: EvalConfig = EvalConfig()
+) -> dict[str, Any]:
+    """All retrieval metrics of one model on one EvalSet, with the frozen towers as baseline."""
+    n_q = int(es.is_query.sum())
+    report: dict[str, Any] = {
+        "model": emb.model_id,
+        "split": es.split,
+        "pool": {
+            "kind": es.pool,
+            "images": int(len(es.image_ids)),
+            "cases": int(len(set(es.case.tolist()))),
+            "query images": n_q,
+            "query cases with findings": len(es.findings),
+        },  # fmt: skip
+        "source": es.meta.get("source"),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "conventions": (
+            "R@K = share of queries with a correct item in the top K (image level, no per-case grouping); "
+            "P@10 = share of the 10 nearest pool images (own case excluded) with the query's label; "
+            "95% CIs: percentile bootstrap over queries"
+        ),
+    }
+    if emb.shared:
+        report["cross-modal"] = _cross_modal(es, emb, config)
+    report["findings->same case R@10"] = _findings_modes(es, emb, config, towers_emb)
+    report["image->image"] = {"model": _image_image(es, emb.images, config)}
+    report["classification"] = {"model": _classify(es, emb, config, prompts=True)}
+    if towers_emb is not None and towers_emb is not emb:
+        report["image->image"]["towers"] = _image_image(es, towers_emb.images, config)
+        report["classification"]["towers"] = _classify(es, towers_emb, config, prompts=False)
+    return report
+
+
+def headline(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of the summary table: metric, model value + CI, towers baseline, chance, target."""
+    rows: list[dict[str, Any]] = []
+
+    def val(d: dict[str, Any] | None) -> tuple[Any, Any]:
+        return (d or {}).get("value"), tuple((d or {}).get("ci95") or (None, None))
+
+    cm = report.get("cross-modal", {})
+    for name in ("caption->image", "caption->case", "image->caption"):
+        if name in cm:
+            for k in report["config"]["ks"]:
+                v, ci = val(cm[name][f"R@{k}"])
+                rows.append({"metric": f"{name} R@{k}", "value": v, "ci95": ci, "towers": None,
+                             "chance": cm[name][f"chance R@{k}"], "target": TARGETS.get(f"{name} R@{k}")})  # fmt: skip
+            v, ci = val(cm[name]["median rank"])
+            rows.append({"metric": f"{name} median rank", "value": v, "ci95": ci, "towers": None, "chance": None,
+                         "target": None})  # fmt: skip
+    fm = report.get("findings->same case R@10", {})
+    tw = (fm.get("towers text") or {}).get("R@10", {}).get("value")
+    for mode in ("image", "text", "bm25", "hybrid"):
+        if mode in fm:
+            v, ci = val(fm[mode]["R@10"])
+            rows.append({"metric": f"findings->same case R@10 ({mode})", "value": v, "ci95": ci,
+                         "towers": tw if mode == "text" else None, "chance": fm[mode]["chance R@10"], "target": None})  # fmt: skip
+    ii = report["image->image"]
+    for name, d in ii["model"].items():
+        for m in ("P@10", "mAP"):
+            v, ci = val(d[m])
+            t = (ii.get("towers", {}).get(name) or {}).get(m, {}).get("value")
+            rows.append({"metric": f"image->image {m} {name}", "value": v, "ci95": ci, "towers": t,
+                         "chance": d["chance P@10"] if m == "P@10" else None,
+                         "target": TARGETS.get(f"image->image {m} {name}")})  # fmt: skip
+    cl = report["classification"]
+    for name, d in cl["model"].items():
+        for how in ("kNN vote", "zero-shot"):
+            if how in d:
+                v, ci = val(d[how])
+                t = (cl.get("towers", {}).get(name) or {}).get(how, {}).get("value") if how == "kNN vote" else None
+                rows.append({"metric": f"{name} accuracy ({how})", "value": v, "ci95": ci, "towers": t,
+                             "chance": d["chance (majority class)"], "target": TARGETS.get(f"{name} accuracy ({how})")})  # fmt: skip
+    return rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """A markdown table of ``headline(report)`` with the pool and the duplicate-caption note."""
+
+    def f(x: Any) -> str:
+        if x is None:
+            return "-"
+        if isinstance(x, float) and math.isinf(x):
+            return "inf"
+        return f"{x:.3f}" if isinstance(x, float) and abs(x) < 10 else f"{x:g}"
+
+    p = report["pool"]
+    lines = [
+        f"### Retrieval: model `{report['model']}`, split `{report['split']}`"
+        + (f", source `{report['source']}`" if report.get("source") else ""),
+        "",
+        f"Pool: {p['kind']} = {p['images']} images of {p['cases']} cases; {p['query images']} query images, "
+        f"{p['query cases with findings']} query cases with findings.",
+        "",
+        "| metric | model [95% CI] | frozen towers | chance | target |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in headline(report):
+        lo, hi = r["ci95"]
+        ci = f" [{f(lo)}, {f(hi)}]" if lo is not None else ""
+        target = f">= {r['target']:.2f}" if r["target"] is not None else ""
+        if target and r["value"] is not None:
+            target += " ✓" if r["value"] >= r["target"] else " ✗"
+        lines.append(f"| {r['metric']} | {f(r['value'])}{ci} | {f(r['towers'])} | {f(r['chance'])} | {target} |")
+    notes = [report["conventions"]]
+    if report.get("cross-modal", {}).get("duplicates"):
+        notes.append("Duplicate captions: " + report["cross-modal"]["duplicates"] + ".")
+    if report.get("findings->same case R@10", {}).get("note"):
+        notes.append("Findings: " + report["findings->same case R@10"]["note"] + ".")
+    notes.append(
+        "Chance for accuracy = always predicting the pool's majority class; 'frozen towers' = EfficientNet-"
+        "Lite0 image features (image->image, kNN) and MiniLM text features (text mode), no training."
+    )
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes])
+
+
+def plot_recall_curves(report: dict[str, Any], path: Path) -> Path:
+    """PNG of Recall@K curves (K = 1..curve_k) for every ranked task of ``report``, chance dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: list[tuple[str, dict[str, dict[str, Any]]]] = []
+    cm = report.get("cross-modal", {})
+    if cm:
+        panels.append(("cross-modal", {k: v for k, v in cm.items() if isinstance(v, dict)}))
+    fm = report.get("findings->same case R@10", {})
+    if fm:
+        panels.append(("findings -> same case", {k: v for k, v in fm.items() if isinstance(v, dict)}))
+    if not panels:
+        raise InvalidInput("the report has no ranked task to plot", hint="evaluate a model with texts and images")
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.4), squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels, strict=True):
+        for i, (name, d) in enumerate(curves.items()):
+            ks = np.arange(1, len(d["curve"]) + 1)
+            line = ax.plot(ks, d["curve"], label=name, color=f"C{i}")[0]
+            ax.plot(ks, d["chance curve"], linestyle=":", color=line.get_color(), alpha=0.6)
+        ax.set_xscale("log")
+        ax.set_xlabel("K")
+        ax.set_ylabel("Recall@K")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.set_title(title)
+        ax.legend(fontsize=8, loc="lower right")
+    p = report["pool"]
+    fig.suptitle(f"{report['model']} on {report['split']} (pool: {p['kind']}, {p['images']} images); dotted = chance")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

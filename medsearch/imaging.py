@@ -439,11 +439,35 @@ def _verify_dicom_length(ds: Dataset, name: str, file_size: int) -> None:
             continue
         elem = ds.get_item(tag, keep_deferred=True)
         tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
+        _check_encapsulation(ds, name, tag, length)
         if tell is not None and length is not None and length != 0xFFFFFFFF and tell + length > file_size:
             raise InvalidImage(
                 f"{name}: DICOM pixel data truncated ({file_size - tell:,} of {length:,} bytes present)",
                 hint=_REEXPORT,
             )
+
+
+def _check_encapsulation(ds: Dataset, name: str, tag: int, length: int | None) -> None:
+    """A compressed transfer syntax needs encapsulated (undefined-length) pixel data, a native one must not have it."""
+    ts = _transfer_syntax(ds)
+    if tag != 0x7FE00010 or ts is None or length is None:
+        return
+    from pydicom.uid import UID
+
+    uid = UID(ts)
+    if not uid.is_transfer_syntax:
+        return  # unknown syntax: require_dicom_decoder names it
+    encapsulated = length == 0xFFFFFFFF
+    if uid.is_compressed and not encapsulated:
+        raise InvalidImage(
+            f"{name}: pixel data is not encapsulated although the transfer syntax {uid.name} is compressed",
+            hint="the file meta header names the wrong transfer syntax; re-export the file",
+        )
+    if not uid.is_compressed and encapsulated:
+        raise InvalidImage(
+            f"{name}: pixel data is encapsulated (compressed) although the transfer syntax {uid.name} is native",
+            hint="the file meta header names the wrong transfer syntax; re-export the file",
+        )
 
 
 def _pick_frame(frame: int | None, n_frames: int, name: str) -> int:

@@ -1,7 +1,8 @@
 """Searcher: the one use case both shells call.
 
     text  -> images/cases  (cross-modal image index when the model has one shared space;
-                            report and caption text through the text index; fused by RRF)
+                            report and caption text through the text index and BM25;
+                            fused by RRF; ``mode`` picks one of them: image, text, bm25)
     image -> images/cases  (image index; the query is a file, a PIL image or a catalog image)
     text  -> reports       (text index, grouped by case)
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .encoders.base import Encoder
 
-TEXT_MODES = ("auto", "hybrid", "image", "text")
+TEXT_MODES = ("auto", "hybrid", "image", "text", "bm25")
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class Searcher:
         if not self.model_id:
             raise IndexNotBuilt(f"no index has been built in {self.paths.home}", hint="run `medsearch index` first")
         self._indexes: dict[str, VectorIndex] = {}
+        self._bm25: Any = None  # medsearch.bm25.BM25 once loaded
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading
@@ -125,6 +127,7 @@ class Searcher:
         """Drop loaded indexes; the next query loads the newest generation."""
         with self._lock:
             self._indexes = {}
+            self._bm25 = None
 
     def warm(self) -> dict[str, VectorIndex]:
         """Load the encoder and every built index now and check they match (server start-up, hot swap).
@@ -176,7 +179,7 @@ class Searcher:
                 f"model {self.model_id} has no shared image-text space, so text cannot search images directly",
                 hint="use --mode text, or train the cross-modal model with `medsearch train`",
             )
-        q = enc.encode_texts([query])  # (1, text_dim)
+        q = enc.encode_texts([query]) if mode != "bm25" else None  # (1, text_dim)
         rankings: list[list[int]] = []
         best: dict[int, tuple[float, str, str | None]] = {}  # image_id -> (score, matched, excerpt)
         fetch = k * self.config.oversample
@@ -191,6 +194,14 @@ class Searcher:
             for i, s, e in zip(img_ids, img_scores, excerpts, strict=True):
                 if i not in best or best[i][1] == "image" and len(rankings) == 1:
                     best[i] = (s, "text", e)
+                elif best[i][2] is None:
+                    best[i] = (best[i][0], best[i][1], e)
+        if mode == "bm25" or (mode in ("auto", "hybrid") and self.has_bm25()):
+            img_ids, img_scores, excerpts = self._bm25_to_images(query, fetch, filters)
+            rankings.append(img_ids)
+            for i, s, e in zip(img_ids, img_scores, excerpts, strict=True):
+                if i not in best:
+                    best[i] = (s, "bm25", e)
                 elif best[i][2] is None:
                     best[i] = (best[i][0], best[i][1], e)
         if not rankings:
@@ -316,6 +327,42 @@ class Searcher:
     ) -> tuple[list[int], list[float], list[str | None]]:
         """Text-space hits mapped to images: a caption -> its image; report text -> its case's images."""
         ids, scores = self._search_space("text", q, fetch * 2, filters)
+        return self._texts_to_images(ids, scores, filters)
+
+    def bm25(self) -> Any:
+        """The BM25 index over report/caption text, checked against the catalog (loaded once)."""
+        from .bm25 import BM25, catalog_docs
+
+        with self._lock:
+            if self._bm25 is None:
+                bm, man = BM25.load(self.paths.index_dir(self.model_id))
+                if man.get("fingerprint") != catalog_docs(self.catalog)[2]:
+                    raise IndexInconsistent(
+                        f"the BM25 index of {self.model_id} does not match the catalog's texts",
+                        hint="run `medsearch index` to bring it up to date",
+                    )
+                self._bm25 = bm
+            return self._bm25
+
+    def has_bm25(self) -> bool:
+        try:
+            self.bm25()
+            return True
+        except IndexNotBuilt:
+            return False
+
+    def _bm25_to_images(
+        self, query: str, fetch: int, filters: Filters
+    ) -> tuple[list[int], list[float], list[str | None]]:
+        """BM25 hits over report/caption text mapped to images like the text-space hits."""
+        ids, scores = self.bm25().search(query, fetch * 2, allowed=self.catalog.text_ids_where(filters.as_dict()))
+        return self._texts_to_images(ids, scores, filters)
+
+    def _texts_to_images(
+        self, ids: np.ndarray, scores: np.ndarray, filters: Filters
+    ) -> tuple[list[int], list[float], list[str | None]]:
+        """(text ids, scores) best first -> (image ids, scores, excerpts): a caption -> its image, a report
+        text -> its case's images; each image once, at its best text."""
         rows = self.catalog.text_rows(ids.tolist())
         case_only = [r["case_id"] for r in rows.values() if r["image_id"] is None]
         case_imgs = self.catalog.case_images(case_only)

@@ -58,11 +58,7 @@ def _lines_to_blocks(text: str) -> list[str]:
                 continue
             starts_item = bool(_LIST_MARKER.match(line))
             prev = current[-1] if current else ""
-            breaks = (
-                starts_item
-                or prev.endswith((".", "!", "?", ":", ";"))
-                or _is_heading(prev)
-            )
+            breaks = starts_item or prev.endswith((".", "!", "?", ":", ";")) or _is_heading(prev)
             if current and breaks:
                 blocks.append(" ".join(current))
                 current = []
@@ -128,25 +124,40 @@ def split_sentences(text: str) -> list[str]:
     return sentences
 
 
+def _cut_word(word: str, max_tokens: int, count_tokens: Callable[[str], int]) -> list[str]:
+    """Cut one over-long "word" (a URL, a hash) into the longest prefixes that fit (binary search)."""
+    out: list[str] = []
+    while word:
+        lo, hi = 1, len(word)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if count_tokens(word[:mid]) <= max_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        out.append(word[:lo])
+        word = word[lo:]
+    return out
+
+
 def _split_long_piece(piece: str, max_tokens: int, count_tokens: Callable[[str], int]) -> list[str]:
-    """Split a sentence that alone exceeds the budget on words (and a giant word on chars)."""
+    """Split a sentence that alone exceeds the budget on words (and a giant word on characters)."""
     parts: list[str] = []
     current: list[str] = []
     used = 0
     for word in piece.split():
         n = count_tokens(word)
-        if n > max_tokens:  # one "word" longer than the context (a URL, a hash): hard cut
-            step = max(1, max_tokens // 4)  # a char is at most 4 byte-level BPE tokens
-            words = [word[i : i + step] for i in range(0, len(word), step)]
-        else:
-            words = [word]
-        for w in words:
-            n = count_tokens(w) if len(words) > 1 else n
-            if current and used + n > max_tokens:
+        if n > max_tokens:
+            if current:
                 parts.append(" ".join(current))
                 current, used = [], 0
-            current.append(w)
-            used += n
+            parts.extend(_cut_word(word, max_tokens, count_tokens))
+            continue
+        if current and used + n > max_tokens:
+            parts.append(" ".join(current))
+            current, used = [], 0
+        current.append(word)
+        used += n
     if current:
         parts.append(" ".join(current))
     return parts

@@ -313,11 +313,20 @@ class FeatureStore:
                     index[k] = (f, j)
         return index
 
-    def get(self, kind: str, keys: Sequence[str], compute: Callable[[list[int]], np.ndarray]) -> np.ndarray:
-        """Features for ``keys`` in order; ``compute(missing positions)`` fills the misses."""
+    def get(
+        self, kind: str, keys: Sequence[str], compute: Callable[[list[int]], np.ndarray], chunk: int = 1000
+    ) -> np.ndarray:
+        """Features for ``keys`` in order; ``compute(missing positions)`` fills the misses.
+
+        Misses are computed and written ``chunk`` at a time, so an interrupted run keeps its work.
+        """
         index = self._load(kind)
         missing = [i for i, k in enumerate(keys) if k not in index]
-        fresh = compute(missing) if missing else None
+        for s in range(0, len(missing), chunk):
+            part = missing[s : s + chunk]
+            self._write(kind, [keys[i] for i in part], compute(part))
+        if missing:
+            index = self._load(kind)
         out: np.ndarray | None = None
         by_file: dict[Path, list[tuple[int, int]]] = {}
         for i, k in enumerate(keys):
@@ -331,12 +340,8 @@ class FeatureStore:
                     out = np.zeros((len(keys), *feats.shape[1:]), dtype=feats.dtype)
                 for i, j in pairs:
                     out[i] = feats[j]
-        if fresh is not None:
-            if out is None:
-                out = np.zeros((len(keys), *fresh.shape[1:]), dtype=fresh.dtype)
-            out[missing] = fresh
-            self._write(kind, [keys[i] for i in missing], fresh)
-        assert out is not None
+        if out is None:
+            raise MedsearchError(f"feature cache {self.dir / kind} lost its files while reading", hint="run again")
         return out
 
     def _write(self, kind: str, keys: list[str], feats: np.ndarray) -> None:
@@ -386,14 +391,17 @@ def image_view_features(
     fn = fn or towers.image_features
     kind = kind or f"img-{spec.digest()}"
     flat_keys = [f"{k}#{v}" for k in keys for v in range(n_views)]
+    index = store._load(kind)
+    todo = len({i // n_views for i, k in enumerate(flat_keys) if k not in index})
+    done = 0
 
     def compute(missing: list[int]) -> np.ndarray:
+        nonlocal done
         need: dict[int, list[int]] = {}  # image -> views
         for m in missing:
             need.setdefault(m // n_views, []).append(m % n_views)
         results: dict[int, np.ndarray] = {}
         pending: list[tuple[int, torch.Tensor]] = []
-        done = 0
         images = sorted(need)
 
         def flush() -> None:
@@ -413,11 +421,11 @@ def image_view_features(
                     flush()
             done += 1
             if progress:
-                progress("image features", done, len(images))
+                progress("image features", min(done, todo), todo)
         flush()
         return np.stack([results[m] for m in missing])
 
-    feats = store.get(kind, flat_keys, compute)
+    feats = store.get(kind, flat_keys, compute, chunk=200 * n_views)
     return feats.reshape(len(keys), n_views, *feats.shape[1:])
 
 
@@ -427,15 +435,22 @@ def text_features(
     """(n, 384) cached mean-pooled MiniLM features of ``texts``."""
     keys = [_sha(t) for t in texts]
 
+    index = store._load("text")
+    todo = sum(1 for k in keys if k not in index)
+    done = 0
+
     def compute(missing: list[int]) -> np.ndarray:
+        nonlocal done
         out = []
         for s in range(0, len(missing), batch):
-            out.append(towers.text_features([texts[i] for i in missing[s : s + batch]]))
+            part = missing[s : s + batch]
+            out.append(towers.text_features([texts[i] for i in part]))
+            done += len(part)
             if progress:
-                progress("text features", min(s + batch, len(missing)), len(missing))
+                progress("text features", min(done, todo), todo)
         return np.concatenate(out).astype(np.float32)
 
-    return store.get("text", keys, compute)
+    return store.get("text", keys, compute, chunk=1024)
 
 
 # =========================================================================== loss
@@ -535,7 +550,9 @@ def _tail_modules(net: Any, n: int) -> tuple[int, list[Any]]:
     """(first trainable block index, trainable modules) of the last ``n`` EfficientNet blocks + head."""
     blocks = net._blocks
     if not 1 <= n <= len(blocks):
-        raise InvalidInput(f"--unfreeze {n} is out of range", hint=f"EfficientNet-Lite0 has {len(blocks)} blocks: use 1..{len(blocks)}")
+        raise InvalidInput(
+            f"--unfreeze {n} is out of range", hint=f"EfficientNet-Lite0 has {len(blocks)} blocks: use 1..{len(blocks)}"
+        )
     start = len(blocks) - n
     return start, [*blocks[start:], net._conv_head, net._bn1]
 
@@ -615,15 +632,35 @@ def train_lite(
         fn = _prefix_fn(net, start)
         kind = f"act{start}-{spec.digest()}"
     img_feats = image_view_features(
-        store, towers, keys=pairs.image_keys(), paths=pairs.image_path, frames=pairs.image_frame, n_views=n_views,
-        spec=spec, fn=fn, kind=kind, batch=cfg.image_batch, imaging=imaging, progress=progress,
+        store,
+        towers,
+        keys=pairs.image_keys(),
+        paths=pairs.image_path,
+        frames=pairs.image_frame,
+        n_views=n_views,
+        spec=spec,
+        fn=fn,
+        kind=kind,
+        batch=cfg.image_batch,
+        imaging=imaging,
+        progress=progress,
     )  # (n_img, V, 1280) or (n_img, V, C, H, W)
     txt_feats = text_features(store, towers, pairs.texts, progress=progress)  # (n_txt, 384)
     dev = None
     if dev_pairs is not None:
         dev_img = image_view_features(
-            store, towers, keys=dev_pairs.image_keys(), paths=dev_pairs.image_path, frames=dev_pairs.image_frame,
-            n_views=1, spec=spec, fn=fn, kind=kind, batch=cfg.image_batch, imaging=imaging, progress=progress,
+            store,
+            towers,
+            keys=dev_pairs.image_keys(),
+            paths=dev_pairs.image_path,
+            frames=dev_pairs.image_frame,
+            n_views=1,
+            spec=spec,
+            fn=fn,
+            kind=kind,
+            batch=cfg.image_batch,
+            imaging=imaging,
+            progress=progress,
         )[:, 0]
         dev = DevSet(dev_pairs, dev_img, text_features(store, towers, dev_pairs.texts, progress=progress))
     feature_seconds = time.perf_counter() - t0
@@ -647,7 +684,9 @@ def train_lite(
         tail = (tail_net, start, mods)
         with torch.no_grad():  # z-score statistics of the pooled features the tail starts from
             pooled = [
-                _tail_forward(tail_net.eval(), start, torch.from_numpy(img_feats[s : s + 64, 0].astype(np.float32)).to(device))
+                _tail_forward(
+                    tail_net.eval(), start, torch.from_numpy(img_feats[s : s + 64, 0].astype(np.float32)).to(device)
+                )
                 for s in range(0, len(img_feats), 64)
             ]
             base_img = torch.cat(pooled).cpu().numpy()
@@ -801,6 +840,290 @@ def _in_tail(key: str, start: int) -> bool:
     return key.startswith(("_conv_head.", "_bn1."))
 
 
+# =========================================================================== open_clip fine-tuning
+
+_PROJ_PARAMS = re.compile(r"(^|\.)(proj|text_projection|ln_post|ln_final|logit_scale|logit_bias|head|attn_pool)(\.|$)")
+
+
+def _block_lists(model: Any) -> list[Any]:
+    """The transformer block lists of an open_clip model's towers (image first)."""
+    found = []
+    for path in ("visual.transformer.resblocks", "visual.trunk.blocks", "transformer.resblocks",
+                 "text.transformer.encoder.layer", "text.transformer.layer"):  # fmt: skip
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None and hasattr(obj, "__len__") and len(obj):
+            found.append(obj)
+    return found
+
+
+def set_trainable(model: Any, unfreeze: int) -> int:
+    """Train everything (``unfreeze=0``) or the last N blocks per tower + projections; returns #params."""
+    if unfreeze <= 0:
+        model.requires_grad_(True)
+    else:
+        lists = _block_lists(model)
+        if not lists:
+            raise InvalidInput(
+                "--unfreeze N needs transformer towers; this open_clip architecture has none that medsearch knows",
+                hint="use --unfreeze 0 to fine-tune the whole model",
+            )
+        model.requires_grad_(False)
+        for blocks in lists:
+            for b in list(blocks)[-unfreeze:]:
+                b.requires_grad_(True)
+        for name, p in model.named_parameters():
+            if _PROJ_PARAMS.search(name):
+                p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class _PairImages:
+    """Map-style dataset: pair index -> (image tensor, pair index); decoding runs in workers."""
+
+    def __init__(self, pairs: PairData, transform: Any, imaging: ImagingConfig) -> None:
+        self.pairs, self.transform, self.imaging = pairs, transform, imaging
+
+    def __len__(self) -> int:
+        return self.pairs.n_pairs
+
+    def __getitem__(self, j: int):
+        from .encoders.towers import pil_to_rgb
+        from .imaging import load_image
+
+        i = int(self.pairs.pair_image[j])
+        img = load_image(self.pairs.image_path[i], frame=self.pairs.image_frame[i], config=self.imaging)
+        return self.transform(pil_to_rgb(img)), j
+
+
+def _run_name(cfg: TrainConfig) -> str:
+    base = cfg.name or re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.base.replace("open_clip:", "").split(":")[0])
+    return f"{base}-ft"
+
+
+def _save_torch_atomic(obj: Any, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def finetune_open_clip(
+    catalog: Catalog,
+    paths: Paths,
+    config: TrainConfig,
+    *,
+    device: str = "cpu",
+    log: Log | None = None,
+    progress: Progress | None = None,
+    imaging: ImagingConfig = ImagingConfig(),
+    workers: int | None = None,
+) -> TrainResult:
+    """Fine-tune an open_clip model (local checkpoint, cached tag or cached hf-hub repo) on the catalog.
+
+    bf16 autocast on CUDA, ``grad_accum`` micro-batches per step (negatives come from each
+    micro-batch), a checkpoint every ``checkpoint_every`` steps under
+    ``HOME/models/checkpoints/<run>/`` (resumed when the run matches), early stopping on dev.
+    The best weights are saved as ``HOME/models/open_clip/<run>/open_clip_model.pt``, loadable with
+    ``--model open_clip:ARCH:<that file>``.
+    """
+    import copy
+
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from .encoders.openclip import OpenClipEncoder, parse_spec
+
+    log = log or (lambda _m: None)
+    t_start = time.perf_counter()
+    cfg = config
+    kind, arch, _src = parse_spec(cfg.base)
+    pairs = collect_pairs(catalog, cfg.split, sources=cfg.sources)
+    dev_split = _resolve_dev(catalog, cfg)
+    dev_pairs = collect_pairs(catalog, dev_split, sources=cfg.sources) if dev_split else None
+    enc = OpenClipEncoder(cfg.base, device=device, amp=cfg.amp)  # offline; never random weights
+    model = enc._model  # the encoder's torch module (we own this instance for training)
+    n_train = set_trainable(model, cfg.unfreeze)
+    on_cuda = device.startswith("cuda")
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (on_cuda and cfg.amp) else (lambda: _null())
+    vis = model.visual
+    size = vis.image_size if isinstance(vis.image_size, (tuple, list)) else (vis.image_size, vis.image_size)
+    pcfg = getattr(vis, "preprocess_cfg", {}) or {}
+    train_tf = open_clip.image_transform(size, is_train=True, mean=pcfg.get("mean"), std=pcfg.get("std"))
+    micro = max(1, min(cfg.batch_size, pairs.n_pairs) // cfg.grad_accum)
+    per_epoch = max(1, pairs.n_pairs // (micro * cfg.grad_accum))
+    total = cfg.epochs * per_epoch if cfg.epochs else cfg.steps
+    log(f"fine-tuning {enc.model_id}: {n_train:,} trainable parameters, {pairs.n_pairs} pairs, {total} steps of "
+        f"{cfg.grad_accum} x {micro} on {device}" + (" (bf16 autocast)" if on_cuda and cfg.amp else ""))  # fmt: skip
+    _seed_all(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(
+        _PairImages(pairs, train_tf, imaging), batch_size=micro, shuffle=True, generator=gen, drop_last=pairs.n_pairs > micro,
+        num_workers=(2 if on_cuda else 0) if workers is None else workers, pin_memory=on_cuda,
+    )  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)  # fmt: skip
+    tokens = {}
+
+    def tok(idx: np.ndarray) -> torch.Tensor:
+        out = []
+        for t in idx:
+            if t not in tokens:  # first context-sized chunk of the text (sentence aligned)
+                text = pairs.texts[int(t)]
+                tokens[t] = enc._tokenizer([(enc.split_for_context(text) or [text])[0]])[0]
+            out.append(tokens[t])
+        return torch.stack(out).to(device)
+
+    run = _run_name(cfg)
+    ckdir = paths.models / "checkpoints" / run
+    run_key = {"base": enc.model_id, "weights": enc.weights_hash, "data": pairs.data_hash(), "seed": cfg.seed,
+               "lr": cfg.lr, "batch": micro * cfg.grad_accum, "unfreeze": cfg.unfreeze, "total": total}  # fmt: skip
+    step0 = 0
+    if cfg.resume and ckdir.is_dir():
+        cks = sorted(ckdir.glob("step-*.pt"))
+        if cks:
+            ck = torch.load(cks[-1], map_location="cpu", weights_only=True)  # tensors, dicts, numbers: no pickle code
+            if ck.get("run_key") == run_key:
+                model.load_state_dict(ck["model"])
+                opt.load_state_dict(ck["optimizer"])
+                torch.set_rng_state(ck["torch_rng"])
+                gen.set_state(ck["loader_rng"])
+                step0 = int(ck["step"])
+                log(f"resumed from {cks[-1]} (step {step0})")
+            else:
+                log(f"checkpoints in {ckdir} belong to another run: starting afresh")
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        t = (step - cfg.warmup) / max(1, total - cfg.warmup)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    dev_imgs = None
+    if dev_pairs is not None:
+        dev_imgs = [enc.preprocess(im) for im in _load_images(dev_pairs.image_path, dev_pairs.image_frame, imaging)]
+
+    def evaluate() -> dict[str, float]:
+        assert dev_pairs is not None and dev_imgs is not None
+        model.eval()
+        zi = np.concatenate(
+            [enc.encode_image_batch(torch.stack(dev_imgs[s : s + 64])) for s in range(0, len(dev_imgs), 64)]
+        )
+        zt = enc.encode_texts(dev_pairs.texts)
+        model.train()
+        return dev_scores(DevSet(dev_pairs, zi, np.zeros((0, 1))), zi, zt)
+
+    best = {"score": -1.0, "step": step0, "metrics": {}}
+    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    history: list[dict[str, Any]] = []
+    losses: list[float] = []
+    bad = 0
+    it = iter(loader)
+    model.train()
+    step = step0
+    for step in range(step0 + 1, total + 1):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step - 1)
+        opt.zero_grad(set_to_none=True)
+        acc = 0.0
+        for _ in range(cfg.grad_accum):
+            try:
+                x, j = next(it)
+            except StopIteration:
+                it = iter(loader)
+                x, j = next(it)
+            j = j.numpy()
+            with amp():
+                zi = F.normalize(model.encode_image(x.to(device, non_blocking=True)).float(), dim=-1)
+                zt = F.normalize(model.encode_text(tok(pairs.pair_text[j])).float(), dim=-1)
+                logits = model.logit_scale.exp().clamp(max=100.0).float() * zi @ zt.T
+            pos = torch.from_numpy(positive_mask(pairs.pair_case[j], pairs.pair_text[j])).to(device)
+            loss = multi_positive_nce(logits, pos) / cfg.grad_accum
+            loss.backward()
+            acc += float(loss.item())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0.0, math.log(100.0))
+        losses.append(acc)
+        if progress:
+            progress("train steps", step, total)
+        if not math.isfinite(acc):
+            raise MedsearchError(
+                "fine-tuning diverged (loss is not finite); the previous model is kept", hint="lower --lr"
+            )
+        if step % cfg.checkpoint_every == 0 or step == total:
+            _save_torch_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                "torch_rng": torch.get_rng_state(), "loader_rng": gen.get_state(),
+                                "run_key": run_key}, ckdir / f"step-{step:07d}.pt")  # fmt: skip
+            for old in sorted(ckdir.glob("step-*.pt"))[:-2]:
+                old.unlink(missing_ok=True)
+        if step % cfg.eval_every == 0 or step == total:
+            rec: dict[str, Any] = {"step": step, "loss": round(float(np.mean(losses[-cfg.eval_every :])), 4)}
+            if dev_pairs is not None:
+                m = evaluate()
+                rec["dev"] = {k: round(v, 4) for k, v in m.items()}
+                if m["score"] > best["score"] + 1e-9:
+                    best, bad = {"score": m["score"], "step": step, "metrics": rec["dev"]}, 0
+                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                else:
+                    bad += 1
+            else:
+                best = {"score": float("nan"), "step": step, "metrics": {}}
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            history.append(rec)
+            log(f"step {step}/{total} loss {rec['loss']:.4f}" + (f" dev {rec['dev']}" if "dev" in rec else ""))
+            if dev_pairs is not None and bad >= cfg.patience:
+                log(f"early stop: no better dev score in {cfg.patience} evaluations")
+                break
+    out_dir = paths.models / "open_clip" / run
+    weights = out_dir / "open_clip_model.pt"
+    _save_torch_atomic({"state_dict": best_state}, weights)
+    if kind == "hub":
+        src_cfg = copy.deepcopy(open_clip.get_model_config(enc.model_id) or {})
+        (out_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": src_cfg}, indent=2))
+        model_id = f"open_clip:local-dir:{out_dir}"
+    else:
+        model_id = f"open_clip:{arch}:{weights}"
+    meta = {
+        "model_id": model_id, "base": enc.model_id, "base_weights_hash": enc.weights_hash, "unfreeze": cfg.unfreeze,
+        "training": {**run_key, "steps_run": step, "best_step": best["step"], "grad_accum": cfg.grad_accum,
+                     "micro_batch": micro, "amp": bool(on_cuda and cfg.amp), "device": device,
+                     "loss_first": round(losses[0], 4) if losses else None,
+                     "loss_last": round(float(np.mean(losses[-10:])), 4) if losses else None,
+                     "seconds": round(time.perf_counter() - t_start, 1), "split": cfg.split},
+        "dev": {"split": dev_split, "best": best["metrics"]} if dev_split else None,
+    }  # fmt: skip
+    from .vectors import write_json_atomic
+
+    write_json_atomic(out_dir / "train_config.json", meta)
+    log(f"saved {weights} (best step {best['step']})")
+    return TrainResult(model_id, weights, meta, history, time.perf_counter() - t_start)
+
+
+def _null():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
 # =========================================================================== entry points
 
 
@@ -820,8 +1143,6 @@ def train(
     if config.base in ("lite", "", None):
         return train_lite(catalog, paths, config, device=dev, log=log, progress=progress)
     if config.base.startswith(("open_clip:", "hf-hub:")):
-        from .finetune import finetune_open_clip
-
         return finetune_open_clip(catalog, paths, config, device=dev, log=log, progress=progress)
     raise InvalidInput(
         f"unknown --base {config.base!r}",

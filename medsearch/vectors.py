@@ -12,15 +12,17 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import ann
 from .config import IndexConfig
-from .errors import IndexInconsistent, IndexMismatch, IndexNotBuilt
+from .errors import IndexInconsistent, IndexMismatch, IndexNotBuilt, StorageError
 
 FORMAT_VERSION = 1
 
@@ -50,24 +52,18 @@ def _faiss():
 
 
 def choose_kind(n: int, config: IndexConfig) -> str:
-    """Exact search below ``flat_max`` vectors, HNSW above (unless the config names a kind)."""
-    if config.kind != "auto":
-        return config.kind
-    return "flat" if n <= config.flat_max else "hnsw"
+    """Exact search up to ``flat_max`` vectors, ``large_kind`` above (unless the config names a kind)."""
+    return ann.choose_kind(n, config)
 
 
-def build_index(dim: int, kind: str, config: IndexConfig = IndexConfig()):
-    """An empty ``IndexIDMap2`` of the given kind over inner product."""
-    faiss = _faiss()
-    if kind == "flat":
-        base = faiss.IndexFlatIP(dim)
-    elif kind == "hnsw":
-        base = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        base.hnsw.efConstruction = 80
-        base.hnsw.efSearch = config.hnsw_ef_search
-    else:
-        raise IndexMismatch(f"unknown index kind {kind!r}", hint="use one of: auto, flat, hnsw")
-    return faiss.IndexIDMap2(base)
+def build_index(dim: int, kind: str, config: IndexConfig = IndexConfig(), n: int = 0):
+    """An empty ``IndexIDMap2`` of the given kind over inner product (ivfpq still needs training)."""
+    return ann.new_index(dim, kind, config, n=n)
+
+
+# Filters that leave at most this many ids are answered exactly from the stored vectors
+# (a gather + matmul), which beats graph/list traversal with a sparse selector.
+EXACT_SUBSET_MAX = 32_768
 
 
 class VectorIndex:
@@ -84,7 +80,7 @@ class VectorIndex:
     @classmethod
     def from_blocks(
         cls,
-        blocks: Iterable[tuple[np.ndarray, np.ndarray]],
+        blocks: Iterable[tuple[np.ndarray, np.ndarray]] | Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
         *,
         model_id: str,
         weights_hash: str,
@@ -94,19 +90,58 @@ class VectorIndex:
         config: IndexConfig = IndexConfig(),
         generation: int = 1,
     ) -> VectorIndex:
-        """Build from streamed (ids (n,) int64, vecs (n, dim) float32) blocks."""
-        kind = choose_kind(count, config)
-        index = build_index(dim, kind, config)
-        for ids, vecs in blocks:
-            if vecs.shape[1] != dim:
-                raise IndexMismatch(f"stored {space} vectors have dim {vecs.shape[1]}, expected {dim}")
-            index.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
-        params = {"hnsw_m": config.hnsw_m, "ef_search": config.hnsw_ef_search} if kind == "hnsw" else {}
+        """Build from streamed (ids (n,) int64, vecs (n, dim) float32) blocks.
+
+        ``blocks`` may be a zero-argument callable returning a fresh stream: an ivfpq build then
+        draws its training sample evenly over a first pass (see ``medsearch.ann.build``).
+        """
+        index, kind, params = ann.build(blocks, dim=dim, count=count, space=space, config=config)
         man = Manifest(
             model_id=model_id, weights_hash=weights_hash, space=space, dim=dim, metric=config.metric,
             count=int(index.ntotal), kind=kind, params=params, generation=generation,
         )  # fmt: skip
         return cls(index, man)
+
+    def sync(
+        self,
+        blocks: Iterable[tuple[np.ndarray, np.ndarray]] | Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+        *,
+        generation: int | None = None,
+        max_new_fraction: float = 1.0,
+    ) -> int | None:
+        """Add the stored vectors this index lacks, when nothing else changed (no rebuild).
+
+        Returns how many were added, or None when only a rebuild can bring the index in line
+        (a vector was removed or replaced, or too many are new); the index is then unchanged.
+        """
+        added = ann.sync(self.index, blocks, dim=self.manifest.dim, space=self.manifest.space,
+                         max_new_fraction=max_new_fraction)  # fmt: skip
+        if added is None:
+            return None
+        self._ids = None
+        params = {**self.manifest.params, "incremental_adds": int(self.manifest.params.get("incremental_adds", 0)) + added}
+        self.manifest = Manifest(**{
+            **asdict(self.manifest), "count": self.ntotal, "params": params,
+            "generation": generation if generation is not None else self.manifest.generation + 1,
+        })  # fmt: skip
+        return added
+
+    def _id_lookup(self) -> tuple[np.ndarray, np.ndarray]:
+        """(catalog ids in internal order, argsort of them), cached until the index changes."""
+        if getattr(self, "_ids", None) is None or len(self._ids[0]) != self.ntotal:
+            ids = ann.ids_of(self.index)
+            self._ids = (ids, np.argsort(ids, kind="stable"))
+        return self._ids
+
+    def positions(self, item_ids: np.ndarray) -> np.ndarray:
+        """Internal positions of those catalog ids that are in the index, (m,) int64."""
+        ids, order = self._id_lookup()
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        if len(ids) == 0 or len(item_ids) == 0:
+            return np.zeros(0, np.int64)
+        srt = ids[order]
+        at = np.minimum(np.searchsorted(srt, item_ids), len(ids) - 1)
+        return order[at[srt[at] == item_ids]]
 
     def search(
         self, xq: np.ndarray, k: int, allowed: np.ndarray | None = None
@@ -128,9 +163,33 @@ class VectorIndex:
             return self.index.search(xq, k)
         if len(allowed) == 0:
             return np.full((len(xq), k), -np.inf, np.float32), np.full((len(xq), k), -1, np.int64)
+        kind = self.manifest.kind
+        if len(allowed) <= EXACT_SUBSET_MAX or kind == "ivfpq":
+            xb = ann.exact_storage(self.index)
+            pos = self.positions(allowed)
+            if len(pos) == 0:
+                return np.full((len(xq), k), -np.inf, np.float32), np.full((len(xq), k), -1, np.int64)
+            if xb is not None and len(pos) <= EXACT_SUBSET_MAX:
+                return ann.exact_subset_search(xq, xb, pos, self._id_lookup()[0], k)
+        if kind == "ivfpq":
+            # IndexRefine does not pass the IDMap's translated selector to its base index: select
+            # internal positions on the IVF directly, with nprobe widened by the filter's sparsity.
+            ivf = ann.ivf_of(self.index)
+            frac = len(pos) / max(1, self.ntotal)
+            nprobe = int(min(ivf.nlist, np.ceil(ivf.nprobe / max(frac, 1e-6))))
+            bitmap = np.zeros((self.ntotal + 7) // 8, np.uint8)
+            np.bitwise_or.at(bitmap, pos >> 3, (1 << (pos & 7)).astype(np.uint8))
+            sel = faiss.IDSelectorBitmap(self.ntotal, faiss.swig_ptr(bitmap))
+            inner = faiss.downcast_index(self.index.index)
+            params = faiss.IndexRefineSearchParameters(
+                k_factor=float(inner.k_factor), base_index_params=faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
+            )
+            D, P = inner.search(xq, k, params=params)
+            ids = self._id_lookup()[0]
+            return D, np.where(P >= 0, ids[np.maximum(P, 0)], -1)
         sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
-        if self.manifest.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.manifest.params.get("ef_search", 128), k))
+        if kind == "hnsw":
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(int(self.manifest.params.get("ef_search", 128)), k))
         else:
             params = faiss.SearchParameters(sel=sel)
         return self.index.search(xq, k, params=params)
@@ -140,23 +199,45 @@ class VectorIndex:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: Path) -> Path:
-        """Atomically write ``<space>.faiss`` then ``<space>.json`` into ``directory``."""
-        faiss = _faiss()
+        """Write ``<space>.faiss`` and its manifest ``<space>.json`` into ``directory``.
+
+        Both go to fsynced temp files first and are renamed into place only when both are
+        complete, so a full disk or an I/O error leaves the previous index loadable.
+        """
         directory.mkdir(parents=True, exist_ok=True)
-        target = directory / f"{self.manifest.space}.faiss"
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.manifest.space}.", suffix=".tmp", dir=directory)
-        os.close(fd)
+        with _save_lock(directory):  # one saver per folder: concurrent saves could pair a file with another's manifest
+            for stale in directory.glob(f".{self.manifest.space}.*.tmp"):  # left by a killed save
+                stale.unlink(missing_ok=True)
+            try:
+                return self._save_locked(directory)
+            except (OSError, RuntimeError) as e:  # faiss reports a full disk as RuntimeError
+                reason = str(e).strip().splitlines()[-1][-200:] if str(e).strip() else type(e).__name__
+                raise StorageError(
+                    f"could not write the {self.manifest.space} index into {directory}: {reason}",
+                    hint="free disk space (or fix the disk) and rerun `medsearch index`; the previous index is kept",
+                ) from e
+
+    def _save_locked(self, directory: Path) -> Path:
+        faiss = _faiss()
+        space = self.manifest.space
+        target, mtarget = directory / f"{space}.faiss", directory / f"{space}.json"
+        tmps: list[str] = []
         try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{space}.", suffix=".tmp", dir=directory)
+            os.close(fd)
+            tmps.append(tmp)
             faiss.write_index(self.index, tmp)
             checksum = _sha256_file(tmp)
             _fsync_path(tmp)
-            os.replace(tmp, target)
+            man = Manifest(**{**asdict(self.manifest), "checksum": checksum, "built_at": _now()})
+            tmps.append(_write_json_tmp(mtarget, asdict(man)))
+            os.replace(tmp, target)  # the two renames are the only steps left: no writes in between
+            os.replace(tmps[1], mtarget)
         except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            for t in tmps:
+                if os.path.exists(t):
+                    os.unlink(t)
             raise
-        man = Manifest(**{**asdict(self.manifest), "checksum": checksum, "built_at": _now()})
-        write_json_atomic(directory / f"{self.manifest.space}.json", asdict(man))
         _fsync_path(str(directory))
         self.manifest = man
         return target
@@ -201,8 +282,7 @@ class VectorIndex:
                 f"{path} holds {index.ntotal} vectors of dim {index.d}, manifest says {man.count} of dim {man.dim}",
                 hint="run `medsearch check --repair`",
             )
-        if man.kind == "hnsw":
-            faiss.downcast_index(index.index).hnsw.efSearch = int(man.params.get("ef_search", 128))
+        ann.apply_params(index, man.kind, man.params)
         return cls(index, man)
 
 
@@ -215,17 +295,44 @@ def read_manifest(path: Path) -> Manifest:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = _write_json_tmp(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json_tmp(path: Path, data: dict[str, Any]) -> str:
+    """Write ``data`` to an fsynced temp file beside ``path``; returns its name (removed on failure)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return tmp
+
+
+@contextmanager
+def _save_lock(directory: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``directory/.lock`` (released by the OS if the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(directory / ".lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _sha256_file(path: str) -> str:

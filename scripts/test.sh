@@ -3,5 +3,15 @@
 # slow/llm/browser-marked tests included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MEDSEARCH_EXTRAS=${MEDSEARCH_EXTRAS:-dev} bash scripts/setup.sh
+# The llm extra builds llama-cpp-python from source once (CPU-only, all cores); pip caches the wheel
+# in ~/.cache/pip, so later runs install it in seconds.
+export CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF"}
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+MEDSEARCH_EXTRAS=${MEDSEARCH_EXTRAS:-dev,llm} bash scripts/setup.sh
+# Browser tests (marker `browser`) drive Debian's Chromium through Playwright; Playwright's own
+# browser download is never used. Installed only where it is missing and we may (root or CI).
+if [ ! -x /usr/bin/chromium ] && { [ "$(id -u)" = 0 ] || [ -n "${CI:-}" ]; }; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
 exec .venv/bin/python -m pytest "$@"

@@ -104,3 +104,24 @@ def indexed_home(tmp_path_factory, medpix_slice, covid_dir, towers) -> Path:
     run_index(cat, towers, Paths(home), config=EmbedConfig(batch_size=8, workers=0), progress=False)
     cat.close()
     return home
+
+
+@pytest.fixture(scope="session")
+def small_home(tmp_path_factory, towers) -> Path:
+    """A tiny indexed home (3 medpix dev cases + 5 covid cases) for tests that damage a copy of it."""
+    from medsearch.catalog import Catalog
+    from medsearch.config import EmbedConfig, Paths
+
+    from indexer.embed import run_index
+    from indexer.ingest import ingest_path
+
+    data = tmp_path_factory.mktemp("small-data")
+    medpix = make_slice(data / "medpix-2.0", _need(MEDPIX), n_cases=3, splits=("dev",))
+    covid = make_slice(data / "covid-chestxray", _need(COVID), n_cases=5)
+    home = tmp_path_factory.mktemp("small-home")
+    cat = Catalog.open(home / "catalog.db")
+    ingest_path(cat, medpix)
+    ingest_path(cat, covid)
+    run_index(cat, towers, Paths(home), config=EmbedConfig(batch_size=8, workers=0), progress=False)
+    cat.close()
+    return home

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medsearch.config import IndexConfig
-from medsearch.errors import IndexInconsistent, IndexMismatch, IndexNotBuilt
+from medsearch.errors import IndexInconsistent, IndexMismatch, IndexNotBuilt, StorageError
 from medsearch.vectors import VectorIndex
 
 
@@ -92,7 +92,7 @@ def test_corrupt_file_is_refused_and_old_file_survives_failed_save(tmp_path, mon
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(faiss, "write_index", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match="No space left on device"):  # a named error, the old index kept
         _build(ids[:10], x[:10]).save(tmp_path)
     monkeypatch.undo()
     assert (tmp_path / "image.faiss").read_bytes() == good

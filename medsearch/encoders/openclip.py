@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -78,7 +79,7 @@ class _RandomInitGuard(logging.Handler):
 def _hub_fetch_hint(repo: str) -> str:
     return (
         f"on a machine with internet run `hf download {repo}` (older huggingface_hub: "
-        f"`huggingface-cli download {repo}`), or `python -c \"import open_clip; "
+        f'`huggingface-cli download {repo}`), or `python -c "import open_clip; '
         f"open_clip.create_model_and_transforms('hf-hub:{repo}'); open_clip.get_tokenizer('hf-hub:{repo}')\"`, "
         "then copy ~/.cache/huggingface/hub to this machine"
     )
@@ -86,7 +87,7 @@ def _hub_fetch_hint(repo: str) -> str:
 
 def _tag_fetch_hint(arch: str, tag: str) -> str:
     return (
-        f"on a machine with internet run `python -c \"import open_clip; "
+        f'on a machine with internet run `python -c "import open_clip; '
         f"open_clip.create_model_and_transforms('{arch}', pretrained='{tag}')\"` and copy "
         "~/.cache/huggingface/hub (and ~/.cache/clip) here, or pass a checkpoint: open_clip:ARCH:/path/to/ckpt.pt"
     )
@@ -124,7 +125,7 @@ def _check_arch(arch: str) -> None:
         raise ModelNotAvailable(
             f"unknown open_clip architecture {arch!r}",
             hint=f"choose one of {len(models)} (e.g. {shown}, ...; full list: "
-            "`python -c \"import open_clip; print(open_clip.list_models())\"`) "
+            '`python -c "import open_clip; print(open_clip.list_models())"`) '
             "or register a JSON config with open_clip.add_model_config(path)",
         )
 
@@ -206,7 +207,7 @@ class OpenClipEncoder:
                 raise ModelNotAvailable(
                     f"open_clip checkpoint {ckpt} does not exist",
                     hint=f"copy the checkpoint there, or use a cached tag: open_clip:{arch}:TAG "
-                    f"(fetch one with: python -c \"import open_clip; "
+                    f'(fetch one with: python -c "import open_clip; '
                     f"open_clip.create_model_and_transforms('{arch}', pretrained='TAG')\")",
                 )
             name, pretrained, hint = arch, str(ckpt), "check that the file is an open_clip state dict for this ARCH"
@@ -218,6 +219,7 @@ class OpenClipEncoder:
             name, pretrained, hint = arch, source, _tag_fetch_hint(arch, source)
             self.model_id = f"open_clip:{arch}:{source}"
         self._ckpt = ckpt
+        self.weights_hash = weights_digest([ckpt])  # checkpoint bytes, hashed before loading them
         self._build(name, pretrained, cache_dir, hint)
 
     def _build(self, name: str, pretrained: str | None, cache_dir: str | None, hint: str) -> None:
@@ -238,6 +240,12 @@ class OpenClipEncoder:
                     cache_dir=cache_dir,
                 )
                 tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met objects that are not tensors
+            raise InvalidInput(
+                f"checkpoint {self._ckpt} holds pickled objects, not only tensors; it was refused, not executed "
+                f"({str(e).splitlines()[0][:120]})",
+                hint="load only trusted checkpoints: convert it to .safetensors, or re-save just the state dict",
+            ) from None
         except (RuntimeError, KeyError, ValueError) as e:
             if "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e):
                 raise InvalidInput(
@@ -250,9 +258,7 @@ class OpenClipEncoder:
         finally:
             root.removeHandler(guard)
         if guard.hits:
-            raise ModelNotAvailable(
-                f"open_clip built {self.model_id} without its weights ({guard.hits[0]})", hint=hint
-            )
+            raise ModelNotAvailable(f"open_clip built {self.model_id} without its weights ({guard.hits[0]})", hint=hint)
         model.eval().requires_grad_(False)
         self._model = model.to(self.device)
         self.transform = preprocess
@@ -268,11 +274,6 @@ class OpenClipEncoder:
         self.image_dim = self.text_dim = int(dim)
 
     # ---- identity
-
-    @property
-    def weights_hash(self) -> str:
-        """sha256 prefix of the checkpoint file bytes."""
-        return weights_digest([self._ckpt])
 
     def _autocast(self) -> Any:
         import torch
@@ -334,7 +335,9 @@ class OpenClipEncoder:
         chunks: list[str] = []
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
-                raise InvalidInput(f"text #{i} is empty or not a string: {t!r}", hint="drop empty texts before encoding")
+                raise InvalidInput(
+                    f"text #{i} is empty or not a string: {t!r}", hint="drop empty texts before encoding"
+                )
             parts = self.split_for_context(t) or [t.strip()]
             chunks.extend(parts)
             owner.extend([i] * len(parts))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import threading
 from pathlib import Path
+from typing import cast
 
 from medsearch.encoders.base import Encoder, pick_device
 from medsearch.errors import ModelNotAvailable
@@ -75,7 +76,8 @@ def _load_lite(spec: str, device: str, models_dir: Path | None) -> Encoder:
 
     name = spec.split(":", 1)[1] if ":" in spec else None
     try:
-        return lite.load(models_dir, device=device, name=name)
+        # cast: LiteEncoder exposes weights_hash as a read-only property (the Protocol declares a variable)
+        return cast(Encoder, lite.load(models_dir, device=device, name=name))
     except FileNotFoundError as e:
         raise ModelNotAvailable(f"no trained lite model under {models_dir / 'lite'}", hint=hint) from e
 
@@ -105,7 +107,8 @@ def load_encoder(spec: str, device: str = "auto", models_dir: Path | None = None
     """
     spec = (spec or "").strip()
     resolved = pick_device(device)
-    mdir = Path(models_dir).expanduser().resolve() if models_dir is not None else None
+    uses_dir = spec == "lite" or spec.startswith("lite:")
+    mdir = Path(models_dir).expanduser().resolve() if models_dir is not None and uses_dir else None
     key = (spec, resolved, str(mdir), _freshness(spec, mdir))
     with _lock:  # one load at a time: two requests for one model load it once
         enc = _cache.get(key)

@@ -11,9 +11,9 @@ Nothing heavy is imported here.
 
 from __future__ import annotations
 
-from .config import GENERATORS, DraftConfig, EvidenceConfig, ExtractiveConfig, LLMConfig
-from .drafter import Drafter
-from .records import Citation, Draft, DraftSentence, EvidenceCase, EvidenceSentence
+from medsearch.rag.config import GENERATORS, DraftConfig, EvidenceConfig, ExtractiveConfig, LLMConfig
+from medsearch.rag.drafter import Drafter
+from medsearch.rag.records import Citation, Draft, DraftSentence, EvidenceCase, EvidenceSentence
 
 __all__ = [
     "GENERATORS",

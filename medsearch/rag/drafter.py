@@ -15,18 +15,18 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import GenerationError
-from ..search import Filters
-from .config import DraftConfig
-from .evidence import EvidencePack, select_evidence
-from .generators import Generator, OnToken, make_generator
-from .grounding import ground, parse_generation
-from .records import Draft
+from medsearch.errors import GenerationError
+from medsearch.rag.config import DraftConfig
+from medsearch.rag.evidence import EvidencePack, select_evidence
+from medsearch.rag.generators import Generator, OnToken, make_generator
+from medsearch.rag.grounding import ground, parse_generation
+from medsearch.rag.records import Draft
+from medsearch.search import Filters
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from ..search import Searcher
+    from medsearch.search import Searcher
 
 
 class Drafter:

@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import InvalidInput, MedsearchError, ModelNotAvailable, NotFound
-from ..search import Filters
+from medsearch.errors import InvalidInput, MedsearchError, ModelNotAvailable, NotFound
+from medsearch.search import Filters
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..search import Searcher
-    from .drafter import Drafter
-    from .records import Draft
+    from medsearch.rag.drafter import Drafter
+    from medsearch.rag.records import Draft
+    from medsearch.search import Searcher
 
 LABELS = ("modality_type", "body_region", "category")
 METRICS = ("bleu4", "rougeL", "cosine", "agree_modality", "agree_region", "agree_category", "supported", "cit_valid")
@@ -139,8 +139,9 @@ def _case_bootstrap(
     uniq, inv = np.unique(groups, return_inverse=True)
     sums = np.bincount(inv, weights=np.where(ok, per_item, 0.0), minlength=len(uniq))  # (C,)
     cnts = np.bincount(inv, weights=ok.astype(float), minlength=len(uniq))  # (C,)
+    sums, cnts = sums[cnts > 0], cnts[cnts > 0]  # a case with no defined value is not drawn
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(uniq), size=(n_boot, len(uniq)))  # (B, C)
+    idx = rng.integers(0, len(sums), size=(n_boot, len(sums)))  # (B, C)
     boots = sums[idx].sum(axis=1) / np.maximum(cnts[idx].sum(axis=1), 1e-12)
     lo, hi = np.quantile(boots, [0.025, 0.975])
     return float(sums.sum() / cnts.sum()), float(lo), float(hi)

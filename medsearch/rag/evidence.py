@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import NotFound
-from ..search import Filters, rrf
-from .config import EvidenceConfig
-from .guard import neutralise
-from .records import EvidenceCase, EvidenceSentence
+from medsearch.errors import NotFound
+from medsearch.rag.config import EvidenceConfig
+from medsearch.rag.guard import neutralise
+from medsearch.rag.records import EvidenceCase, EvidenceSentence
+from medsearch.search import Filters, rrf
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from ..search import Searcher
+    from medsearch.search import Searcher
 
 
 @dataclass

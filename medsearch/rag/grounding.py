@@ -18,23 +18,26 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..text import split_sentences
-from .records import Citation, DraftSentence
+from medsearch.rag.records import Citation, DraftSentence
+from medsearch.text import split_sentences
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..encoders.base import Encoder
-    from .evidence import EvidencePack
+    from medsearch.encoders.base import Encoder
+    from medsearch.rag.evidence import EvidencePack
 
 # [C1], [C 2], [C1, C3], [C1; 2], [c4] (one bracket group, several numbers)
 _CITE_GROUP = re.compile(r"\[\s*[Cc]\s*\d+(?:\s*(?:[,;/&]|and)\s*[Cc]?\s*\d+)*\s*\]")
 _CITE_NUM = re.compile(r"\d+")
 # Section headings the models write: "FINDINGS:", "**Impression**", "## Findings", "Conclusion -"
 _HEADING = re.compile(
-    r"(?im)^[ \t]*(?:#{1,6}[ \t]*)?(?:\*\*|__)?[ \t]*(findings?|impressions?|conclusions?|summary)[ \t]*(?:\*\*|__)?"
+    r"(?im)^[ \t]*(?:#{1,6}[ \t]*)?(?:\*\*|__)?[ \t]*(findings?|impressions?|conclusions?|summary|diagnosis|captions?)[ \t]*(?:\*\*|__)?"
     r"[ \t]*[:\-\u2013]?[ \t]*(?:\*\*|__)?[ \t]*"
 )
 _SECTION = {"finding": "findings", "findings": "findings", "impression": "impression", "impressions": "impression",
-            "conclusion": "impression", "conclusions": "impression", "summary": "impression"}  # fmt: skip
+            "conclusion": "impression", "conclusions": "impression", "summary": "impression",
+            "diagnosis": "impression", "caption": "findings", "captions": "findings"}  # fmt: skip
+# Our evidence delimiters when a model echoes them ("<<<EVIDENCE C1 (similarity ...)", "END C1>>>")
+_ECHO = re.compile(r"(?im)^.*(?:<<<|>>|\bEVIDENCE\s+C\s*\d+|^\s*END\s+C\s*\d+).*$")
 _CHAT_TOKENS = re.compile(r"<\|[^|>]{1,40}\|>|</?s>|\[/?INST\]")
 _LEADING_CITES = re.compile(r"^\s*((?:\[\s*[Cc]\s*\d+[^\]]*\]\s*)+)")
 _JUNK = re.compile(r"^[\s\-\*\u2022#>:.,;]+|[\s\-\*#>]+$")
@@ -85,6 +88,7 @@ def parse_generation(text: str) -> list[Proposed]:
     ("... lobe. [C1] No effusion [C2].").
     """
     text = _CHAT_TOKENS.sub(" ", text or "").replace("\r\n", "\n")
+    text = _ECHO.sub("", text)
     out: list[Proposed] = []
     for section, body in _split_sections(text):
         for raw in split_sentences(body):

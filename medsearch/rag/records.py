@@ -127,11 +127,11 @@ class Draft:
         return list(seen)
 
     def to_dict(self) -> dict[str, Any]:
-        from .render import draft_to_dict
+        from medsearch.rag.render import draft_to_dict
 
         return draft_to_dict(self)
 
     def to_markdown(self) -> str:
-        from .render import draft_to_markdown
+        from medsearch.rag.render import draft_to_markdown
 
         return draft_to_markdown(self)

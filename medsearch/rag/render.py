@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .records import Draft
+from medsearch.rag.records import Draft
 
 SECTION_TITLES = {"findings": "FINDINGS", "impression": "IMPRESSION"}
 

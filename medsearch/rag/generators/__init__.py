@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-from ...errors import InvalidInput
-from ..config import GENERATORS, DraftConfig
-from .base import Generation, Generator, OnToken
+from medsearch.errors import InvalidInput
+from medsearch.rag.config import GENERATORS, DraftConfig
+from medsearch.rag.generators.base import Generation, Generator, OnToken
 
 
 def make_generator(name: str, config: DraftConfig = DraftConfig()) -> Generator:
     """A generator by name; LLM generators load their model lazily on the first draft."""
     if name == "extractive":
-        from .extractive import ExtractiveGenerator
+        from medsearch.rag.generators.extractive import ExtractiveGenerator
 
         return ExtractiveGenerator(config.extractive)
     if name == "openai":
-        from .openai_compat import OpenAICompatGenerator
+        from medsearch.rag.generators.openai_compat import OpenAICompatGenerator
 
         return OpenAICompatGenerator(config.llm)
     if name in ("llama-cpp", "llama_cpp", "llamacpp"):
-        from .llamacpp import LlamaCppGenerator
+        from medsearch.rag.generators.llamacpp import LlamaCppGenerator
 
         return LlamaCppGenerator(config.llm)
     if name in ("transformers", "hf"):
-        from .hf import TransformersGenerator
+        from medsearch.rag.generators.hf import TransformersGenerator
 
         return TransformersGenerator(config.llm)
     raise InvalidInput(f"unknown generator {name!r}", hint=f"use one of: {', '.join(GENERATORS)}")

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..evidence import EvidencePack
-    from ..grounding import Proposed
+    from medsearch.rag.evidence import EvidencePack
+    from medsearch.rag.grounding import Proposed
 
 OnToken = Callable[[str], None]
 

@@ -22,11 +22,11 @@ import re
 
 import numpy as np
 
-from ...errors import GenerationError
-from ..config import ExtractiveConfig
-from ..evidence import EvidencePack
-from ..grounding import Proposed
-from .base import Generation, OnToken
+from medsearch.errors import GenerationError
+from medsearch.rag.config import ExtractiveConfig
+from medsearch.rag.evidence import EvidencePack
+from medsearch.rag.generators.base import Generation, OnToken
+from medsearch.rag.grounding import Proposed
 
 _NEGATION = re.compile(
     r"\b(no|not|without|absent|absence|negative|free of|unremarkable|normal|resolved|ruled out|none)\b", re.IGNORECASE

@@ -10,11 +10,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ...errors import GenerationError, InvalidInput, ModelNotAvailable
-from ..config import LLMConfig
-from ..evidence import EvidencePack
-from ..prompt import build_messages
-from .base import Generation, OnToken
+from medsearch.errors import GenerationError, InvalidInput, ModelNotAvailable
+from medsearch.rag.config import LLMConfig
+from medsearch.rag.evidence import EvidencePack
+from medsearch.rag.generators.base import Generation, OnToken
+from medsearch.rag.prompt import build_messages
 
 
 class TransformersGenerator:
@@ -44,7 +44,7 @@ class TransformersGenerator:
         if self._model is None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            from ...encoders.base import pick_device
+            from medsearch.encoders.base import pick_device
 
             if self.path.is_file():  # a GGUF file: transformers dequantises it (needs the gguf package)
                 where, extra = str(self.path.parent), {"gguf_file": self.path.name}

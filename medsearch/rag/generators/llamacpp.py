@@ -13,11 +13,17 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ...errors import GenerationError, InvalidInput, ModelNotAvailable
-from ..config import LLMConfig
-from ..evidence import EvidencePack
-from ..prompt import build_messages
-from .base import Generation, OnToken
+from medsearch.errors import GenerationError, InvalidInput, ModelNotAvailable
+from medsearch.rag.config import LLMConfig
+from medsearch.rag.evidence import EvidencePack
+from medsearch.rag.generators.base import Generation, OnToken
+from medsearch.rag.prompt import build_messages
+
+# Loaded models, shared by every generator with the same file and context settings (a server
+# that builds a Drafter per request loads the GGUF once). Guarded by _LOAD_LOCK.
+_MODELS: dict[tuple[str, int, int, int | None, int], Any] = {}
+_LOAD_LOCK = threading.Lock()
+_RUN_LOCKS: dict[tuple[str, int, int, int | None, int], threading.Lock] = {}
 
 
 def default_gguf() -> Path:
@@ -48,29 +54,35 @@ class LlamaCppGenerator:
         self.path = Path(config.gguf).expanduser() if config.gguf else default_gguf()
         if not self.path.is_file():
             raise InvalidInput(f"GGUF file {self.path} does not exist", hint="pass --gguf with the path of a .gguf file")
-        self._llm: Any = None
-        self._lock = threading.Lock()  # one llama context: one completion at a time
+        st = self.path.stat()
+        self._key = (str(self.path.resolve()), st.st_size, config.n_ctx, config.threads, config.seed)
+        with _LOAD_LOCK:
+            self._lock = _RUN_LOCKS.setdefault(self._key, threading.Lock())  # one context: one completion at a time
 
     @property
     def model(self) -> str:
         return self.path.name
 
     def _load(self) -> Any:
-        if self._llm is None:
-            try:
-                from llama_cpp import Llama
-            except ImportError as e:
-                raise ModelNotAvailable(
-                    "llama-cpp-python is not installed", hint='pip install "medsearch[llm]" (it compiles, ~5 min)'
-                ) from e
-            try:
-                self._llm = Llama(
-                    model_path=str(self.path), n_ctx=self.config.n_ctx, n_threads=self.config.threads,
-                    seed=self.config.seed, verbose=False,
-                )  # fmt: skip
-            except (ValueError, RuntimeError) as e:
-                raise ModelNotAvailable(f"llama.cpp cannot load {self.path}: {e}", hint="check that it is a GGUF model") from e
-        return self._llm
+        with _LOAD_LOCK:
+            if self._key not in _MODELS:
+                _MODELS[self._key] = self._open()
+            return _MODELS[self._key]
+
+    def _open(self) -> Any:
+        try:
+            from llama_cpp import Llama
+        except ImportError as e:
+            raise ModelNotAvailable(
+                "llama-cpp-python is not installed", hint='pip install "medsearch[llm]" (it compiles, ~5 min)'
+            ) from e
+        try:
+            return Llama(
+                model_path=str(self.path), n_ctx=self.config.n_ctx, n_threads=self.config.threads,
+                seed=self.config.seed, verbose=False,
+            )  # fmt: skip
+        except (ValueError, RuntimeError) as e:
+            raise ModelNotAvailable(f"llama.cpp cannot load {self.path}: {e}", hint="check that it is a GGUF model") from e
 
     def generate(self, pack: EvidencePack, on_token: OnToken | None = None) -> Generation:
         """Greedy (temperature 0 by default) chat completion on the evidence prompt."""

@@ -12,11 +12,11 @@ import json
 import time
 from typing import Any
 
-from ...errors import GenerationError, InvalidInput, LLMUnavailable, ModelNotAvailable
-from ..config import LLMConfig
-from ..evidence import EvidencePack
-from ..prompt import build_messages
-from .base import Generation, OnToken
+from medsearch.errors import GenerationError, InvalidInput, LLMUnavailable, ModelNotAvailable
+from medsearch.rag.config import LLMConfig
+from medsearch.rag.evidence import EvidencePack
+from medsearch.rag.generators.base import Generation, OnToken
+from medsearch.rag.prompt import build_messages
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 

@@ -1,0 +1,230 @@
+"""Training the lite model on a slice of real data, the lite encoder, and the open_clip fine-tuning path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import MEDPIX, balanced_medpix_cases, make_slice
+
+from medsearch.catalog import Catalog
+from medsearch.config import Paths
+from medsearch.errors import InvalidInput, ModelNotAvailable, NotFound
+
+pytestmark = pytest.mark.slow
+
+FAST = dict(steps=60, batch_size=32, eval_every=20, warmup=10, crops=1, patience=10)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    """A home with ~20 medpix train cases and ~10 dev cases (CT and MR, all body regions)."""
+    from indexer.ingest import ingest_path
+
+    data = tmp_path_factory.mktemp("train-data")
+    cases = balanced_medpix_cases(2, split="train") | balanced_medpix_cases(1, split="dev")
+    make_slice(data / "medpix-2.0", MEDPIX, cases)
+    h = tmp_path_factory.mktemp("train-home")
+    cat = Catalog.open(h / "catalog.db")
+    ingest_path(cat, data / "medpix-2.0")
+    cat.close()
+    return h
+
+
+@pytest.fixture(scope="module")
+def trained(home):
+    from medsearch.training import TrainConfig, train
+
+    cat = Catalog.open(home / "catalog.db")
+    logs: list[str] = []
+    res = train(cat, Paths(home), TrainConfig(**FAST), device="cpu", log=logs.append)
+    cat.close()
+    return res, logs
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def test_training_lowers_the_loss_and_saves_a_described_model(trained, home):
+    res, logs = trained
+    t = res.config["training"]
+    assert t["loss_last"] < 0.8 * t["loss_first"], (t["loss_first"], t["loss_last"])
+    assert res.model_id == "lite" and (home / "models" / "lite" / "model.safetensors").is_file()
+    cfg = json.loads((home / "models" / "lite" / "config.json").read_text())
+    assert cfg["dims"] == {"image_in": 1280, "text_in": 384, "hidden": 512, "out": 256}
+    assert cfg["towers"]["weights_hash"] and len(cfg["training"]["data_hash"]) == 16
+    assert 0 < cfg["temperature"] < 1
+    assert cfg["dev"]["split"] == "dev" and "caption_image_r10" in cfg["dev"]["best"]
+    assert t["n_pairs"] > t["n_images"] > 0 and t["views"] == 2
+    assert any(m.startswith("step 20/60 loss") for m in logs)
+
+
+def test_lite_loads_and_gives_identical_embeddings_after_reload(trained, home):
+    import torch
+
+    from medsearch.encoders.registry import clear_encoder_cache, load_encoder
+    from medsearch.imaging import load_image
+
+    cat = Catalog.open(home / "catalog.db")
+    rows = cat.db.execute("SELECT path, caption FROM images ORDER BY id LIMIT 4").fetchall()
+    cat.close()
+    enc = load_encoder("lite", device="cpu", models_dir=home / "models")
+    assert enc.model_id == "lite" and enc.shared_space and enc.image_dim == enc.text_dim == 256
+    batch = torch.stack([enc.preprocess(load_image(p)) for p, _ in rows])
+    texts = [c for _, c in rows] + ["ring enhancing lesion"]
+    img, txt = enc.encode_image_batch(batch), enc.encode_texts(texts)
+    np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-5)
+    clear_encoder_cache()
+    again = load_encoder("lite", device="cpu", models_dir=home / "models")
+    assert again is not enc and again.weights_hash == enc.weights_hash
+    np.testing.assert_array_equal(again.encode_image_batch(batch), img)
+    np.testing.assert_array_equal(again.encode_texts(texts), txt)
+    # the projection of raw tower features is the same function the encoder applies
+    np.testing.assert_allclose(again.project_image_features(again.towers.image_features(batch)), img, atol=1e-6)
+    assert enc.weights_hash != enc.towers.weights_hash
+
+
+def test_training_is_deterministic_for_a_seed(trained, home):
+    from medsearch.training import TrainConfig, train
+
+    cat = Catalog.open(home / "catalog.db")
+    train(cat, Paths(home), TrainConfig(**FAST, name="again"), device="cpu")
+    other = train(cat, Paths(home), TrainConfig(**{**FAST, "steps": 20}, name="seed1", seed=1), device="cpu")
+    cat.close()
+    a = _files(home / "models" / "lite")["model.safetensors"]
+    b = _files(home / "models" / "lite" / "again")["model.safetensors"]
+    from safetensors.numpy import load as load_st
+
+    ta, tb = load_st(a), load_st(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        np.testing.assert_array_equal(ta[k], tb[k])
+    assert not np.array_equal(load_st(_files(other.path)["model.safetensors"])["heads.image.fc1.weight"],
+                              ta["heads.image.fc1.weight"])  # fmt: skip
+
+
+def test_bad_inputs_leave_the_previous_model_intact(trained, home, tmp_path):
+    from medsearch.training import TrainConfig, train
+
+    before = _files(home / "models" / "lite")
+    cat = Catalog.open(home / "catalog.db")
+    with pytest.raises(NotFound, match="split 'nope' has no images") as e:
+        train(cat, Paths(home), TrainConfig(**FAST, split="nope"), device="cpu")
+    assert "train (" in e.value.hint and "dev (" in e.value.hint
+    with pytest.raises(NotFound, match="split 'nodev'"):
+        train(cat, Paths(home), TrainConfig(**FAST, dev_split="nodev"), device="cpu")
+    with pytest.raises(ModelNotAvailable, match="does not exist") as e:
+        train(cat, Paths(home), TrainConfig(**FAST, base=f"open_clip:ViT-B-32:{tmp_path / 'missing.pt'}"), device="cpu")
+    assert "checkpoint" in e.value.hint
+    cat.close()
+    assert _files(home / "models" / "lite") == before
+
+
+def test_no_pairs_is_a_clear_error(tmp_path):
+    from PIL import Image
+
+    from indexer.ingest import ingest_path
+    from medsearch.training import TrainConfig, train
+
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("L", (64, 64), color=40 * i).save(folder / f"im{i}.png")
+    (folder / "reports.csv").write_text("file,split\nim0.png,train\nim1.png,train\n")
+    cat = Catalog.open(tmp_path / "h" / "catalog.db")
+    ingest_path(cat, folder)
+    with pytest.raises(InvalidInput, match="no \\(image, text\\) pairs in split 'train'") as e:
+        train(cat, Paths(tmp_path / "h"), TrainConfig(**FAST), device="cpu")
+    assert "caption" in e.value.hint
+    assert not (tmp_path / "h" / "models" / "lite").exists()
+
+
+def test_missing_lite_model_names_the_command(tmp_path):
+    from medsearch.encoders.registry import load_encoder
+
+    with pytest.raises(ModelNotAvailable, match="no trained lite model") as e:
+        load_encoder("lite", device="cpu", models_dir=tmp_path)
+    assert "medsearch train" in e.value.hint
+
+
+def test_unfreeze_trains_the_last_block_and_reloads(trained, home):
+    import torch
+
+    from medsearch.encoders.registry import clear_encoder_cache, load_encoder
+    from medsearch.imaging import load_image
+    from medsearch.training import TrainConfig, train
+
+    cat = Catalog.open(home / "catalog.db")
+    res = train(cat, Paths(home), TrainConfig(**{**FAST, "crops": 0, "steps": 20}, unfreeze=1, name="unfrozen"),
+                device="cpu")  # fmt: skip
+    path = cat.db.execute("SELECT path FROM images ORDER BY id LIMIT 1").fetchone()[0]
+    cat.close()
+    assert res.config["unfreeze"] == 1
+    from safetensors.numpy import load_file
+
+    keys = load_file(str(res.path / "model.safetensors")).keys()
+    assert any(k.startswith("tower._blocks.15.") for k in keys) and not any(
+        k.startswith("tower._blocks.14.") for k in keys
+    )
+    enc = load_encoder("lite:unfrozen", device="cpu", models_dir=home / "models")
+    assert not enc.frozen_towers and enc.model_id == "lite:unfrozen"
+    x = enc.preprocess(load_image(path))[None]
+    v = enc.encode_image_batch(x)
+    # the fine-tuned block changed the features (the shared frozen towers are untouched)
+    assert not np.allclose(enc.image_features(x), enc.towers.image_features(x))
+    clear_encoder_cache()
+    np.testing.assert_array_equal(
+        load_encoder("lite:unfrozen", device="cpu", models_dir=home / "models").encode_image_batch(x), v
+    )
+    del torch
+
+
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def test_open_clip_local_checkpoint_fine_tunes_and_resumes(home, tmp_path):
+    import open_clip
+    import torch
+
+    from medsearch.encoders.registry import load_encoder
+    from medsearch.training import TrainConfig, train
+
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / "medsearch-tiny.json").write_text(json.dumps(TINY))
+    open_clip.add_model_config(cfg_dir)
+    torch.manual_seed(0)
+    base = open_clip.create_model("medsearch-tiny")  # the test's own weights
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(base.state_dict(), ckpt)
+    spec = f"open_clip:medsearch-tiny:{ckpt}"
+    before = load_encoder(spec, device="cpu")
+    cfg = TrainConfig(base=spec, steps=6, batch_size=8, grad_accum=2, eval_every=3, checkpoint_every=3, lr=1e-3,
+                      warmup=1, name="tiny")  # fmt: skip
+    cat = Catalog.open(home / "catalog.db")
+    logs: list[str] = []
+    res = train(cat, Paths(home), cfg, device="cpu", log=logs.append)
+    assert res.model_id == f"open_clip:medsearch-tiny:{res.path}" and res.path.is_file()
+    t = res.config["training"]
+    assert t["steps_run"] == 6 and t["grad_accum"] == 2 and t["micro_batch"] == 4 and np.isfinite(t["loss_last"])
+    cks = sorted((home / "models" / "checkpoints" / "tiny-ft").glob("step-*.pt"))
+    assert [p.name for p in cks] == ["step-0000003.pt", "step-0000006.pt"]
+    tuned = load_encoder(res.model_id, device="cpu")
+    texts = ["axial CT of the brain", "chest radiograph"]
+    assert tuned.image_dim == 32
+    assert not np.allclose(tuned.encode_texts(texts), before.encode_texts(texts))
+    # a crash after step 3 (the step-6 checkpoint never written): the same command resumes at step 3
+    cks[-1].unlink()
+    logs.clear()
+    res2 = train(cat, Paths(home), cfg, device="cpu", log=logs.append)
+    cat.close()
+    assert any("resumed from" in m and "step-0000003.pt" in m for m in logs)
+    assert res2.config["training"]["steps_run"] == 6
+    assert sorted(p.name for p in cks[0].parent.glob("step-*.pt")) == ["step-0000003.pt", "step-0000006.pt"]
