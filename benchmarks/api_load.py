@@ -185,10 +185,15 @@ def main() -> None:
                        data={"k": str(args.k)})  # fmt: skip
             return r.status_code == 200
 
+        import psutil
+
+        rss = []
+        proc = psutil.Process(server.pid)
         for kind, fn in (("text", text_http), ("image", image_http)):
             for w in (1, args.clients):
                 rows.append(summarise(f"http x{w}", kind, w, run_for(args.seconds, w, fn)))
-                print(f"  done {rows[-1]['mode']} {kind}", flush=True)
+                rss.append(proc.memory_info().rss)
+                print(f"  done {rows[-1]['mode']} {kind} (server RSS {rss[-1] / 2**20:.0f} MiB)", flush=True)
         audit_lines = sum(1 for _ in open(tmp / "audit.log"))
     finally:
         server.terminate()
@@ -207,6 +212,7 @@ def main() -> None:
             http = next(r for r in rows if r["kind"] == kind and r["mode"] == f"http x{w}")
             print(f"API overhead, {kind} x{w}: p50 {http['p50'] - inp['p50']:+.1f} ms, "
                   f"throughput {100 * (http['rps'] / inp['rps'] - 1):+.0f}% vs in-process x{w}")  # fmt: skip
+    print(f"server RSS after each HTTP phase: {', '.join(f'{r / 2**20:.0f}' for r in rss)} MiB")
     print(f"audit log lines written by the server: {audit_lines}; "
           f"load average during the run: {load0:.1f} -> {os.getloadavg()[0]:.1f}")  # fmt: skip
 

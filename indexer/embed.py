@@ -60,27 +60,50 @@ class EmbedSummary:
 
 
 class _ImageDataset:
-    """Map-style dataset over (image_id, path, frame) rows; decoding runs in DataLoader workers."""
+    """Map-style dataset over image ids; decoding runs in DataLoader workers.
 
-    def __init__(self, rows: list[tuple[int, str, int | None]], encoder: Encoder, imaging: ImagingConfig) -> None:
-        self.rows = rows
-        self.preprocess = encoder.preprocess
+    Holds only the (n,) int64 ids; each worker opens its own read-only catalog connection and
+    looks paths up per item, so memory does not grow with the archive (8 bytes per image).
+    An in-memory catalog (no file to reopen) passes its (id, path, frame) rows instead.
+    ``preprocess`` is the encoder's uint8 preprocessing when it has one (``preprocess_u8``:
+    4x less to copy between processes and to the GPU, normalised on the device), else its
+    float preprocessing.
+    """
+
+    def __init__(self, ids: np.ndarray, encoder: Encoder, imaging: ImagingConfig, *, db_path: Path | None = None,
+                 rows: dict[int, tuple[str, int | None]] | None = None, uint8: bool = False) -> None:  # fmt: skip
+        self.ids = ids
+        self.preprocess = encoder.preprocess_u8 if uint8 else encoder.preprocess  # type: ignore[attr-defined]
         self.imaging = imaging
+        self.db_path = db_path
+        self.rows = rows
+        self._catalog: Catalog | None = None
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.ids)
+
+    def _source(self, image_id: int) -> tuple[str, int | None]:
+        if self.rows is not None:
+            return self.rows[image_id]
+        if self._catalog is None:  # first item in this process (a worker, or the main one with workers=0)
+            self._catalog = Catalog.open(self.db_path, readonly=True)
+        return self._catalog.image_source(image_id)
 
     def __getitem__(self, i: int):
         from medsearch.imaging import load_image
 
-        image_id, path, frame = self.rows[i]
+        image_id = int(self.ids[i])
         try:
+            path, frame = self._source(image_id)
             img = load_image(path, frame=frame, config=self.imaging)
             return image_id, self.preprocess(img), None
         except MedsearchError as e:
             return image_id, None, e.message
         except Exception as e:  # a decoder bug must not stop an overnight run
             return image_id, None, f"{type(e).__name__}: {e}"
+
+    def __getstate__(self):  # a worker process opens its own connection
+        return {**self.__dict__, "_catalog": None}
 
 
 def _collate(batch):
@@ -91,6 +114,25 @@ def _collate(batch):
     ids = np.array([i for i, _ in ok], dtype=np.int64)
     xs = torch.stack([x for _, x in ok]) if ok else None
     return ids, xs, failed
+
+
+def resolve_workers(config: EmbedConfig, device: str) -> int:
+    """Decode workers: the configured number, or for ``-1`` (auto) 1 on CPU (the encoder needs
+    the other cores) and one per CPU core but one, up to 16, on a GPU."""
+    if config.workers >= 0:
+        return config.workers
+    import os
+
+    if str(device).startswith("cuda"):
+        return max(1, min(16, (os.cpu_count() or 2) - 1))
+    return 1
+
+
+def resolve_batch_size(config: EmbedConfig, device: str) -> int:
+    """Images per DataLoader batch: the configured size, or for ``0`` (auto) 256 on a GPU and 16 on CPU."""
+    if config.batch_size > 0:
+        return config.batch_size
+    return 256 if str(device).startswith("cuda") else 16
 
 
 def check_weights(catalog: Catalog, encoder: Encoder) -> bool:
@@ -118,52 +160,73 @@ def embed_images(
     limit: int | None = None,
     summary: EmbedSummary | None = None,
 ) -> EmbedSummary:
-    """Embed every ok image that has no vector for this encoder yet."""
+    """Embed every ok image that has no vector for this encoder yet.
+
+    DataLoader workers decode and preprocess (uint8 when the encoder can normalise on its
+    device); the main process encodes batches (bf16 autocast, channels_last on CUDA, pinned
+    memory and non-blocking copies) and commits vectors every ``commit_every``.
+    """
     import torch
     from torch.utils.data import DataLoader
 
     summary = summary or EmbedSummary(encoder.model_id)
-    rows = catalog.images_to_embed(encoder.model_id, limit=limit)
-    if not rows:
+    ids = catalog.image_ids_to_embed(encoder.model_id, limit=limit)  # (n,) int64
+    if len(ids) == 0:
         return summary
     on_cuda = str(encoder.device).startswith("cuda")
+    workers = resolve_workers(config, encoder.device)
+    batch_size = resolve_batch_size(config, encoder.device)
+    uint8 = config.uint8_transfer and bool(getattr(encoder, "uint8_input", False))
+    if catalog.path is None:  # in-memory catalog: workers cannot reopen it, so pass the rows
+        rows = {int(i): (p, f) for i, p, f in catalog.images_to_embed(encoder.model_id, limit=limit)}
+        dataset = _ImageDataset(ids, encoder, imaging, rows=rows, uint8=uint8)
+    else:
+        dataset = _ImageDataset(ids, encoder, imaging, db_path=catalog.path, uint8=uint8)
     loader = DataLoader(
-        _ImageDataset(rows, encoder, imaging),
-        batch_size=config.batch_size,
-        num_workers=config.workers,
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
         collate_fn=_collate,
         pin_memory=on_cuda,
-        prefetch_factor=4 if config.workers else None,
+        prefetch_factor=config.prefetch if workers else None,
         persistent_workers=False,
     )
-    bar = _bar(len(rows), "embed images", "img", progress)
+    threads_before = torch.get_num_threads()
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
+    rows_total = len(ids)
+    del ids
+    bar = _bar(rows_total, "embed images", "img", progress)
     t0 = time.perf_counter()
     buf_ids: list[np.ndarray] = []
     buf_vecs: list[np.ndarray] = []
     buffered = 0
     t_enc = t_write = 0.0
-    for ids, xs, failed in loader:
-        for image_id, reason in failed:
-            catalog.mark_image_failed(int(image_id), reason)
-            summary.images_failed.append((int(image_id), reason))
-        if xs is not None:
-            te = time.perf_counter()
-            vecs = encoder.encode_image_batch(xs)  # (b, image_dim) float32
-            t_enc += time.perf_counter() - te
-            buf_ids.append(ids)
-            buf_vecs.append(vecs)
-            buffered += len(ids)
-        if buffered >= config.commit_every:
-            tw = time.perf_counter()
+    try:
+        for ids, xs, failed in loader:
+            for image_id, reason in failed:
+                catalog.mark_image_failed(int(image_id), reason)
+                summary.images_failed.append((int(image_id), reason))
+            if xs is not None:
+                te = time.perf_counter()
+                vecs = encoder.encode_image_batch(xs)  # (b, image_dim) float32
+                t_enc += time.perf_counter() - te
+                buf_ids.append(ids)
+                buf_vecs.append(vecs)
+                buffered += len(ids)
+            if buffered >= config.commit_every:
+                tw = time.perf_counter()
+                _flush(catalog, encoder.model_id, "image", buf_ids, buf_vecs)
+                t_write += time.perf_counter() - tw
+                summary.images_embedded += buffered
+                buf_ids, buf_vecs, buffered = [], [], 0
+            bar.update(len(ids) + len(failed))
+        if buffered:
             _flush(catalog, encoder.model_id, "image", buf_ids, buf_vecs)
-            t_write += time.perf_counter() - tw
             summary.images_embedded += buffered
-            buf_ids, buf_vecs, buffered = [], [], 0
-        bar.update(len(ids) + len(failed))
-    if buffered:
-        _flush(catalog, encoder.model_id, "image", buf_ids, buf_vecs)
-        summary.images_embedded += buffered
-    bar.close()
+    finally:
+        torch.set_num_threads(threads_before)
+        bar.close()
     del torch
     summary.image_seconds += time.perf_counter() - t0
     summary.stage_seconds["image_encode"] = summary.stage_seconds.get("image_encode", 0.0) + t_enc

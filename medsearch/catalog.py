@@ -471,6 +471,27 @@ class Catalog:
             sql += f" LIMIT {int(limit)}"
         return [tuple(r) for r in self.db.execute(sql, [model])]
 
+    def image_ids_to_embed(self, model: str, limit: int | None = None) -> np.ndarray:
+        """Ids of ok images with no vector for ``model`` yet, in id order, as (n,) int64.
+
+        8 bytes per image (the embedding pipeline looks paths up per item), so a million-image
+        archive costs 8 MB here instead of a list of row tuples.
+        """
+        sql = (
+            "SELECT i.id FROM images i WHERE i.status = 'ok' AND NOT EXISTS "
+            "(SELECT 1 FROM vectors v WHERE v.model = ? AND v.space = 'image' AND v.item_id = i.id) ORDER BY i.id"
+        )
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return np.fromiter((r[0] for r in self.db.execute(sql, [model])), dtype=np.int64)
+
+    def image_source(self, image_id: int) -> tuple[str, int | None]:
+        """(path, frame) of one image row (NotFound when there is none)."""
+        row = self.db.execute("SELECT path, frame FROM images WHERE id = ?", [int(image_id)]).fetchone()
+        if row is None:
+            raise NotFound(f"no image {image_id} in the catalog")
+        return row[0], row[1]
+
     def texts_to_embed(
         self, model: str, kinds: Sequence[str] = ("sentence", "caption", "section"), page: int = 4096
     ) -> Iterator[tuple[int, str]]:
@@ -575,6 +596,17 @@ class Catalog:
                 [kind, *chunk, *sec_params],
             ):
                 out.setdefault(r[1], []).append(dict(id=r[0], case_id=r[1], section=r[2], seq=r[3], text=r[4]))
+        return out
+
+    def caption_ids(self, image_ids: Sequence[int]) -> dict[int, int]:
+        """image id -> text id of its caption row (so a caption's stored vector can be reused)."""
+        out: dict[int, int] = {}
+        for chunk in _chunks([int(i) for i in image_ids], 900):
+            qs = ",".join("?" * len(chunk))
+            for tid, iid in self.db.execute(
+                f"SELECT id, image_id FROM texts WHERE kind = 'caption' AND image_id IN ({qs}) ORDER BY id", chunk
+            ):
+                out.setdefault(iid, tid)
         return out
 
     def find_image(self, ref: str | int) -> dict[str, Any]:

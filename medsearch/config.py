@@ -19,12 +19,16 @@ class ImagingConfig:
 class EmbedConfig:
     """How the embedding pipeline runs."""
 
-    batch_size: int = 32
-    workers: int = 2  # DataLoader decode workers; 0 decodes in the main process
+    # Tuned by benchmarks/embed_throughput.py (see benchmarks/RESULTS.md).
+    batch_size: int = 0  # images per DataLoader batch; 0 = auto: 16 on CPU, 256 on CUDA
+    workers: int = -1  # DataLoader decode workers; 0 decodes in the main process; -1 = auto: 1 on CPU, cores-1 (<=16) on CUDA
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     amp: bool = True  # bf16 autocast on CUDA
     commit_every: int = 512  # vectors per catalog transaction
     text_batch_size: int = 128
+    torch_threads: int = 0  # intra-op threads of the encoding process while embedding; 0 = torch's default
+    prefetch: int = 4  # batches each worker keeps ready
+    uint8_transfer: bool = True  # workers hand over uint8 pixels, normalised on the device (encoders that support it)
 
 
 @dataclass(frozen=True)

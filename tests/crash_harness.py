@@ -450,7 +450,7 @@ class Tally:
                 "kills": self.kills}  # fmt: skip
 
 
-def crash_run(work: Path, *, kills: int, seed: int, n_medpix: int = 8, n_covid: int = 10, kills_per_round: int = 4,
+def crash_run(work: Path, *, kills: int, seed: int, n_medpix: int = 4, n_covid: int = 6, kills_per_round: int = 4,
               commit_every: int = 16, chunk: int = 8, snapshot: bool = True, echo=print) -> Tally:  # fmt: skip
     """Run rounds until ``kills`` kill points were made; returns the tally."""
     t_start = time.monotonic()
@@ -517,8 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=50, help="kill points to make (default 50)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--medpix", type=int, default=8, help="medpix-2.0 dev cases in the slice")
-    ap.add_argument("--covid", type=int, default=10, help="covid-chestxray cases in the slice")
+    ap.add_argument("--medpix", type=int, default=4, help="medpix-2.0 dev cases in the slice")
+    ap.add_argument("--covid", type=int, default=6, help="covid-chestxray cases in the slice")
     ap.add_argument("--kills-per-round", type=int, default=4)
     ap.add_argument("--commit-every", type=int, default=16, help="vectors per commit in `medsearch index`")
     ap.add_argument("--chunk", type=int, default=8, help="items per transaction in `medsearch ingest`")

@@ -55,20 +55,26 @@ def test_vector_rewritten_with_the_same_count_marks_the_index_dirty(small_home, 
     cat.close()
 
 
-def test_kill_between_the_index_file_and_its_manifest_is_rebuilt_next_run(small_home, tmp_path):
-    """The window between the two renames of a save: a new .faiss beside the old manifest, same count."""
+def test_save_interrupted_between_the_index_file_and_its_manifest_is_rebuilt_next_run(small_home, tmp_path):
+    """`index --rebuild --kind hnsw` stops after the .faiss rename (same count, other bytes): the next
+    plain `index` must not call the old manifest "up to date"."""
+    from medsearch.config import IndexConfig
+    from medsearch.errors import IndexInconsistent, StorageError
+
     home, cat, weights, dims = _home(small_home, tmp_path)
     d = Paths(home).index_dir(MODEL)
-    ids, vecs = next(cat.iter_vectors(MODEL, "text"))
-    other = VectorIndex.from_blocks([(ids, vecs[::-1].copy())], model_id=MODEL, weights_hash=weights, space="text",
-                                    dim=dims["text"], count=len(ids))  # fmt: skip
-    scratch = tmp_path / "scratch"
-    other.save(scratch)
-    cat.set_meta(f"dirty:{MODEL}:text", "1")  # what build_indexes records before it saves
-    shutil.copy(scratch / "text.faiss", d / "text.faiss")  # killed after the first rename
-    assert read_manifest(d / "text.json").count == len(ids)  # same count: only the flag tells
+    old_manifest = (d / "text.json").read_bytes()
+    (d / "text.json").unlink()
+    (d / "text.json").mkdir()  # the manifest rename will fail: a stand-in for the kill
+    (d / "text.json" / "x").write_text("x")
+    with pytest.raises(StorageError):
+        build_indexes(cat, Paths(home), model_id=MODEL, weights_hash=weights, dims={"text": dims["text"]},
+                      config=IndexConfig(kind="hnsw"), force=True)  # fmt: skip
+    shutil.rmtree(d / "text.json")
+    (d / "text.json").write_bytes(old_manifest)  # new HNSW file, old flat manifest, same count
+    with pytest.raises(IndexInconsistent, match="checksum"):
+        VectorIndex.load(d, "text", model_id=MODEL)
     out = build_indexes(cat, Paths(home), model_id=MODEL, weights_hash=weights, dims=dims)
     assert out["text"]["rebuilt"]
-    idx = VectorIndex.load(d, "text", model_id=MODEL)
-    np.testing.assert_allclose(idx.reconstruct(int(ids[0])), vecs[0], atol=1e-3)
+    assert VectorIndex.load(d, "text", model_id=MODEL).ntotal == cat.count_vectors(MODEL, "text")
     cat.close()

@@ -288,6 +288,42 @@ class OpenClipEncoder:
         """PIL image (any mode) -> (3, H, W) float32 tensor (open_clip's val transform)."""
         return self.transform(pil_to_rgb(image))
 
+    def _split_transform(self) -> tuple[list[Any], tuple[float, ...], tuple[float, ...]] | None:
+        """(PIL-stage steps, mean, std) when the val transform ends in [ToTensor, Normalize]."""
+        steps = list(getattr(self.transform, "transforms", []))
+        if len(steps) < 2 or type(steps[-1]).__name__ != "Normalize" or "ToTensor" not in type(steps[-2]).__name__:
+            return None
+        return steps[:-2], tuple(float(v) for v in steps[-1].mean), tuple(float(v) for v in steps[-1].std)
+
+    @property
+    def uint8_input(self) -> bool:
+        """True when ``preprocess_u8`` is available (the embedding pipeline then ships uint8 pixels)."""
+        return self._split_transform() is not None
+
+    def preprocess_u8(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> (3, H, W) uint8 tensor (resize + crop only); ``encode_image_batch`` does
+        ToTensor's /255 and the normalisation on the device, with the same result."""
+        import torch
+
+        split = self._split_transform()
+        if split is None:
+            raise InvalidInput(f"{self.model_id}: its image transform cannot be split for uint8 input",
+                               hint="use preprocess()")  # fmt: skip
+        image = pil_to_rgb(image)
+        for step in split[0]:
+            image = step(image)
+        x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())  # (H, W, 3)
+        return x.permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        split = self._split_transform()
+        assert split is not None
+        mean = torch.tensor(split[1], device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(split[2], device=x.device).view(1, 3, 1, 1)
+        return (x.float().div_(255.0) - mean) / std
+
     def encode_image_batch(self, batch: torch.Tensor) -> np.ndarray:
         """(n, 3, H, W) -> (n, d) float32, unit norm."""
         import torch
@@ -300,7 +336,10 @@ class OpenClipEncoder:
         if batch.shape[0] == 0:
             return np.zeros((0, self.image_dim), dtype=np.float32)
         with torch.inference_mode(), self._autocast():
-            v = self._model.encode_image(batch.to(self.device, non_blocking=True))  # (n, d)
+            x = batch.to(self.device, non_blocking=True)
+            if x.dtype == torch.uint8:  # from preprocess_u8: normalise on the device
+                x = self._normalize(x)
+            v = self._model.encode_image(x)  # (n, d)
         return l2_normalize(v.float().cpu().numpy())
 
     # ---- texts

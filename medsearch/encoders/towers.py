@@ -148,7 +148,8 @@ class TowersPreprocess:
     mean: tuple[float, float, float] = LITE_MEAN
     std: tuple[float, float, float] = LITE_STD
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def to_uint8(self, image: Image.Image) -> torch.Tensor:
+        """PIL -> (3, 224, 224) uint8 tensor: RGB, resized and cropped, not yet normalised."""
         import torch
         from PIL import Image as PILImage
 
@@ -160,13 +161,32 @@ class TowersPreprocess:
         left, top = (nw - self.size) // 2, (nh - self.size) // 2
         image = image.crop((left, top, left + self.size, top + self.size))
         x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3) uint8
-        x = x.permute(2, 0, 1).float().div_(255.0)  # (3, H, W) float32 in [0, 1]
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
+        return x.permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., 3, H, W) uint8 -> float32 ``(x/255 - mean) / std`` on x's device."""
+        import torch
+
+        mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(3, 1, 1)
+        return (x.float().div_(255.0) - mean) / std
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(self.to_uint8(image))  # (3, H, W) float32
 
 
 # --------------------------------------------------------------------------- encoder
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_native_bf16() -> bool:
+    """True when oneDNN runs bf16 natively on this CPU (else bf16 autocast is emulated and slow)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class TowersEncoder:
@@ -240,8 +260,25 @@ class TowersEncoder:
         """PIL image (any mode) -> (3, 224, 224) float32 tensor."""
         return self.transform(image)
 
+    uint8_input = True  # preprocess_u8 + encode_image_batch(uint8) are available
+
+    def preprocess_u8(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> (3, 224, 224) uint8 tensor; ``encode_image_batch`` normalises it on the device."""
+        return self.transform.to_uint8(image)
+
+    def _image_autocast(self) -> Any:
+        """bf16 autocast for the image tower: on CUDA (``amp``), and on CPUs with native bf16
+        (AVX512-BF16/AMX), where it doubled EfficientNet-Lite0 images/s on 2 cores (cosine to
+        fp32 features >= 0.9997; benchmarks/embed_throughput.py)."""
+        import torch
+
+        if self.amp and self.device == "cpu" and _cpu_has_native_bf16():
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return self._autocast()
+
     def image_features(self, batch: torch.Tensor) -> np.ndarray:
-        """(n, 3, 224, 224) -> (n, 1280) float32 pooled features, not normalised."""
+        """(n, 3, 224, 224) float (from ``preprocess``) or uint8 (from ``preprocess_u8``)
+        -> (n, 1280) float32 pooled features, not normalised."""
         import torch
 
         if batch.ndim != 4 or batch.shape[1] != 3:
@@ -252,9 +289,11 @@ class TowersEncoder:
         n = batch.shape[0]
         out = np.zeros((n, self.image_dim), dtype=np.float32)  # (n, 1280)
         step = self.micro_batch or n  # CPU: small micro-batches stay in cache (see benchmarks)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._image_autocast():
             for i in range(0, n, step):
                 x = batch[i : i + step].to(self.device, non_blocking=True)
+                if x.dtype == torch.uint8:
+                    x = self.transform.normalize(x)  # (b, 3, H, W) float32, on the device
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 fmap = self._image_net.extract_features(x)  # (b, 1280, 7, 7)

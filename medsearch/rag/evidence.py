@@ -130,8 +130,10 @@ def select_evidence(
 
 
 def _name(image: Any) -> str:
-    if isinstance(image, (str, Path, int)):
-        return str(image)
+    if isinstance(image, Path) or (isinstance(image, str) and Path(image).exists()):
+        return Path(image).name
+    if isinstance(image, (str, int)):
+        return f"image {image}"
     return "the query image"
 
 
@@ -214,6 +216,7 @@ def _load_sentences(
     cat = searcher.catalog
     enc = searcher.encoder
     texts = cat.case_texts(case_order, kind="sentence", sections=config.sections)
+    cap_ids = cat.caption_ids([r["image_id"] for r in rows.values() if r.get("image_id")]) if config.captions else {}
     section_rank = {s: i for i, s in enumerate(config.sections)}
     cases: list[EvidenceCase] = []
     flat: list[tuple[int, str, str, float, int | None]] = []  # (case index, section, text, rel pos, text id)
@@ -222,15 +225,15 @@ def _load_sentences(
         items = sorted(texts.get(c, []), key=lambda r: (section_rank.get(r["section"], 99), r["seq"]))
         raw = [(r["section"], r["text"], r["id"]) for r in items]
         if config.captions and row.get("caption"):
-            raw.append(("caption", row["caption"], None))
+            raw.append(("caption", row["caption"], cap_ids.get(row.get("image_id"))))
         # guard first, so dropped (instruction-like) sentences leave no trace in positions or caps
         guarded: list[tuple[str, str, int | None]] = []
         dropped = 0
         for section, text, tid in raw:
             clean, d = neutralise([text])
             dropped += d
-            if clean:  # a scrubbed sentence no longer matches its stored vector: re-encode it
-                guarded.append((section, clean[0], tid if clean[0] == text else None))
+            if clean:  # a sentence changed by scrubbing no longer matches its stored vector: re-encode it
+                guarded.append((section, clean[0], tid if clean[0] == " ".join(text.split()) else None))
         seen: Counter[str] = Counter()
         capped = []
         for g in guarded:  # at most max_sentences per section

@@ -129,7 +129,7 @@ def ground(
     keep = [i for i, p in enumerate(proposed) if valid_cites[i] or not drop_uncited]
     if not keep:
         return [], invalid, written
-    vecs = encoder.encode_texts([proposed[i].text for i in keep])  # (s, d)
+    vecs = _sentence_vectors([proposed[i].text for i in keep], pack, encoder)  # (s, d)
     sims = vecs @ pack.sent_vecs.T if len(pack.sent_text) else np.zeros((len(keep), 0), np.float32)  # (s, m)
     out: list[DraftSentence] = []
     for row, i in enumerate(keep):
@@ -159,3 +159,23 @@ def ground(
             )  # fmt: skip
         )
     return out, invalid, written
+
+
+def _norm(t: str) -> str:
+    return " ".join(t.lower().rstrip(". ").split())
+
+
+def _sentence_vectors(texts: list[str], pack: EvidencePack, encoder: Encoder) -> np.ndarray:
+    """(s, d) vectors; a sentence copied verbatim from the evidence reuses its evidence vector."""
+    known = {_norm(t): i for i, t in enumerate(pack.sent_text)}
+    out = np.zeros((len(texts), pack.sent_vecs.shape[1] if len(pack.sent_text) else int(encoder.text_dim)), np.float32)
+    todo = []
+    for j, t in enumerate(texts):
+        i = known.get(_norm(t))
+        if i is None:
+            todo.append(j)
+        else:
+            out[j] = pack.sent_vecs[i]
+    if todo:
+        out[todo] = encoder.encode_texts([texts[j] for j in todo])
+    return out
