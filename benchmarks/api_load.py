@@ -73,9 +73,16 @@ def queries(home: Path, n: int) -> tuple[list[str], list[bytes]]:
     return texts, images
 
 
-def run_for(seconds: float, workers: int, call: Callable[[int], bool]) -> tuple[list[float], int, float]:
-    """Run ``call(i)`` from ``workers`` threads until ``seconds`` pass; (latencies s, errors, wall s)."""
+def run_for(
+    seconds: float, workers: int, call: Callable[[int], float | None]
+) -> tuple[list[float], list[float], int, float]:
+    """Run ``call(i)`` from ``workers`` threads until ``seconds`` pass.
+
+    ``call`` returns the time the work itself took (server-side ``took_ms`` for HTTP, 0 in-process) or
+    None on an error. Returns (latencies s, outside-the-work s per request, errors, wall s).
+    """
     lat: list[float] = []
+    extra: list[float] = []
     errors = [0]
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
@@ -83,15 +90,21 @@ def run_for(seconds: float, workers: int, call: Callable[[int], bool]) -> tuple[
     def worker(w: int) -> None:
         i = w
         mine: list[float] = []
+        outside: list[float] = []
         bad = 0
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
-            ok = call(i)
-            mine.append(time.perf_counter() - t0)
-            bad += not ok
+            work = call(i)
+            took = time.perf_counter() - t0
+            mine.append(took)
+            if work is None:
+                bad += 1
+            else:
+                outside.append(took - work)
             i += workers
         with lock:
             lat.extend(mine)
+            extra.extend(outside)
             errors[0] += bad
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(workers)]
@@ -100,15 +113,16 @@ def run_for(seconds: float, workers: int, call: Callable[[int], bool]) -> tuple[
         t.start()
     for t in threads:
         t.join()
-    return lat, errors[0], time.perf_counter() - t0
+    return lat, extra, errors[0], time.perf_counter() - t0
 
 
-def summarise(name: str, kind: str, workers: int, result: tuple[list[float], int, float]) -> dict:
-    lat, errors, wall = result
+def summarise(name: str, kind: str, workers: int, result: tuple[list[float], list[float], int, float]) -> dict:
+    lat, extra, errors, wall = result
     a = np.array(lat) * 1000
     p50, p95, p99 = (float(np.percentile(a, q)) for q in (50, 95, 99)) if len(a) else (0.0, 0.0, 0.0)
+    outside = float(np.percentile(np.array(extra) * 1000, 50)) if extra else 0.0
     return dict(mode=name, kind=kind, clients=workers, n=len(a), errors=errors, rps=len(a) / wall, p50=p50,
-                p95=p95, p99=p99)  # fmt: skip
+                p95=p95, p99=p99, outside=outside)  # fmt: skip
 
 
 def main() -> None:
@@ -140,11 +154,14 @@ def main() -> None:
     s.search_text(texts[0], k=args.k)  # first-call warm-up (tokenizer, BM25, thread pools)
     s.similar(image_from_bytes(images[0]), k=args.k)
 
-    def text_inproc(i: int) -> bool:
-        return bool(s.search_text(texts[i % len(texts)], k=args.k))
+    def text_inproc(i: int) -> float | None:
+        t0 = time.perf_counter()
+        return time.perf_counter() - t0 if s.search_text(texts[i % len(texts)], k=args.k) else None
 
-    def image_inproc(i: int) -> bool:
-        return bool(s.similar(image_from_bytes(images[i % len(images)], name="upload"), k=args.k))
+    def image_inproc(i: int) -> float | None:
+        t0 = time.perf_counter()
+        hits = s.similar(image_from_bytes(images[i % len(images)], name="upload"), k=args.k)
+        return time.perf_counter() - t0 if hits else None
 
     rows = []
     for kind, fn in (("text", text_inproc), ("image", image_inproc)):
@@ -175,15 +192,18 @@ def main() -> None:
         clients[0].post("/v1/search/text", json={"query": texts[0], "k": args.k})
         clients[0].post("/v1/search/image", files={"file": ("q.jpg", images[0], "image/jpeg")}, data={"k": args.k})
 
-        def text_http(i: int) -> bool:
+        def served(r: httpx.Response) -> float | None:
+            return r.json()["took_ms"] / 1000 if r.status_code == 200 else None
+
+        def text_http(i: int) -> float | None:
             c = clients[i % args.clients]
-            return c.post("/v1/search/text", json={"query": texts[i % len(texts)], "k": args.k}).status_code == 200
+            return served(c.post("/v1/search/text", json={"query": texts[i % len(texts)], "k": args.k}))
 
         def image_http(i: int) -> bool:
             c = clients[i % args.clients]
             r = c.post("/v1/search/image", files={"file": ("q.jpg", images[i % len(images)], "image/jpeg")},
                        data={"k": str(args.k)})  # fmt: skip
-            return r.status_code == 200
+            return served(r)
 
         import psutil
 
@@ -201,10 +221,10 @@ def main() -> None:
 
     print()
     print(f"{'mode':<16} {'kind':<6} {'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>8} "
-          f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")  # fmt: skip
+          f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'outside p50':>12}")  # fmt: skip
     for r in sorted(rows, key=lambda r: (r["kind"] != "text", r["mode"].startswith("http"), r["clients"])):
         print(f"{r['mode']:<16} {r['kind']:<6} {r['clients']:>7} {r['n']:>8} {r['errors']:>6} {r['rps']:>8.1f} "
-              f"{r['p50']:>8.1f} {r['p95']:>8.1f} {r['p99']:>8.1f}")  # fmt: skip
+              f"{r['p50']:>8.1f} {r['p95']:>8.1f} {r['p99']:>8.1f} {r['outside']:>12.1f}")  # fmt: skip
     print()
     for kind in ("text", "image"):
         for w in (1, args.clients):
@@ -212,6 +232,7 @@ def main() -> None:
             http = next(r for r in rows if r["kind"] == kind and r["mode"] == f"http x{w}")
             print(f"API overhead, {kind} x{w}: p50 {http['p50'] - inp['p50']:+.1f} ms, "
                   f"throughput {100 * (http['rps'] / inp['rps'] - 1):+.0f}% vs in-process x{w}")  # fmt: skip
+    print("outside p50: client latency minus the server's own took_ms per request (HTTP, parsing, queueing)")
     print(f"server RSS after each HTTP phase: {', '.join(f'{r / 2**20:.0f}' for r in rss)} MiB")
     print(f"audit log lines written by the server: {audit_lines}; "
           f"load average during the run: {load0:.1f} -> {os.getloadavg()[0]:.1f}")  # fmt: skip

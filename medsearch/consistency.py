@@ -109,6 +109,8 @@ def check_home(catalog: Catalog, paths: Paths, *, repair: bool = False) -> dict[
                 "WHERE v.model = ? AND v.space = 'text' AND v.item_id = t.id)", [model]
             ).fetchone()[0]  # fmt: skip
         indexes.append(entry)
+    for model in sorted({e["model"] for e in indexes}):
+        _check_bm25(catalog, paths, model, repair, problems, repaired)
     stale = sorted(paths.indexes.glob("*/.*.tmp")) if paths.indexes.is_dir() else []
     if repair:  # left by a killed save: disk space only, never read
         for tmp in stale:
@@ -127,6 +129,33 @@ def check_home(catalog: Catalog, paths: Paths, *, repair: bool = False) -> dict[
         "images_not_embedded": unembedded,
         "stale_files": [f"{t.parent.name}/{t.name}" for t in stale if t.exists()],
     }
+
+
+def _check_bm25(catalog: Catalog, paths: Paths, model: str, repair: bool, problems: list[str],
+                repaired: list[str]) -> None:  # fmt: skip
+    """The BM25 index beside a model's vector indexes matches the catalog's texts (rebuilt from them)."""
+    try:
+        from .bm25 import BM25, build_bm25_index, catalog_docs
+        from .bm25 import read_manifest as bm25_manifest
+    except ImportError:  # a build without BM25
+        return
+    directory = paths.index_dir(model)
+    broken = None
+    try:
+        man = bm25_manifest(directory)
+        if not man:
+            return  # never built: `medsearch index` builds it
+        ids, _, fingerprint = catalog_docs(catalog)
+        bm, _ = BM25.load(directory)
+        if man.get("fingerprint") != fingerprint or len(bm) != len(ids):
+            broken = f"the BM25 index of {model} holds {len(bm)} texts that do not match the catalog's {len(ids)}"
+    except MedsearchError as e:
+        broken = e.message
+    if broken:
+        problems.append(broken)
+        if repair:
+            out = build_bm25_index(catalog, directory, force=True)
+            repaired.append(f"rebuilt the BM25 index of {model} from {out['count']} catalog texts")
 
 
 def _pairs(catalog: Catalog, paths: Paths) -> list[tuple[str, str]]:

@@ -339,7 +339,7 @@ class Searcher:
                 if man.get("fingerprint") != catalog_docs(self.catalog)[2]:
                     raise IndexInconsistent(
                         f"the BM25 index of {self.model_id} does not match the catalog's texts",
-                        hint="run `medsearch index` to bring it up to date",
+                        hint="run `medsearch index` to bring it up to date, or `medsearch check --repair`",
                     )
                 self._bm25 = bm
             return self._bm25

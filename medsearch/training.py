@@ -362,6 +362,14 @@ class FeatureStore:
             raise
 
 
+TENSOR_KIND = "by-tensor"  # pooled centre-view features keyed by the preprocessed input tensor
+
+
+def tensor_key(x: torch.Tensor) -> str:
+    """sha256 of a preprocessed (3, H, W) float32 tensor: the same input gives the same tower output."""
+    return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
 def _load_images(paths: Sequence[str], frames: Sequence[int | None], imaging: ImagingConfig):
     from .imaging import load_image
 
@@ -388,6 +396,7 @@ def image_view_features(
 
     View 0 is ``towers.preprocess(image)``, exactly what indexing embeds.
     """
+    pooled = fn is None  # the encoder's own features: also remember centre views by input tensor
     fn = fn or towers.image_features
     kind = kind or f"img-{spec.digest()}"
     flat_keys = [f"{k}#{v}" for k in keys for v in range(n_views)]
@@ -403,14 +412,17 @@ def image_view_features(
         results: dict[int, np.ndarray] = {}
         pending: list[tuple[int, torch.Tensor]] = []
         images = sorted(need)
+        by_tensor: dict[str, np.ndarray] = {}  # centre views by input-tensor hash (see tensor_key)
 
         def flush() -> None:
             import torch
 
             if pending:
                 out = fn(torch.stack([x for _, x in pending]))
-                for (m, _), v in zip(pending, out, strict=True):
+                for (m, x), v in zip(pending, out, strict=True):
                     results[m] = v
+                    if pooled and m % n_views == 0:
+                        by_tensor[tensor_key(x)] = v
                 pending.clear()
 
         loaded = _load_images([paths[i] for i in images], [frames[i] for i in images], imaging)
@@ -423,6 +435,8 @@ def image_view_features(
             if progress:
                 progress("image features", min(done, todo), todo)
         flush()
+        if by_tensor:
+            store._write(TENSOR_KIND, list(by_tensor), np.stack(list(by_tensor.values())))
         return np.stack([results[m] for m in missing])
 
     feats = store.get(kind, flat_keys, compute, chunk=200 * n_views)

@@ -213,3 +213,17 @@ def test_api_refuses_an_inconsistent_index_and_names_check(home, towers, tmp_pat
         err = r.json()["error"]
         assert err["code"] == "IndexInconsistent" and "medsearch check" in err["hint"]
         assert str(home) not in r.text  # no server path leaks
+
+
+def test_bm25_index_out_of_step_with_the_texts(home, towers):
+    d = _index_dir(home)
+    man = json.loads((d / "bm25.json").read_text())
+    (d / "bm25.json").write_text(json.dumps({**man, "fingerprint": "0" * 16}))  # a stale BM25 generation
+    rep = _check(home)
+    assert not rep["ok"] and any("BM25 index of towers" in p for p in rep["problems"]), rep
+    with pytest.raises(IndexInconsistent, match="BM25") as e:
+        Searcher(home, encoder=towers).bm25()
+    assert "medsearch check" in e.value.hint
+    rep = _check(home, repair=True)
+    assert rep["ok"] and any("rebuilt the BM25 index" in x for x in rep["repaired"])
+    assert len(Searcher(home, encoder=towers).bm25()) > 0

@@ -82,6 +82,9 @@ def test_lite_loads_and_gives_identical_embeddings_after_reload(trained, home):
     assert again is not enc and again.weights_hash == enc.weights_hash
     np.testing.assert_array_equal(again.encode_image_batch(batch), img)
     np.testing.assert_array_equal(again.encode_texts(texts), txt)
+    # tower features of images that training already saw come from its cache, and match a fresh forward
+    assert again.cache_hits == len(rows)
+    np.testing.assert_allclose(again.image_features(batch), again.towers.image_features(batch), atol=1e-5)
     # the projection of raw tower features is the same function the encoder applies
     np.testing.assert_allclose(again.project_image_features(again.towers.image_features(batch)), img, atol=1e-6)
     assert enc.weights_hash != enc.towers.weights_hash

@@ -151,7 +151,14 @@ class LiteEncoder:
 
     shared_space = True
 
-    def __init__(self, towers: TowersEncoder, directory: Path, device: str = "auto", name: str | None = None) -> None:
+    def __init__(
+        self,
+        towers: TowersEncoder,
+        directory: Path,
+        device: str = "auto",
+        name: str | None = None,
+        feature_cache: Path | None = None,
+    ) -> None:
         import torch
         from safetensors.torch import load_file
 
@@ -191,6 +198,9 @@ class LiteEncoder:
         self.text_max_tokens = towers.text_max_tokens
         self._digest = _file_digest(self.directory / WEIGHTS_FILE)[:16]
         self.temperature = float(1.0 / torch.exp(self.heads.logit_scale).item())
+        self._cache_dir = Path(feature_cache) if feature_cache is not None else None
+        self._by_tensor: dict[str, np.ndarray] | None = None
+        self.cache_hits = 0  # images whose tower features came from the training cache
 
     # ---- identity
 
@@ -232,10 +242,45 @@ class LiteEncoder:
         """PIL image (any mode) -> (3, 224, 224) float32 tensor (the towers' preprocessing)."""
         return self.towers.preprocess(image)
 
+    def _tensor_index(self) -> dict[str, np.ndarray]:
+        """Centre-view tower features that training cached, keyed by their input tensor."""
+        if self._by_tensor is None:
+            from medsearch.training import TENSOR_KIND, FeatureStore
+
+            index: dict[str, np.ndarray] = {}
+            if self._cache_dir is not None:
+                folder = FeatureStore(self._cache_dir, self.towers.weights_hash).dir / TENSOR_KIND
+                for f in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
+                    try:
+                        with np.load(f, allow_pickle=False) as z:
+                            index.update(zip(z["keys"].tolist(), z["feats"], strict=True))
+                    except (OSError, ValueError, KeyError):
+                        continue
+            self._by_tensor = index
+        return self._by_tensor
+
     def image_features(self, batch: torch.Tensor) -> np.ndarray:
-        """(n, 3, 224, 224) -> (n, 1280) pooled tower features (fine-tuned blocks when present)."""
+        """(n, 3, 224, 224) -> (n, 1280) pooled tower features (fine-tuned blocks when present).
+
+        With frozen towers, an input tensor whose features training already cached (same
+        preprocessed pixels, same tower weights) is looked up instead of recomputed.
+        """
         if self._image_net is None:
-            return self.towers.image_features(batch)
+            index = self._tensor_index()
+            if not index:
+                return self.towers.image_features(batch)
+            from medsearch.training import tensor_key
+
+            keys = [tensor_key(x) for x in batch]
+            miss = [i for i, k in enumerate(keys) if k not in index]
+            out = np.empty((len(keys), self.towers.image_dim), dtype=np.float32)  # (n, 1280)
+            if miss:
+                out[miss] = self.towers.image_features(batch[miss])
+            for i, k in enumerate(keys):
+                if k in index:
+                    out[i] = index[k]
+            self.cache_hits += len(keys) - len(miss)
+            return out
         import torch
 
         with torch.inference_mode():
@@ -259,4 +304,4 @@ def load(models_dir: Path, device: str = "auto", name: str | None = None) -> Lit
     if not (directory / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(directory / WEIGHTS_FILE)
     towers = load_encoder("towers", device=device)
-    return LiteEncoder(towers, directory, device=device, name=name)
+    return LiteEncoder(towers, directory, device=device, name=name, feature_cache=Path(models_dir) / "cache")
