@@ -47,7 +47,9 @@ def run_draft(state: Any, searcher: Any, query: Any, desc: S.QueryImage, generat
         )
     from medsearch.rag.config import DraftConfig, LLMConfig
 
-    config = DraftConfig(generator=generator, llm=state.settings.llm or LLMConfig(), fallback=state.settings.draft_fallback)
+    config = DraftConfig(
+        generator=generator, llm=state.settings.llm or LLMConfig(), fallback=state.settings.draft_fallback
+    )
     draft = drafter_cls(searcher, config=config).draft(query)
     return draft_out(draft, desc)
 

@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--grid", default="16:1:2:4,16:0:2:4,16:1:1:4,64:1:2:4,16:1:2:1,16:1:2:8,16:1:2:16,16:2:2:4",
                     help="batch:workers:torch_threads:micro_batch entries (micro_batch: towers' CPU forward size)")
     ap.add_argument("--omp-compare", action="store_true",
-                    help="also run naive-fp32 and the first grid entry in a child with OMP_WAIT_POLICY unset")
+                    help="also run naive-fp32 and the first grid entry (32 images) in a child with OMP_WAIT_POLICY unset")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
 
@@ -167,6 +167,15 @@ def main() -> None:
                 cos = np.sum(v32 * vnaive, axis=1)
                 checks["cos(naive, naive-fp32) min"] = float(cos.min())
                 checks["cos(naive, naive-fp32) mean"] = float(cos.mean())
+                # does the precision change retrieval? top-10 image->image neighbours among these images
+                k = min(10, len(files) - 1)
+                def knn(v):
+                    s = v @ v.T
+                    np.fill_diagonal(s, -np.inf)
+                    return np.argsort(-s, axis=1)[:, :k]
+                a, b = knn(v32), knn(vnaive)
+                checks["top-10 neighbour overlap bf16 vs fp32"] = float(np.mean(
+                    [len(set(x) & set(y)) / k for x, y in zip(a, b, strict=True)]))  # fmt: skip
             for b, w, th, mb in grid:
                 name = f"pipeline b{b} w{w} t{th} mb{mb}"
                 rate, order, vecs, failed = pipeline(enc, template, work, b, w, th, mb)
@@ -203,7 +212,7 @@ def main() -> None:
         code = (
             "import sys, json; sys.path.insert(0, %r); sys.argv=['x']; import embed_throughput as e; "
             "e.omp_child(%d, %r, %r, %d, %d, %d, %d, %d)"
-        ) % (str(Path(__file__).parent), args.n, args.model, args.device, b, w, th, mb, args.rounds)
+        ) % (str(Path(__file__).parent), min(args.n, 32), args.model, args.device, b, w, th, mb, args.rounds)
         child = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY_UNSET": "1"},
                                capture_output=True, text=True)  # fmt: skip
         print(child.stdout.strip() or child.stderr[-2000:])

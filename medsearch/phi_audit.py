@@ -25,6 +25,8 @@ from .deid import DATE_MODES, PHI_TAGS, deid_method, find_phi
 KINDS = ("name", "date", "phone", "email", "id", "age_over_89", "dicom_phi_key", "dicom_uid")
 _PHI_KEYS = {k.lower() for k in PHI_TAGS}
 _UID = re.compile(r"(?<![\w.])[12](?:\.(?:0|[1-9]\d{0,38})){3,}(?![\w.])")
+_MASKED = re.compile(r"[\sX\-.,:]*X{2,}[\sX\-.,:]*")  # XXXX: already de-identified by the data set
+_DATE_SEPS = re.compile(r"(?<=\d)[-/.](?=\d)")
 _URL = re.compile(r"\b(?:https?|ftp)://\S+")
 _STANDARD_UID_ROOT = "1.2.840.10008."  # transfer syntaxes, SOP classes: not about a patient
 _CONTEXT = 24
@@ -34,14 +36,18 @@ _METHODS = {deid_method(m) for m in DATE_MODES}
 def scan_text(text: str) -> list[tuple[str, int, int]]:
     """(kind, start, end) of PHI-like spans in one string: ``find_phi`` plus raw DICOM UIDs.
 
-    Digit runs inside a URL (``https://...?id=...``) are not counted as ids, dates or phones.
+    Not counted: digit runs inside a URL (``https://...?id=...``) or a UID as ids, dates or phones;
+    spans a data set already masked (``Dr. XXXX``); numeric "dates" whose separators differ
+    (``12.3/38``, lab shorthand).
     """
     uids = [m for m in _UID.finditer(text) if len(m.group()) >= 10]
     inside = [(m.start(), m.end()) for m in _URL.finditer(text)] + [(m.start(), m.end()) for m in uids]
     spans = [
         sp
         for sp in find_phi(text)
-        if sp[0] in ("name", "email") or not any(a <= sp[1] and sp[2] <= b for a, b in inside)
+        if (sp[0] in ("name", "email") or not any(a <= sp[1] and sp[2] <= b for a, b in inside))
+        and not _MASKED.fullmatch(text[sp[1] : sp[2]])
+        and not (sp[0] == "date" and len(set(_DATE_SEPS.findall(text[sp[1] : sp[2]]))) > 1)
     ]
     for m in uids:  # a digit run inside a UID is not a date or an MRN; the UID itself may be PHI
         if not m.group().startswith(_STANDARD_UID_ROOT) and not any(s < m.end() and m.start() < e for _, s, e in spans):

@@ -63,6 +63,8 @@ def test_clean_and_scrubbed_text_has_nothing():
     assert scan_text(scrub_text(REPORT)) == []  # what the scrubber replaces, the audit no longer sees
     assert scan_text("see https://medpix.nlm.nih.gov/case?id=12345678-aaaa, syntax 1.2.840.10008.1.2.4.50") == []
     assert [k for k, _, _ in scan_text("UID 1.3.6.1.4.1.9590.100.1.2.123456789")] == ["dicom_uid"]
+    assert scan_text("Dr. XXXX XXXX was called; CBC 10.7> 12.3/38.4 <") == []  # masked by the data set; lab shorthand
+    assert [k for k, _, _ in scan_text("seen 03/14/2019 and 3.4.2019")] == ["date", "date"]
     assert shape("Dr. Ab-9") == "Xx. Xx-9"
 
 
