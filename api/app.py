@@ -135,7 +135,10 @@ def create_app(settings: ApiSettings, *, encoder: Any = None) -> FastAPI:
         state = AppState(settings, encoder=encoder, metrics=metrics)
         app.state.ms = state
         try:
-            await run_in_threadpool(state.reload)
+            # On purpose in this (the main) thread, before serving: torch calls from the server's
+            # worker threads ran ~15x slower (670 vs 45 ms per text search, measured) until the
+            # main thread had run the encoder once.
+            state.reload()
         except IndexNotBuilt as e:
             log.warning("starting without an index: %s", e)
         except MedsearchError as e:

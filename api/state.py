@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,6 +32,7 @@ from .settings import ApiSettings
 
 log = logging.getLogger("medsearch.api")
 SPACES = ("image", "text")
+_WARMED: weakref.WeakSet[Any] = weakref.WeakSet()  # encoders already warmed up in this process
 
 
 def _now() -> str:
@@ -155,7 +157,6 @@ class AppState:
         self.unusable_index = False  # the last reload found an index that failed its checks
         self._failed_stamp: tuple[Any, ...] | None = None
         self._pending_stamp: tuple[Any, ...] | None = None
-        self._warmed: set[int] = set()  # ids of encoders already warmed up
         from .drafts import available
 
         self.drafts_available = available()
@@ -246,7 +247,7 @@ class AppState:
         CPU, 20 text queries: p50 409 ms in a fresh process, 54 ms on the second pass), so the first
         users would pay for it.
         """
-        if id(enc) in self._warmed:
+        if enc in _WARMED:
             return
         from PIL import Image
 
@@ -257,7 +258,7 @@ class AppState:
             enc.encode_texts([t])
         for _ in range(2):
             encode_images(enc, [Image.new("L", (256, 256), 100)])
-        self._warmed.add(id(enc))
+        _WARMED.add(enc)
 
     def maybe_reload(self) -> bool:
         """The file watch: reload once the manifests changed and then stayed unchanged for one poll.

@@ -97,7 +97,8 @@ def naive(enc, files, fp32: bool):
     return len(files) / (time.perf_counter() - t), np.concatenate(out)
 
 
-def pipeline(enc, template: Path, work: Path, batch: int, workers: int, threads: int, micro: int | None):
+def pipeline(enc, template: Path, work: Path, batch: int, workers: int, threads: int, micro: int | None,
+             in_workers: int = 0):  # fmt: skip
     import numpy as np
 
     from indexer.embed import embed_images
@@ -112,8 +113,8 @@ def pipeline(enc, template: Path, work: Path, batch: int, workers: int, threads:
         enc.micro_batch = micro
     try:
         t = time.perf_counter()
-        s = embed_images(cat, enc, config=EmbedConfig(batch_size=batch, workers=workers, torch_threads=threads),
-                         progress=False)  # fmt: skip
+        cfg = EmbedConfig(batch_size=batch, workers=workers, torch_threads=threads, encode_in_workers=bool(in_workers))
+        s = embed_images(cat, enc, config=cfg, progress=False)
         rate = s.images_embedded / (time.perf_counter() - t)
         ids, vecs = zip(*cat.iter_vectors(enc.model_id, "image"), strict=True)
         paths = dict(cat.db.execute("SELECT id, path FROM images").fetchall())
@@ -133,8 +134,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--model", default="towers")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--grid", default="16:1:2:4,16:0:2:4,16:1:1:4,64:1:2:4,16:1:2:1,16:1:2:8,16:1:2:16,16:2:2:4",
-                    help="batch:workers:torch_threads:micro_batch entries (micro_batch: towers' CPU forward size)")
+    ap.add_argument("--grid", default="16:0:1:4,16:1:2:4,16:2:1:4:1,16:1:1:4,64:1:2:4,16:1:2:8",
+                    help="batch:workers:torch_threads:micro_batch[:encode_in_workers] entries (micro_batch: towers' "
+                         "CPU forward size; encode_in_workers 1: workers decode and encode, 1 thread each)")  # fmt: skip
     ap.add_argument("--omp-compare", action="store_true",
                     help="also run naive-fp32 and the first grid entry (32 images) in a child with OMP_WAIT_POLICY unset")
     ap.add_argument("--json-out", type=Path)
@@ -150,7 +152,7 @@ def main() -> None:
     print(f"# embed_throughput  model {enc.model_id} on {enc.device}  torch {torch.__version__}  "
           f"default threads {torch.get_num_threads()}  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}  "
           f"images {len(files)}  load at start {load_avg()}", flush=True)  # fmt: skip
-    grid = [tuple(int(v) for v in g.split(":")) for g in args.grid.split(",") if g]
+    grid = [tuple(int(v) for v in (g + ":0").split(":")[:5]) for g in args.grid.split(",") if g]
     with tempfile.TemporaryDirectory(prefix="embed-bench-") as tmp:
         work = Path(tmp)
         template = make_catalog(files, work)
@@ -169,16 +171,16 @@ def main() -> None:
                 checks["cos(naive, naive-fp32) mean"] = float(cos.mean())
                 # does the precision change retrieval? top-10 image->image neighbours among these images
                 k = min(10, len(files) - 1)
-                def knn(v):
+                def knn(v, k=k):
                     s = v @ v.T
                     np.fill_diagonal(s, -np.inf)
                     return np.argsort(-s, axis=1)[:, :k]
                 a, b = knn(v32), knn(vnaive)
                 checks["top-10 neighbour overlap bf16 vs fp32"] = float(np.mean(
                     [len(set(x) & set(y)) / k for x, y in zip(a, b, strict=True)]))  # fmt: skip
-            for b, w, th, mb in grid:
-                name = f"pipeline b{b} w{w} t{th} mb{mb}"
-                rate, order, vecs, failed = pipeline(enc, template, work, b, w, th, mb)
+            for b, w, th, mb, ew in grid:
+                name = f"pipeline b{b} w{w} t{th} mb{mb}" + (" encode-in-workers" if ew else "")
+                rate, order, vecs, failed = pipeline(enc, template, work, b, w, th, mb, ew)
                 results.setdefault(name, []).append(rate)
                 if r == 0 and failed:
                     print(f"   {name}: {len(failed)} failed images", flush=True)
@@ -207,12 +209,13 @@ def main() -> None:
     out = {"model": enc.model_id, "device": enc.device, "images": len(files), "results": results,
            "checks": checks, "loads": loads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}  # fmt: skip
     if args.omp_compare:
-        b, w, th, mb = grid[0]
+        b, w, th, mb, ew = grid[0]
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
         code = (
-            "import sys, json; sys.path.insert(0, %r); sys.argv=['x']; import embed_throughput as e; "
-            "e.omp_child(%d, %r, %r, %d, %d, %d, %d, %d)"
-        ) % (str(Path(__file__).parent), min(args.n, 32), args.model, args.device, b, w, th, mb, args.rounds)
+            f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); sys.argv=['x']; "
+            f"import embed_throughput as e; "
+            f"e.omp_child({min(args.n, 32)}, {args.model!r}, {args.device!r}, {b}, {w}, {th}, {mb}, {args.rounds}, {ew})"
+        )
         child = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY_UNSET": "1"},
                                capture_output=True, text=True)  # fmt: skip
         print(child.stdout.strip() or child.stderr[-2000:])
@@ -224,7 +227,7 @@ def main() -> None:
         args.json_out.write_text(json.dumps(out, indent=2))
 
 
-def omp_child(n, model, device, b, w, th, mb, rounds) -> None:
+def omp_child(n, model, device, b, w, th, mb, rounds, ew=0) -> None:
     """naive-fp32 and one pipeline config under the default OMP_WAIT_POLICY (spinning threads)."""
     os.environ.pop("OMP_WAIT_POLICY", None)
     from medsearch.encoders.registry import load_encoder
@@ -238,7 +241,7 @@ def omp_child(n, model, device, b, w, th, mb, rounds) -> None:
         naive(enc, files[:4], fp32=False)
         for _ in range(rounds):
             res["naive-fp32"].append(naive(enc, files, fp32=True)[0])
-            res["pipeline"].append(pipeline(enc, template, work, b, w, th, mb)[0])
+            res["pipeline"].append(pipeline(enc, template, work, b, w, th, mb, ew)[0])
     print(f"OMP_WAIT_POLICY unset (default): naive-fp32 {res['naive-fp32']}, pipeline b{b} w{w} t{th} mb{mb} "
           f"{res['pipeline']}  load {load_avg()}")  # fmt: skip
     print(json.dumps(res))

@@ -27,6 +27,7 @@ Rows:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -175,7 +176,8 @@ def encode_from_tensors(enc, args) -> None:
             n += b
         sync(dev)
         rate = n / (time.perf_counter() - t)
-    row("encode", f"tensors on {dev}, batch {b}, bf16", rate, "images/s", "model forward only (ceiling)")
+    row("encode", f"tensors on {dev}, batch {b}, {'bf16' if cuda else 'fp32'}", rate, "images/s",
+        "model forward only (ceiling)")  # fmt: skip
     host = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8)
     if cuda:
         host = host.pin_memory()
@@ -224,7 +226,6 @@ def encode_from_png(enc, args, work: Path) -> None:
 def search(args) -> None:
     import numpy as np
     import torch
-
     from synth import Synth
 
     n, d, qb, k = args.vectors, 512, args.query_batch, 10
@@ -254,7 +255,7 @@ def search(args) -> None:
             xb_t = torch.from_numpy(xb).to(dev, dtype=dtype)
             xq_t = torch.from_numpy(xq).to(dev, dtype=dtype)
 
-            def topk(q):
+            def topk(q, xb_t=xb_t):
                 return torch.topk(q @ xb_t.T, k, dim=1)  # (b, n) scores -> (b, k)
 
             topk(xq_t[:qb])
@@ -283,6 +284,23 @@ def search(args) -> None:
             done += qb
         row("search", f"faiss-gpu flat, batch {qb}", done / (time.perf_counter() - t), "queries/s", "exact")
         del gidx
+        from medsearch.config import IndexConfig
+        from medsearch.vectors import VectorIndex
+
+        vi = VectorIndex.from_blocks(functools.partial(synth.blocks, n), model_id="bench", weights_hash="-", space="image",
+                                     dim=d, count=n, config=IndexConfig(kind="flat"))  # fmt: skip
+        if vi.to_gpu():
+            vi.search(xq[:qb], k)
+            t, done = time.perf_counter(), 0
+            while time.perf_counter() - t < args.seconds:
+                vi.search(xq[:qb], k)
+                done += qb
+            _, I = vi.search(xq[:qb], k)
+            row("search", f"product VectorIndex.to_gpu() flat, batch {qb}", done / (time.perf_counter() - t),
+                "queries/s", f"recall@10 vs exact {recall(I - 1):.4f}")  # fmt: skip
+        else:
+            NOTES.append("VectorIndex.to_gpu() declined (see medsearch/vectors.py)")
+        del vi
     else:
         NOTES.append("faiss-gpu not installed (faiss.get_num_gpus() == 0): torch top-k is the GPU search path")
     if args.skip_ivf or elapsed() > args.budget - args.ivf_reserve:
@@ -292,7 +310,7 @@ def search(args) -> None:
     from medsearch.vectors import VectorIndex
 
     t = time.perf_counter()
-    idx = VectorIndex.from_blocks(lambda: synth.blocks(n), model_id="bench", weights_hash="-", space="image", dim=d,
+    idx = VectorIndex.from_blocks(functools.partial(synth.blocks, n), model_id="bench", weights_hash="-", space="image", dim=d,
                                   count=n, config=IndexConfig())  # fmt: skip
     build = time.perf_counter() - t
     _, I = idx.search(xq[:qb], k)

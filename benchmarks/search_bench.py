@@ -16,6 +16,7 @@ speed-up over exact flat measured in the same process. Threads: ``--threads`` fo
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -28,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-
 from synth import Synth  # noqa: E402
 
 
@@ -114,7 +114,7 @@ def main() -> None:
                 gc.collect()
                 t = time.perf_counter()
                 built[kind] = VectorIndex.from_blocks(
-                    lambda: synth.blocks(n), model_id="bench", weights_hash="-", space="image", dim=d, count=n,
+                    functools.partial(synth.blocks, n), model_id="bench", weights_hash="-", space="image", dim=d, count=n,
                     config=IndexConfig(kind=kind),
                 )  # fmt: skip
                 info[kind] = {"kind": kind, "build_s": time.perf_counter() - t, "built": built[kind].manifest.kind,
@@ -127,8 +127,7 @@ def main() -> None:
                 for kind, idx in built.items():
                     per[kind].append(measure(idx, xq_single, xq_batch, args.batch))
             gt = per["flat"][0][2] if "flat" in per else None
-            def stats(kind):
-                runs = per[kind]
+            def stats(runs, xq_batch=xq_batch, gt=gt):
                 single_qps = float(np.median([len(r[0]) / sum(r[0]) for r in runs]))
                 return dict(
                     single_p50_ms=round(float(np.median([pct(r[0], 50) for r in runs])), 3),
@@ -139,7 +138,7 @@ def main() -> None:
                     batched_qps=round(float(np.median([len(xq_batch) / sum(r[1]) for r in runs])), 1),
                     recall_at_10=round(recall(runs[0][2], gt), 4) if gt is not None else None,
                 )  # fmt: skip
-            measured = {k: stats(k) for k in built}
+            measured = {k: stats(per[k]) for k in built}
             flat_qps = measured["flat"]["single_qps"] if "flat" in measured else None
             for kind, meta in info.items():
                 m = measured[meta.get("same_as", kind)]

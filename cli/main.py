@@ -184,28 +184,51 @@ def index(
     home: Home = None,  # type: ignore[assignment]
     model: Model = None,
     device: Device = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder batch.")] = 16,
-    workers: Annotated[int, typer.Option(min=0, help="Decode worker processes.")] = 1,
-    kind: Annotated[str, typer.Option(help="FAISS index kind: auto, flat, hnsw.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=0, help="Images per batch; 0 = auto (16 on CPU, 256 on CUDA).")] = 0,
+    workers: Annotated[int, typer.Option(min=-1, help="Decode worker processes; -1 = auto (1 on CPU, cores-1 up to 16 on CUDA).")] = -1,
+    torch_threads: Annotated[int, typer.Option(min=0, help="Encoder threads while embedding; 0 = torch's default.")] = 0,
+    kind: Annotated[str, typer.Option(help="FAISS index kind: auto (flat up to 100k vectors, then ivfpq), flat, hnsw, ivfpq.")] = "auto",
+    target_recall: Annotated[float, typer.Option(min=0.5, max=1.0, help="Recall@10 the ANN search knobs are tuned to.")] = 0.95,
+    engine: Annotated[str, typer.Option(help="local (DataLoader workers) or ray (Ray Data actor pool, one per device).")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (e.g. auto, ray://head:10001); default: a local Ray.")] = None,
+    actors: Annotated[int, typer.Option(min=0, help="Ray actors; 0 = one per GPU, else one per 2 CPUs.")] = 0,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild indexes and retry failed images.")] = False,
     commit_every: Annotated[int, typer.Option(min=1, help="Vectors per catalog commit (a crash loses at most these).")] = 512,
     json_out: JsonOut = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Embed what is not embedded yet and build/update the FAISS indexes (resumable)."""
+    # Sleeping (not spinning) OpenMP threads: on a shared 2-core host the encoder ran 0.4-0.8
+    # images/s with spinning threads and 11-50 with passive ones (benchmarks/embed_throughput.py).
+    # Must be set before torch is imported; an explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from indexer.embed import run_index
     from medsearch.catalog import Catalog
     from medsearch.config import EmbedConfig, IndexConfig, Paths
     from medsearch.encoders.registry import load_encoder
+    from medsearch.errors import InvalidInput
 
+    if kind not in ("auto", "flat", "hnsw", "ivfpq"):
+        raise InvalidInput(f"unknown index kind {kind!r}", hint="use one of: auto, flat, hnsw, ivfpq")
+    if engine not in ("local", "ray"):
+        raise InvalidInput(f"unknown engine {engine!r}", hint="use local or ray")
     h = _home(home)
     cat = Catalog.open(h / "catalog.db", create=False)
     spec = model or _default_model(h)
     try:
         enc = load_encoder(spec, device=device, models_dir=h / "models")
+        stage = None
+        if engine == "ray":
+            from indexer.distributed import ray_image_stage
+
+            shard_dir = h / "shards" / Paths(h).index_dir(enc.model_id).name  # vector shards the actors write
+            stage = ray_image_stage(spec=spec, models_dir=h / "models", shard_dir=shard_dir, actors=actors,
+                                    address=ray_address)  # fmt: skip
         summary = run_index(
-            cat, enc, Paths(h), config=EmbedConfig(batch_size=batch_size, workers=workers, commit_every=commit_every),
-            index_config=IndexConfig(kind=kind), progress=not (quiet or json_out), rebuild=rebuild,
+            cat, enc, Paths(h),
+            config=EmbedConfig(batch_size=batch_size, workers=workers, commit_every=commit_every, torch_threads=torch_threads),
+            index_config=IndexConfig(kind=kind, target_recall=target_recall), progress=not (quiet or json_out),
+            rebuild=rebuild, image_stage=stage,
         )  # fmt: skip
     finally:
         cat.close()
@@ -217,7 +240,7 @@ def index(
         f"({summary.images_per_s:.1f}/s), {summary.texts_embedded} texts embedded"
     )
     for space, info in summary.indexes.items():
-        state = "rebuilt" if info["rebuilt"] else "up to date"
+        state = "rebuilt" if info["rebuilt"] else (f"updated, +{info['added']}" if info.get("added") else "up to date")
         typer.echo(f"  {space} index: {info['count']} vectors, {info['kind']}, generation {info['generation']} ({state})")
     for image_id, reason in summary.images_failed[:20]:
         typer.secho(f"  image {image_id} failed: {reason}", fg=typer.colors.YELLOW)
@@ -232,7 +255,7 @@ def search(
     modality: Modality = None,
     body_region: Region = None,
     split: Split = None,
-    mode: Annotated[str, typer.Option(help="auto, hybrid, image (cross-modal), text (reports/captions).")] = "auto",
+    mode: Annotated[str, typer.Option(help="auto/hybrid (RRF of all available), image (cross-modal), text (report/caption vectors), bm25 (report/caption words).")] = "auto",
     all_images: Annotated[bool, typer.Option("--all-images", help="Several images per case.")] = False,
     reports: Annotated[bool, typer.Option("--reports", help="Return cases by report text.")] = False,
     model: Model = None,

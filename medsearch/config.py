@@ -29,6 +29,8 @@ class EmbedConfig:
     torch_threads: int = 0  # intra-op threads of the encoding process while embedding; 0 = torch's default
     prefetch: int = 4  # batches each worker keeps ready
     uint8_transfer: bool = True  # workers hand over uint8 pixels, normalised on the device (encoders that support it)
+    encode_in_workers: bool = True  # CPU only: workers decode and encode whole batches (1 thread each, data parallel)
+    trim_memory: bool = True  # malloc_trim after each batch: RSS stays flat in N (indexer.embed.release_free_memory)
 
 
 @dataclass(frozen=True)

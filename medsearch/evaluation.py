@@ -348,7 +348,7 @@ def embed_eval_set(
     if towers is not None and cache_dir is not None:
         from .training import FeatureStore, ViewSpec, image_view_features, text_features
 
-        store = FeatureStore(cache_dir, towers.weights_hash)
+        store = FeatureStore.for_towers(cache_dir, towers)
         feats = image_view_features(
             store, towers, keys=es.keys, paths=es.paths, frames=es.frames, n_views=1, spec=ViewSpec(), progress=progress
         )[:, 0]  # (n, 1280)
@@ -687,7 +687,10 @@ def markdown(report: dict[str, Any]) -> str:
 
 def plot_recall_curves(report: dict[str, Any], path: Path) -> Path:
     """PNG of Recall@K curves (K = 1..curve_k) for every ranked task of ``report``, chance dashed."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise InvalidInput("--plot needs matplotlib, which is not installed", hint="pip install 'medsearch[eval]'") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -76,6 +76,8 @@ class TrainConfig:
     dropout: float = 0.7
     in_dropout: float = 0.0
     init_temperature: float = 0.07
+    image_image: float = 0.0  # weight of an image-image term (two views; same case = positive)
+    text_text: float = 0.0  # weight of a text-text term (same case or identical text = positive)
     crops: int = 4  # random crops per training image, besides the centre view
     crop_scale: tuple[float, float] = (0.35, 1.0)
     flip: bool = True
@@ -288,16 +290,33 @@ def view_image(image: Image.Image, key: str, view: int, spec: ViewSpec) -> Image
     return out
 
 
+def feature_mode(towers: TowersEncoder) -> str:
+    """How the image tower computes on its device, e.g. ``cpu-fp32``, ``cpu-bfloat16``, ``cuda-bfloat16``.
+
+    Part of the cache key, so a cached feature is exactly what the encoder would compute here.
+    """
+    import torch
+
+    ctx = towers._image_autocast() if hasattr(towers, "_image_autocast") else None
+    if isinstance(ctx, torch.autocast):
+        return f"{ctx.device}-{str(ctx.fast_dtype).replace('torch.', '')}"
+    return f"{str(towers.device).split(':')[0]}-fp32"
+
+
 class FeatureStore:
-    """Content-addressed cache of tower outputs under ``root/towers-<weights hash>/``.
+    """Content-addressed cache of tower outputs under ``root/towers-<weights hash>-<mode>/``.
 
     ``kind`` folders hold ``<data hash>.npz`` files with ``keys`` (m,) and ``feats`` (m, ...);
     a request gathers hits from every file of its folder, computes the misses and writes them
     as one new file (temp file + ``os.replace``).
     """
 
-    def __init__(self, root: Path, weights_hash: str) -> None:
-        self.dir = Path(root) / f"towers-{weights_hash}"
+    def __init__(self, root: Path, weights_hash: str, mode: str = "cpu-fp32") -> None:
+        self.dir = Path(root) / f"towers-{weights_hash}-{mode}"
+
+    @classmethod
+    def for_towers(cls, root: Path, towers: TowersEncoder) -> FeatureStore:
+        return cls(root, towers.weights_hash, feature_mode(towers))
 
     def _load(self, kind: str) -> dict[str, tuple[Path, int]]:
         index: dict[str, tuple[Path, int]] = {}
@@ -366,8 +385,10 @@ TENSOR_KIND = "by-tensor"  # pooled centre-view features keyed by the preprocess
 
 
 def tensor_key(x: torch.Tensor) -> str:
-    """sha256 of a preprocessed (3, H, W) float32 tensor: the same input gives the same tower output."""
-    return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    """sha256 of a preprocessed (3, H, W) tensor (float32, or uint8 from ``preprocess_u8``) and its dtype:
+    the same input gives the same tower output."""
+    a = x.detach().cpu().contiguous().numpy()
+    return hashlib.sha256(str(a.dtype).encode() + a.tobytes()).hexdigest()
 
 
 def _load_images(paths: Sequence[str], frames: Sequence[int | None], imaging: ImagingConfig):
@@ -413,6 +434,7 @@ def image_view_features(
         pending: list[tuple[int, torch.Tensor]] = []
         images = sorted(need)
         by_tensor: dict[str, np.ndarray] = {}  # centre views by input-tensor hash (see tensor_key)
+        u8_keys: dict[int, str] = {}
 
         def flush() -> None:
             import torch
@@ -423,12 +445,17 @@ def image_view_features(
                     results[m] = v
                     if pooled and m % n_views == 0:
                         by_tensor[tensor_key(x)] = v
+                        if m in u8_keys:
+                            by_tensor[u8_keys[m]] = v
                 pending.clear()
 
         loaded = _load_images([paths[i] for i in images], [frames[i] for i in images], imaging)
         for i, img in zip(images, loaded, strict=True):
             for v in need[i]:
-                pending.append((i * n_views + v, towers.preprocess(view_image(img, keys[i], v, spec))))
+                view = view_image(img, keys[i], v, spec)
+                pending.append((i * n_views + v, towers.preprocess(view)))
+                if pooled and v == 0 and hasattr(towers, "preprocess_u8"):  # the uint8 input of the same view
+                    u8_keys[i * n_views] = tensor_key(towers.preprocess_u8(view))
                 if len(pending) >= batch:
                     flush()
             done += 1
@@ -481,6 +508,21 @@ def multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.T
     i2t = torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~positives, neg_inf), 1)
     t2i = torch.logsumexp(logits.T, 1) - torch.logsumexp(logits.T.masked_fill(~positives.T, neg_inf), 1)
     return 0.5 * (i2t.mean() + t2i.mean())
+
+
+def within_modality_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """InfoNCE inside one modality (b, b): self-similarity is left out; rows with no other positive are skipped."""
+    import torch
+
+    eye = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+    neg_inf = torch.finfo(logits.dtype).min
+    pos = positives & ~eye
+    keep = pos.any(1)
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    lg = logits.masked_fill(eye, neg_inf)
+    per_row = torch.logsumexp(lg, 1) - torch.logsumexp(lg.masked_fill(~pos, neg_inf), 1)
+    return per_row[keep].mean()
 
 
 def positive_mask(cases: np.ndarray, texts: np.ndarray) -> np.ndarray:
@@ -605,6 +647,7 @@ def train_lite(
     log: Log | None = None,
     progress: Progress | None = None,
     imaging: ImagingConfig = ImagingConfig(),
+    towers: TowersEncoder | None = None,
 ) -> TrainResult:
     """Train the lite heads (and with ``unfreeze`` the last image blocks) and save the model.
 
@@ -626,8 +669,8 @@ def train_lite(
     pairs = collect_pairs(catalog, cfg.split, sources=cfg.sources)
     dev_split = _resolve_dev(catalog, cfg)
     dev_pairs = collect_pairs(catalog, dev_split, sources=cfg.sources) if dev_split else None
-    towers = _towers(device)
-    store = FeatureStore(paths.models / "cache", towers.weights_hash)
+    towers = towers or _towers(device)
+    store = FeatureStore.for_towers(paths.models / "cache", towers)
     spec = ViewSpec(scale=cfg.crop_scale, flip=cfg.flip, seed=0)
     n_views = 1 + cfg.crops
     log(
@@ -779,6 +822,16 @@ def train_lite(
         logits = heads.logit_scale.exp().clamp(max=100.0) * zi @ zt.T  # (b, b)
         pos = torch.from_numpy(positive_mask(pc[idx], ptx[idx])).to(device)
         loss = multi_positive_nce(logits, pos)
+        if cfg.image_image > 0 and n_views > 1:  # a second view of each image (another crop)
+            views2 = (views + rng.integers(1, n_views, size=len(idx))) % n_views
+            xi2 = torch.from_numpy(img_feats[pairs.pair_image[idx], views2].astype(np.float32)).to(device)
+            if tail:
+                xi2 = _tail_forward(tail[0], tail[1], xi2)
+            zi2 = F.normalize(heads.image(xi2), dim=-1)  # (b, 256)
+            same_case = torch.from_numpy(pc[idx][:, None] == pc[idx][None, :]).to(device)
+            loss = loss + cfg.image_image * multi_positive_nce(heads.logit_scale.exp().clamp(max=100.0) * zi @ zi2.T, same_case)
+        if cfg.text_text > 0:
+            loss = loss + cfg.text_text * within_modality_nce(heads.logit_scale.exp().clamp(max=100.0) * zt @ zt.T, pos)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -1149,13 +1202,14 @@ def train(
     device: str = "auto",
     log: Log | None = None,
     progress: Progress | None = None,
+    towers: TowersEncoder | None = None,
 ) -> TrainResult:
     """``medsearch train``: the lite model by default, or fine-tune ``config.base`` (open_clip)."""
     from .encoders.base import pick_device
 
     dev = pick_device(device)
     if config.base in ("lite", "", None):
-        return train_lite(catalog, paths, config, device=dev, log=log, progress=progress)
+        return train_lite(catalog, paths, config, device=dev, log=log, progress=progress, towers=towers)
     if config.base.startswith(("open_clip:", "hf-hub:")):
         return finetune_open_clip(catalog, paths, config, device=dev, log=log, progress=progress)
     raise InvalidInput(

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -160,6 +161,9 @@ class VectorIndex:
             )
         k = max(1, min(int(k), max(self.ntotal, 1)))
         if allowed is None:
+            gpu = getattr(self, "_gpu", None)
+            if gpu is not None and gpu.ntotal == self.ntotal:
+                return gpu.search(xq, k)
             return self.index.search(xq, k)
         if len(allowed) == 0:
             return np.full((len(xq), k), -np.inf, np.float32), np.full((len(xq), k), -1, np.int64)
@@ -193,6 +197,21 @@ class VectorIndex:
         else:
             params = faiss.SearchParameters(sel=sel)
         return self.index.search(xq, k, params=params)
+
+    def to_gpu(self, device: int = 0) -> bool:
+        """Answer unfiltered searches from a faiss-gpu copy of a flat index (filtered ones, and
+        saving, keep using the CPU index). False, changing nothing, without faiss-gpu and a
+        GPU, or for other kinds (HNSW has no faiss-gpu version; IVF-PQ's refine step is CPU)."""
+        if self.manifest.kind != "flat" or ann.gpu_count() == 0:
+            return False
+        faiss = _faiss()
+        try:
+            self._gpu_res = faiss.StandardGpuResources()
+            self._gpu = faiss.index_cpu_to_gpu(self._gpu_res, device, self.index)
+        except (RuntimeError, AttributeError):
+            self._gpu = None
+            return False
+        return True
 
     def reconstruct(self, item_id: int) -> np.ndarray:
         return self.index.reconstruct(int(item_id))
@@ -245,9 +264,13 @@ class VectorIndex:
     @classmethod
     def load(
         cls, directory: Path, space: str, *, model_id: str | None = None, weights_hash: str | None = None,
-        verify: bool = True,
+        verify: bool = True, mmap: bool = False,
     ) -> VectorIndex:  # fmt: skip
-        """Load and check against the manifest (and the expected model when given)."""
+        """Load and check against the manifest (and the expected model when given).
+
+        ``mmap``: map the file read-only instead of reading it (flat and IVF data stay on disk
+        until touched; for index shards larger than RAM).
+        """
         faiss = _faiss()
         path, mpath = directory / f"{space}.faiss", directory / f"{space}.json"
         if not path.exists() or not mpath.exists():
@@ -276,7 +299,7 @@ class VectorIndex:
                 f"{path} does not match its manifest checksum (partial write or tampering)",
                 hint="run `medsearch check --repair` to rebuild it from stored vectors",
             )
-        index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) if mmap else faiss.read_index(str(path))
         if index.ntotal != man.count or index.d != man.dim:
             raise IndexInconsistent(
                 f"{path} holds {index.ntotal} vectors of dim {index.d}, manifest says {man.count} of dim {man.dim}",
@@ -295,6 +318,13 @@ def read_manifest(path: Path) -> Manifest:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Replace ``path`` with ``data`` as JSON via an fsynced temp file; drops temps a killed writer left."""
+    for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+        try:  # older than 10 s: not another writer's file in flight (a JSON write takes milliseconds)
+            if time.time() - stale.stat().st_mtime > 10:
+                stale.unlink()
+        except FileNotFoundError:
+            pass
     tmp = _write_json_tmp(path, data)
     try:
         os.replace(tmp, path)

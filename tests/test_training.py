@@ -231,3 +231,49 @@ def test_open_clip_local_checkpoint_fine_tunes_and_resumes(home, tmp_path):
     assert any("resumed from" in m and "step-0000003.pt" in m for m in logs)
     assert res2.config["training"]["steps_run"] == 6
     assert sorted(p.name for p in cks[0].parent.glob("step-*.pt")) == ["step-0000003.pt", "step-0000006.pt"]
+
+
+def test_demo_reuses_a_trained_model(trained, home):
+    from medsearch.training import ensure_trained_for_demo
+
+    said: list[str] = []
+    cat = Catalog.open(home / "catalog.db")
+    before = (home / "models" / "lite" / "model.safetensors").stat().st_mtime_ns
+    assert ensure_trained_for_demo(cat, Paths(home), device="cpu", echo=said.append) == "lite"
+    cat.close()
+    assert any("lite model found" in m for m in said)
+    assert (home / "models" / "lite" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_cli_train_then_eval_retrieval(trained, home, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    args = ["--home", str(home)]
+    r = runner.invoke(
+        app, ["train", *args, "--steps", "20", "--crops", "1", "--batch-size", "32", "--name", "cli", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["model"] == "lite:cli"
+    png = tmp_path / "curves.png"
+    r = runner.invoke(
+        app, ["eval", "retrieval", "medpix-2.0", *args, "--model", "lite:cli", "--plot", str(png), "--n-boot", "200"]
+    )
+    assert r.exit_code == 0, r.output
+    for text in ("caption->image R@10", "caption->case R@10", "image->caption R@1", "median rank",
+                 "findings->same case R@10 (hybrid)", "image->image P@10 modality_type", "body_region accuracy (kNN vote)",
+                 "modality_type accuracy (zero-shot)", "Duplicate captions:", "frozen towers", "chance"):  # fmt: skip
+        assert text in r.stdout, text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = runner.invoke(
+        app, ["eval", "retrieval", "medpix-2.0", *args, "--model", "lite:cli", "--json", "--n-boot", "100"]
+    )
+    rep = json.loads(r.stdout)
+    assert rep["pool"]["kind"] == "split" and rep["model"] == "lite:cli"
+    assert 0 <= rep["cross-modal"]["caption->image"]["R@10"]["value"] <= 1
+    lo, hi = rep["cross-modal"]["caption->image"]["R@10"]["ci95"]
+    assert lo <= rep["cross-modal"]["caption->image"]["R@10"]["value"] <= hi
+    r = runner.invoke(app, ["eval", "retrieval", "medpix-2.0", *args, "--split", "nope"])
+    assert r.exit_code == 2 and "split 'nope' has no images" in r.output

@@ -242,6 +242,15 @@ class LiteEncoder:
         """PIL image (any mode) -> (3, 224, 224) float32 tensor (the towers' preprocessing)."""
         return self.towers.preprocess(image)
 
+    @property
+    def uint8_input(self) -> bool:
+        """True when the towers take uint8 batches (the pipeline then ships uint8 pixels)."""
+        return bool(getattr(self.towers, "uint8_input", False))
+
+    def preprocess_u8(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> (3, 224, 224) uint8 tensor, normalised on the device by ``image_features``."""
+        return self.towers.preprocess_u8(image)  # type: ignore[attr-defined]
+
     def _tensor_index(self) -> dict[str, np.ndarray]:
         """Centre-view tower features that training cached, keyed by their input tensor."""
         if self._by_tensor is None:
@@ -249,7 +258,7 @@ class LiteEncoder:
 
             index: dict[str, np.ndarray] = {}
             if self._cache_dir is not None:
-                folder = FeatureStore(self._cache_dir, self.towers.weights_hash).dir / TENSOR_KIND
+                folder = FeatureStore.for_towers(self._cache_dir, self.towers).dir / TENSOR_KIND
                 for f in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
                     try:
                         with np.load(f, allow_pickle=False) as z:
@@ -283,8 +292,11 @@ class LiteEncoder:
             return out
         import torch
 
+        x = batch.to(self.device)
+        if x.dtype == torch.uint8:
+            x = self.towers.transform.normalize(x)  # (n, 3, H, W) float32
         with torch.inference_mode():
-            fmap = self._image_net.extract_features(batch.to(self.device))  # (n, 1280, 7, 7)
+            fmap = self._image_net.extract_features(x)  # (n, 1280, 7, 7)
             return fmap.float().mean(dim=(2, 3)).cpu().numpy()
 
     def encode_image_batch(self, batch: torch.Tensor) -> np.ndarray:

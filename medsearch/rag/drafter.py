@@ -12,6 +12,7 @@ counted) and gets a support score; a draft with no validly cited sentence is ref
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,11 @@ class Drafter:
             generator = make_generator(generator or config.generator, config)
         self.generator = generator
         self._extractive: Generator | None = generator if generator.name == "extractive" else None
+        ev = config.evidence
+        if generator.name != "extractive":  # an LLM sees a shorter evidence list (prompt length, speed)
+            k_max = min(ev.k_max, config.llm.max_cases)
+            ev = replace(ev, k_max=k_max, k_min=min(ev.k_min, k_max), max_sentences=min(ev.max_sentences, config.llm.max_sentences))
+        self.evidence_config = ev
 
     @property
     def extractive(self) -> Generator:
@@ -50,7 +56,7 @@ class Drafter:
 
     def evidence(self, image: str | Path | int | Image.Image, filters: Filters = Filters()) -> EvidencePack:
         """The evidence pack for ``image`` (retrieval, adaptive k, guarded sentences)."""
-        return select_evidence(self.searcher, image, self.config.evidence, filters)
+        return select_evidence(self.searcher, image, self.evidence_config, filters)
 
     def draft(
         self,
@@ -69,7 +75,7 @@ class Drafter:
             if not self.config.fallback or self.generator.name == "extractive":
                 raise
             d = self._draft(pack, self.extractive, None, t0, t1)
-            return _replace(d, fallback_from=self.generator.name, fallback_reason=str(e))
+            return replace(d, fallback_from=self.generator.name, fallback_reason=str(e))
 
     def _draft(self, pack: EvidencePack, gen: Generator, on_token: OnToken | None, t0: float, t1: float) -> Draft:
         out = gen.generate(pack, on_token=on_token)
@@ -106,8 +112,3 @@ class Drafter:
             },  # fmt: skip
         )
 
-
-def _replace(d: Draft, **changes: object) -> Draft:
-    from dataclasses import replace
-
-    return replace(d, **changes)

@@ -14,6 +14,7 @@ from medsearch.errors import GenerationError, InvalidInput, ModelNotAvailable
 from medsearch.rag.config import LLMConfig
 from medsearch.rag.evidence import EvidencePack
 from medsearch.rag.generators.base import Generation, OnToken
+from medsearch.rag.generators.llamacpp import PREFILL
 from medsearch.rag.prompt import build_messages
 
 
@@ -68,16 +69,17 @@ class TransformersGenerator:
         with self._lock:
             tok, model = self._load()
             messages = build_messages(pack)
+            # the assistant turn is pre-filled with "FINDINGS:" (as in the llama-cpp generator)
             if getattr(tok, "chat_template", None):
-                ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-                if not torch.is_tensor(ids):  # newer transformers return a BatchEncoding
-                    ids = ids["input_ids"]
+                prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + PREFILL
+                ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
             else:
-                text = "\n\n".join(m["content"] for m in messages) + "\n\nFINDINGS:\n"
-                ids = tok(text, return_tensors="pt")["input_ids"]
+                prompt = "\n\n".join(m["content"] for m in messages) + "\n\n" + PREFILL
+                ids = tok(prompt, return_tensors="pt")["input_ids"]
             ids = ids.to(model.device)
             streamer = None
             if on_token and self.config.stream:
+                on_token(PREFILL)
 
                 class _Stream(TextStreamer):
                     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
@@ -101,4 +103,4 @@ class TransformersGenerator:
             text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         if not text.strip():
             raise GenerationError(f"{self.model} returned an empty completion", hint="use --fallback, or another model")
-        return Generation(model=self.model, text=text, meta={"new_tokens": int(out.shape[1] - ids.shape[1])})
+        return Generation(model=self.model, text=PREFILL + text, meta={"new_tokens": int(out.shape[1] - ids.shape[1])})

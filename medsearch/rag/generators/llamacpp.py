@@ -24,6 +24,7 @@ from medsearch.rag.prompt import build_messages
 _MODELS: dict[tuple[str, int, int, int | None, int], Any] = {}
 _LOAD_LOCK = threading.Lock()
 _RUN_LOCKS: dict[tuple[str, int, int, int | None, int], threading.Lock] = {}
+PREFILL = "FINDINGS:\n"  # the start of the assistant turn
 
 
 def default_gguf() -> Path:
@@ -84,35 +85,65 @@ class LlamaCppGenerator:
         except (ValueError, RuntimeError) as e:
             raise ModelNotAvailable(f"llama.cpp cannot load {self.path}: {e}", hint="check that it is a GGUF model") from e
 
+    def _templated(self, llm: Any, messages: list[dict[str, str]]) -> tuple[str, list[str]] | None:
+        """(prompt ending in the assistant turn + PREFILL, stop strings) from the GGUF's chat template."""
+        template = (getattr(llm, "metadata", None) or {}).get("tokenizer.chat_template")
+        if not template:
+            return None
+        try:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            # special tokens detokenize to b"": take their text from the vocabulary (as llama-cpp-python does)
+            eos = llm._model.token_get_text(llm.token_eos())
+            bos = llm._model.token_get_text(llm.token_bos())
+            r = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)(messages=messages)
+        except Exception:  # noqa: BLE001 - an unusual template: use the plain chat API instead
+            return None
+        stop = [x for x in ([r.stop] if isinstance(r.stop, str) else list(r.stop or [])) if x]
+        return r.prompt + PREFILL, stop or ([eos] if eos else [])
+
     def generate(self, pack: EvidencePack, on_token: OnToken | None = None) -> Generation:
-        """Greedy (temperature 0 by default) chat completion on the evidence prompt."""
+        """Greedy (temperature 0 by default) completion on the evidence prompt.
+
+        The assistant turn is pre-filled with "FINDINGS:" through the model's own chat template:
+        small models then write the report instead of continuing the evidence list.
+        """
+        stream = bool(on_token) and self.config.stream
         with self._lock:
             llm = self._load()
-            kwargs = dict(
-                messages=build_messages(pack), temperature=self.config.temperature, max_tokens=self.config.max_tokens,
-                seed=self.config.seed,
-            )  # fmt: skip
+            messages = build_messages(pack)
+            common = dict(temperature=self.config.temperature, max_tokens=self.config.max_tokens, seed=self.config.seed)
+            templated = self._templated(llm, messages)
             try:
-                if on_token and self.config.stream:
-                    pieces = []
-                    finish = None
-                    for chunk in llm.create_chat_completion(stream=True, **kwargs):
-                        choice = chunk["choices"][0]
-                        delta = choice.get("delta", {}).get("content")
+                if templated is not None:
+                    prompt, stop = templated
+                    if stream:
+                        on_token(PREFILL)  # type: ignore[misc]
+                    chunks = llm.create_completion(prompt, stop=stop, stream=stream, **common)
+                    get = lambda c: c["choices"][0].get("text")  # noqa: E731
+                    lead = PREFILL
+                else:
+                    chunks = llm.create_chat_completion(messages=messages, stream=stream, **common)
+                    get = (lambda c: c["choices"][0].get("delta", {}).get("content")) if stream else (
+                        lambda c: c["choices"][0]["message"].get("content"))  # noqa: E731
+                    lead = ""
+                if stream:
+                    pieces, finish = [lead], None
+                    for chunk in chunks:
+                        delta = get(chunk)
                         if delta:
                             pieces.append(delta)
-                            on_token(delta)
-                        finish = choice.get("finish_reason") or finish
+                            on_token(delta)  # type: ignore[misc]
+                        finish = chunk["choices"][0].get("finish_reason") or finish
                     text, meta = "".join(pieces), {"finish_reason": finish}
                 else:
-                    out = llm.create_chat_completion(**kwargs)
-                    text = out["choices"][0]["message"].get("content") or ""
-                    meta = {"finish_reason": out["choices"][0].get("finish_reason"), "usage": out.get("usage")}
+                    text = lead + (get(chunks) or "")
+                    meta = {"finish_reason": chunks["choices"][0].get("finish_reason"), "usage": chunks.get("usage")}
             except ValueError as e:  # e.g. the prompt exceeds n_ctx
                 raise GenerationError(
                     f"llama.cpp could not complete the prompt for {pack.query}: {e}",
                     hint="raise n_ctx, or lower the evidence (k_max, max_sentences)",
                 ) from e
-        if not text.strip():
+        if not text[len(PREFILL) if text.startswith(PREFILL) else 0 :].strip():
             raise GenerationError(f"{self.model} returned an empty completion", hint="use --fallback, or another --gguf")
         return Generation(model=self.model, text=text, meta=meta)
