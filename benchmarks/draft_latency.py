@@ -49,26 +49,35 @@ def main() -> None:
           f"searcher+encoder load {load_s:.1f}s")  # fmt: skip
     table = []
 
+    from medsearch.errors import MedsearchError
+
     def timed(name: str, fn, stages=None) -> None:
-        fn(paths[0])  # warm-up (loads indexes / the LLM)
-        lat, st = [], {}
+        try:
+            fn(paths[0])  # warm-up (loads indexes / the LLM)
+        except MedsearchError:
+            pass
+        lat, st, failed = [], {}, 0
         for p in paths[1:]:
             t0 = time.perf_counter()
-            out = fn(p)
+            try:
+                out = fn(p)
+            except MedsearchError:  # e.g. an LLM draft without a valid citation: timed, counted
+                out, failed = None, failed + 1
             lat.append(time.perf_counter() - t0)
-            for k, v in (stages(out) if stages else {}).items():
+            for k, v in (stages(out) if stages and out is not None else {}).items():
                 st.setdefault(k, []).append(v)
         a = np.array(lat)
-        table.append((name, a.mean(), np.median(a), np.quantile(a, 0.95), {k: float(np.mean(v)) for k, v in st.items()}))
+        st_mean = {k: float(np.mean(v)) for k, v in st.items()}
+        table.append((name, a.mean(), np.median(a), np.quantile(a, 0.95), st_mean, failed))
 
     timed("similar (retrieval only)", lambda p: s.similar(p, k=8, filters=pool, exclude_same_case=True, exclude_same_patient=True))
     for g in args.generator or ["extractive"]:
         d = Drafter(s, config=DraftConfig(generator=g, llm=LLMConfig(max_tokens=args.max_tokens)))
         timed(f"draft {g}", lambda p, d=d: d.draft(p, filters=pool), stages=lambda dr: dr.timings)
-    print(f"{'row':<28}{'mean s':>9}{'median s':>10}{'p95 s':>9}  stages (mean s)")
-    for name, mean, med, p95, st in table:
+    print(f"{'row':<28}{'mean s':>9}{'median s':>10}{'p95 s':>9}{'failed':>8}  stages of successful drafts (mean s)")
+    for name, mean, med, p95, st, failed in table:
         stages = ", ".join(f"{k[:-2]} {v:.3f}" for k, v in st.items() if k != "total_s")
-        print(f"{name:<28}{mean:>9.3f}{med:>10.3f}{p95:>9.3f}  {stages}")
+        print(f"{name:<28}{mean:>9.3f}{med:>10.3f}{p95:>9.3f}{failed:>8}  {stages}")
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ def train(index: Any, sample: np.ndarray, config: IndexConfig) -> dict[str, Any]
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     used_gpu = False
     if config.use_gpu and gpu_count() > 0:
-        km = faiss.Kmeans(ivf.d, ivf.nlist, niter=config.ivf_niter, gpu=True, seed=1234, verbose=False)
+        km = faiss.Kmeans(ivf.d, ivf.nlist, niter=config.ivf_niter, gpu=True, seed=1234, verbose=False,
+                          spherical=ivf.metric_type == faiss.METRIC_INNER_PRODUCT)  # fmt: skip
         km.train(sample)
         ivf.quantizer.add(km.centroids)  # a trained quantizer with nlist entries: IVF skips its own k-means
         used_gpu = True

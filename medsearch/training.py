@@ -78,6 +78,7 @@ class TrainConfig:
     init_temperature: float = 0.07
     image_image: float = 0.0  # weight of an image-image term (two views; same case = positive)
     text_text: float = 0.0  # weight of a text-text term (same case or identical text = positive)
+    case_positives: str = "all"  # all: any text of the same case is a positive; findings: only case-level texts
     crops: int = 4  # random crops per training image, besides the centre view
     crop_scale: tuple[float, float] = (0.35, 1.0)
     flip: bool = True
@@ -525,9 +526,16 @@ def within_modality_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.
     return per_row[keep].mean()
 
 
-def positive_mask(cases: np.ndarray, texts: np.ndarray) -> np.ndarray:
-    """(b, b) bool: same case or identical text."""
-    return (cases[:, None] == cases[None, :]) | (texts[:, None] == texts[None, :])
+def positive_mask(cases: np.ndarray, texts: np.ndarray, case_level: np.ndarray | None = None) -> np.ndarray:
+    """(b, b) bool for (image a, text b): identical text, or the same case.
+
+    With ``case_level`` (b,) bool, the same case counts only when text b is a case-level text
+    (findings), so an image is not pulled towards the captions of the case's other images.
+    """
+    same_case = cases[:, None] == cases[None, :]
+    if case_level is not None:
+        same_case &= case_level[None, :]
+    return same_case | (texts[:, None] == texts[None, :])
 
 
 # =========================================================================== dev evaluation
@@ -797,6 +805,9 @@ def train_lite(
     pos_in_epoch = 0
     losses: list[float] = []
     pc, ptx = pairs.pair_case, pairs.pair_text
+    if cfg.case_positives not in ("all", "findings"):
+        raise InvalidInput(f"unknown case_positives {cfg.case_positives!r}", hint="use all or findings")
+    case_level = np.array([k == "findings" for k in pairs.pair_kind]) if cfg.case_positives == "findings" else None
     log(f"training {total} steps (batch {bs}, {per_epoch} per epoch), seed {cfg.seed}")
     step = 0
     for step in range(1, total + 1):
@@ -820,7 +831,8 @@ def train_lite(
         zi = F.normalize(heads.image(xi), dim=-1)  # (b, 256)
         zt = F.normalize(heads.text(xt), dim=-1)  # (b, 256)
         logits = heads.logit_scale.exp().clamp(max=100.0) * zi @ zt.T  # (b, b)
-        pos = torch.from_numpy(positive_mask(pc[idx], ptx[idx])).to(device)
+        pos = torch.from_numpy(positive_mask(pc[idx], ptx[idx], case_level[idx] if case_level is not None else None))
+        pos = pos.to(device)
         loss = multi_positive_nce(logits, pos)
         if cfg.image_image > 0 and n_views > 1:  # a second view of each image (another crop)
             views2 = (views + rng.integers(1, n_views, size=len(idx))) % n_views

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rag_helpers import POISON, check_draft, make_poisoned_homes
 from rag_helpers import medpix_image as _medpix_image
 
@@ -26,7 +28,7 @@ from medsearch.rag.grounding import ground, parse_generation
 from medsearch.rag.guard import is_instruction_like, neutralise, scrub
 from medsearch.rag.prompt import build_messages
 from medsearch.search import Filters, Searcher
-from medsearch.text import split_sentences
+from medsearch.text import ABBREVIATIONS, split_sentences
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
@@ -92,6 +94,26 @@ def test_parse_generation_citations_and_sections():
     assert [(p.section, p.cites) for p in parse_generation("A mass. Another mass [C2].")] == [
         ("findings", []), ("findings", [2]),
     ]  # fmt: skip
+
+
+# words the sentence splitter treats as ordinary (no initials "a.", no abbreviations "dr.")
+_WORD = st.from_regex(r"[a-z]{3,8}", fullmatch=True).filter(lambda w: w not in ABBREVIATIONS)
+_SENT = st.tuples(st.lists(_WORD, min_size=1, max_size=8), st.lists(st.integers(0, 30), max_size=3))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_SENT, min_size=1, max_size=6), st.booleans())
+def test_parse_generation_round_trips_citations(sents, heading):
+    """Any sentences with any [C<n>] markers parse back to the same texts and numbers."""
+    parts = []
+    for words, cites in sents:
+        marks = "".join(f"[C{n}]" for n in cites)
+        parts.append(" ".join([words[0].capitalize(), *words[1:]]) + (f" {marks}" if marks else "") + ".")
+    text = ("FINDINGS:\n" if heading else "") + " ".join(parts)
+    got = parse_generation(text)
+    assert [p.text for p in got] == [" ".join([w[0].capitalize(), *w[1:]]) + "." for w, _ in sents]
+    assert [p.cites for p in got] == [list(dict.fromkeys(c)) for _, c in sents]
+    assert all(p.section == "findings" for p in got)
 
 
 def test_adaptive_cut_stops_at_sharp_drop():
@@ -371,20 +393,24 @@ def test_case_bootstrap_resamples_cases():
 
 # ------------------------------------------------------------------ shared image-text space (trained lite model)
 @pytest.mark.slow
-def test_shared_space_draft_uses_image_to_text(indexed_home, tmp_path_factory):
-    """With a shared space, image->text hits join the evidence and sentences carry image-text similarity."""
-    import shutil
+def test_shared_space_draft_uses_image_to_text(tmp_path_factory):
+    """With a shared space (a lite model trained for a few steps on ~10 cases), image->text hits join
+    the evidence and every evidence sentence carries its image-text similarity."""
+    from conftest import MEDPIX, balanced_medpix_cases, make_slice
 
     from indexer.embed import run_index
+    from indexer.ingest import ingest_path
     from medsearch.catalog import Catalog
     from medsearch.config import EmbedConfig, Paths
     from medsearch.encoders.registry import load_encoder
     from medsearch.training import TrainConfig, train
 
-    home = tmp_path_factory.mktemp("lite") / "home"
-    shutil.copytree(indexed_home, home)
+    base = tmp_path_factory.mktemp("lite")
+    data = make_slice(base / "medpix-2.0", MEDPIX, balanced_medpix_cases(1))
+    home = base / "home"
     cat = Catalog.open(home / "catalog.db")
-    cfg = TrainConfig(split="dev", dev_split="none", steps=40, batch_size=32, warmup=5, crops=0, eval_every=40, patience=10)
+    ingest_path(cat, data)
+    cfg = TrainConfig(split="dev", dev_split="none", steps=30, batch_size=16, warmup=5, crops=0, eval_every=30, patience=10)
     train(cat, Paths(home), cfg, device="cpu")
     lite = load_encoder("lite", device="cpu", models_dir=home / "models")
     assert lite.shared_space

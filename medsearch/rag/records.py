@@ -29,7 +29,7 @@ class EvidenceCase:
     case_id: int
     case_key: str
     source: str
-    score: float  # similarity to the query image (cosine for image->image)
+    score: float  # image->image cosine to the query (image->text cosine for a case found only by its text)
     image_id: int | None
     image_key: str | None
     matched: str  # image, text, fused
