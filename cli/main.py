@@ -185,7 +185,7 @@ def index(
     model: Model = None,
     device: Device = "auto",
     batch_size: Annotated[int, typer.Option(min=0, help="Images per batch; 0 = auto (16 on CPU, 256 on CUDA).")] = 0,
-    workers: Annotated[int, typer.Option(min=-1, help="Decode worker processes; -1 = auto (1 on CPU, cores-1 up to 16 on CUDA).")] = -1,
+    workers: Annotated[int, typer.Option(min=-1, help="Worker processes; -1 = auto (CPU: one per core, each decodes and encodes; CUDA: cores-1 decoders, up to 16).")] = -1,
     torch_threads: Annotated[int, typer.Option(min=0, help="Encoder threads while embedding; 0 = torch's default.")] = 0,
     kind: Annotated[str, typer.Option(help="FAISS index kind: auto (flat up to 100k vectors, then ivfpq), flat, hnsw, ivfpq.")] = "auto",
     target_recall: Annotated[float, typer.Option(min=0.5, max=1.0, help="Recall@10 the ANN search knobs are tuned to.")] = 0.95,

@@ -137,15 +137,17 @@ def _unbatched(x):
 
 
 def resolve_workers(config: EmbedConfig, device: str) -> int:
-    """Decode workers: the configured number, or for ``-1`` (auto) 1 on CPU (the encoder needs
-    the other cores) and one per CPU core but one, up to 16, on a GPU."""
+    """DataLoader workers: the configured number, or for ``-1`` (auto): on CUDA one decode worker
+    per CPU core but one (up to 16); on CPU one worker per core (up to 16) that decodes *and*
+    encodes (``encode_in_workers``; 1 if that is off, decoding beside the encoding process)."""
     if config.workers >= 0:
         return config.workers
     import os
 
+    cores = os.cpu_count() or 2
     if str(device).startswith("cuda"):
-        return max(1, min(16, (os.cpu_count() or 2) - 1))
-    return 1
+        return max(1, min(16, cores - 1))
+    return max(1, min(16, cores)) if config.encode_in_workers else 1
 
 
 def resolve_batch_size(config: EmbedConfig, device: str) -> int:

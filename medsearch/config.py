@@ -21,7 +21,7 @@ class EmbedConfig:
 
     # Tuned by benchmarks/embed_throughput.py (see benchmarks/RESULTS.md).
     batch_size: int = 0  # images per DataLoader batch; 0 = auto: 16 on CPU, 256 on CUDA
-    workers: int = -1  # DataLoader decode workers; 0 decodes in the main process; -1 = auto: 1 on CPU, cores-1 (<=16) on CUDA
+    workers: int = -1  # DataLoader workers; 0 = all in the main process; -1 = auto: cores (<=16) on CPU, cores-1 (<=16) on CUDA
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     amp: bool = True  # bf16 autocast on CUDA
     commit_every: int = 512  # vectors per catalog transaction
@@ -65,6 +65,7 @@ class SearchConfig:
     k: int = 10
     per_case: bool = True  # one hit per case (best image)
     oversample: int = 8  # fetch k*oversample candidates before grouping by case
+    rrf_k: int = 10  # RRF constant for hybrid text search (10 beat 60 on medpix dev findings->case for every model tried)
 
 
 @dataclass(frozen=True)

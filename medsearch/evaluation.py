@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .config import SearchConfig
 from .errors import InvalidInput, NotFound
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -225,8 +226,8 @@ class EvalConfig:
     ks: tuple[int, ...] = (1, 5, 10)
     curve_k: int = 50  # Recall@K curves for the plot go up to this K
     knn_k: int = 10
-    fuse_depth: int = 80  # each mode's ranking depth fed to RRF (SearchConfig k * oversample)
-    rrf_k: int = 60
+    fuse_depth: int = SearchConfig().k * SearchConfig().oversample  # each mode's depth fed to RRF, as the searcher
+    rrf_k: int = SearchConfig().rrf_k
     n_boot: int = 1000
     seed: int = 0
 

@@ -210,7 +210,7 @@ class Searcher:
             ordered = [(i, best[i][0]) for i in rankings[0]]
             matched = {i: best[i][1] for i, _ in ordered}
         else:
-            ordered = rrf(rankings)
+            ordered = rrf(rankings, k=self.config.rrf_k)
             matched = {i: "fused" for i, _ in ordered}
         return self._hits(ordered, k, per_case, matched=matched, excerpts={i: best[i][2] for i, _ in ordered})
 

@@ -118,7 +118,7 @@ def test_hybrid_fuses_text_and_bm25(searcher):
     text = searcher.search_text(q, k=80, mode="text", per_case=False)
     bm = searcher.search_text(q, k=80, mode="bm25", per_case=False)
     assert hybrid and all(h.matched == "fused" for h in hybrid)
-    want = [i for i, _ in rrf([[h.image_id for h in text], [h.image_id for h in bm]])][:10]
+    want = [i for i, _ in rrf([[h.image_id for h in text], [h.image_id for h in bm]], k=searcher.config.rrf_k)][:10]
     assert [h.image_id for h in hybrid] == want
 
 

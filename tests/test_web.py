@@ -73,7 +73,7 @@ def page(browser, server):
     # bypass_csp: Playwright's wait_for_function evaluates strings, which the page's CSP forbids
     ctx = browser.new_context(viewport={"width": 1280, "height": 900}, bypass_csp=True)
     pg = ctx.new_page()
-    pg.set_default_timeout(60_000)
+    pg.set_default_timeout(180_000)  # generous: a loaded 2-core CI machine embeds uploads slowly
     errors: list[str] = []
     outside: list[str] = []
     pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -189,7 +189,7 @@ def test_key_prompt_when_the_server_requires_keys(browser, indexed_home, towers,
             time.sleep(0.05)
         ctx = browser.new_context(bypass_csp=True)
         pg = ctx.new_page()
-        pg.set_default_timeout(60_000)
+        pg.set_default_timeout(180_000)  # generous: a loaded 2-core CI machine embeds uploads slowly
         pg.goto(f"http://127.0.0.1:{port}/")
         pg.wait_for_selector("#key-form:not([hidden])")  # /v1/facets answered 401
         pg.fill("#key-input", key)
