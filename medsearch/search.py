@@ -138,6 +138,9 @@ class Searcher:
         loaded = {space: self.index(space) for space in ("image", "text") if self.has_index(space)}
         if not loaded:
             raise IndexNotBuilt(f"no index of model {self.model_id} in {self.paths.home}", hint="run `medsearch index`")
+        # BM25 too: it is checked against the catalog's texts when loaded, so loading it lazily on the
+        # first hybrid query of a server that has since ingested more would refuse that query
+        self.has_bm25()
         self._check_encoder()
         return loaded
 

@@ -113,7 +113,12 @@ function filters() {
 }
 
 // ---------------------------------------------------------------- searches
+// Only the newest search may render: an older one that answers late (a filter change, then an
+// upload) must not overwrite the newer results.
+let searchSeq = 0;
+
 async function textSearch(query) {
+  const seq = ++searchSeq;
   state.query = { kind: "text", query };
   setStatus(`Searching for “${query}”…`);
   history.replaceState(null, "", `#q=${encodeURIComponent(query)}`);
@@ -123,11 +128,12 @@ async function textSearch(query) {
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ query, k: Number($("#k").value), filters: filters() }),
     });
-    showHits(r, `“${query}”`);
-  } catch (e) { setStatus(e.message, true); }
+    if (seq === searchSeq) showHits(r, `“${query}”`);
+  } catch (e) { if (seq === searchSeq) setStatus(e.message, true); }
 }
 
 async function imageSearch({ file = null, imageId = null, label }) {
+  const seq = ++searchSeq;
   state.query = { kind: "image", file, imageId };
   setStatus(`Finding cases similar to ${label}…`);
   const form = new FormData();
@@ -138,8 +144,8 @@ async function imageSearch({ file = null, imageId = null, label }) {
   for (const [name, vals] of Object.entries(f)) for (const v of vals) form.append(name, v);
   try {
     const r = await api("/v1/search/image", { method: "POST", body: form });
-    showHits(r, label);
-  } catch (e) { setStatus(e.message, true); }
+    if (seq === searchSeq) showHits(r, label);
+  } catch (e) { if (seq === searchSeq) setStatus(e.message, true); }
 }
 
 function showHits(r, label) {
