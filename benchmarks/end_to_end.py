@@ -6,8 +6,10 @@
    report sentences, 1,850 images) into a fresh home; items = cases + images.
 2. ``index``: ``indexer.embed.run_index`` with the towers model (images, then texts, then FAISS
    + BM25), with the tuned defaults, and - the baseline, same run, same data, a second home -
-   with the settings before issue 7 (batch 32, 2 decode workers, torch's default threads, no
-   bf16 on CPU, i.e. ``amp=False``). Each in a child process (the same way `medsearch index` runs).
+   with the settings before issue 7 (``BASELINE``: batch 32, 2 decode workers feeding the
+   encoder in the main process with torch's default threads, float32 hand-over, no bf16 on CPU
+   i.e. ``amp=False``). Each in a child process (the same way `medsearch index` runs). Text
+   embedding (MiniLM, ~11k report sections/sentences/captions) is the same code in both.
 3. time to first query: a cold ``python`` child that imports medsearch, opens the catalog, loads the
    encoder and the indexes and answers one query (text, then image, separate children); the
    floor (same run) is a child that only imports torch + faiss; the warm latency of the
@@ -93,6 +95,11 @@ print(json.dumps({"import_s": time.perf_counter() - t0}))
 """
 
 
+# the EmbedConfig before issue 7 (decode workers feed a 2-thread encoder in the main process, float32
+# tensors between processes, no memory trimming) and amp=False (no bf16 on CPU)
+BASELINE = "batch_size=32, workers=2, encode_in_workers=False, uint8_transfer=False, trim_memory=False"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=MEDPIX)
@@ -119,7 +126,7 @@ def main() -> None:
                                      "items_per_s": items / wall, "skipped": len(s.skipped)}  # fmt: skip
             print(f"   ingest ({name} home): {s.cases_added} cases + {s.images_added} images in {wall:.1f}s = "
                   f"{items / wall:.1f} items/s  load {load_avg()}", flush=True)  # fmt: skip
-        runs = [("baseline", "batch_size=32, workers=2", False), ("tuned", "", True)]
+        runs = [("baseline", BASELINE, False), ("tuned", "", True)]
         for name, cfg, amp in runs:
             if name == "baseline" and args.skip_baseline:
                 continue

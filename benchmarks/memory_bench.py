@@ -171,7 +171,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000,10000,100000")
     ap.add_argument("--towers-max", type=int, default=1000, help="also run the real towers up to this N")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=-1, help="EmbedConfig.workers (-1: the product default)")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--child", nargs=3, metavar=("FOLDER", "HOME", "ENCODER"))
     args = ap.parse_args()

@@ -233,25 +233,35 @@ def embed_images_ray(
         ctx.enable_progress_bars = progress
         on_cuda = str(encoder.device).startswith("cuda")
         res = ray.cluster_resources()
+        cpus = float(res.get("CPU", 1))
         if actors <= 0:
-            actors = int(res.get("GPU", 0)) if on_cuda else max(1, int(res.get("CPU", 1)) // 2)
-        per_actor_cpus = max(1, int(res.get("CPU", 1)) // max(1, actors)) if not on_cuda else 1
+            actors = int(res.get("GPU", 0)) if on_cuda else max(1, int(cpus) // 2)
+        # Keep one CPU free for Ray Data's own tasks: actors holding every CPU of a small (local)
+        # cluster can starve the executor. The reservation is for scheduling; each CPU actor runs
+        # torch with as many threads as whole CPUs it reserved (at least 1).
+        if on_cuda:
+            actor_cpus = 1.0
+        elif cpus > actors:
+            actor_cpus = max(0.25, (cpus - 1.0) / actors)
+        else:
+            actor_cpus = max(0.25, cpus / actors / 2)
         batch = resolve_batch_size(config, encoder.device)
-        # several blocks per actor, so every actor of the pool gets work from the start
-        blocks = max(1, min(table.num_rows, max(2 * actors, -(-table.num_rows // batch))))
-        ds = ray.data.from_arrow(table).repartition(blocks)
+        # several blocks per actor (slices of the table, no shuffle), so every actor gets work at once
+        n_blocks = max(1, min(table.num_rows, max(2 * actors, -(-table.num_rows // batch))))
+        step = -(-table.num_rows // n_blocks)
+        ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
         out = ds.map_batches(
             EmbedActor,
             fn_constructor_kwargs={
                 "spec": spec, "device": encoder.device, "models_dir": str(models_dir) if models_dir else None,
                 "shard_dir": str(shard_dir), "imaging": imaging,
-                "torch_threads": config.torch_threads or per_actor_cpus,
+                "torch_threads": config.torch_threads or max(1, int(actor_cpus)),
             },  # fmt: skip
             batch_size=batch,
             batch_format="numpy",
             concurrency=actors,
             num_gpus=1 if on_cuda else 0,
-            num_cpus=1 if on_cuda else per_actor_cpus,
+            num_cpus=actor_cpus,
         )
         written = 0
         for row in out.iter_rows():  # streaming: shards are merged while later batches are encoded

@@ -271,7 +271,12 @@ def embed_images(
     buffered = 0
     t_enc = t_write = 0.0
     try:
+        first = True
         for ids, xs, failed in loader:
+            if first:  # start-up (worker processes, first decode) vs steady state, for benchmarks
+                summary.stage_seconds["image_first_batch"] = time.perf_counter() - t0
+                summary.stage_seconds["image_first_batch_images"] = float(len(ids) + len(failed))
+                first = False
             for image_id, reason in failed:
                 catalog.mark_image_failed(int(image_id), reason)
                 summary.images_failed.append((int(image_id), reason))
@@ -375,7 +380,10 @@ def build_indexes(
                 man = None
         if count == 0:
             continue
-        blocks = functools.partial(catalog.iter_vectors, model_id, space)  # re-iterable: ivfpq samples a first pass
+        # re-iterable (ivfpq samples a first pass); blocks of ~32 MB of float32 whatever the dim
+        # (65,536 rows of 1280-d towers vectors were 335 MB, plus the float16 copies)
+        rows = max(1024, (32 << 20) // (4 * dim))
+        blocks = functools.partial(catalog.iter_vectors, model_id, space, rows)
         if not force and man is not None and man.weights_hash == weights_hash and man.dim == dim and count > man.count:
             added = _try_sync(directory, space, model_id, weights_hash, man, count, config, blocks, generation)
             if added is not None:

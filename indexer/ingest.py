@@ -20,7 +20,7 @@ from medsearch.config import ImagingConfig
 from medsearch.errors import InvalidImage, InvalidInput, MedsearchError
 from medsearch.records import CaseRecord, ImageRecord, Skipped
 
-from .readers import Item, detect_layout, read_path
+from .readers import Item, RecentKeys, detect_layout, read_path
 
 
 @dataclass
@@ -119,7 +119,7 @@ def ingest_items(
     summary = IngestSummary(path=path, layout=layout)
     wanted = {s.lower() for s in splits} if splits else None
     log_id = catalog.log_ingest({"path": printable(path), "reader": layout, "started_at": now()})
-    case_ids: dict[tuple[str, str], int] = {}
+    case_ids = RecentKeys()  # (source, key) -> case id; a forgotten one is looked up in the catalog
     dropped_cases: set[tuple[str, str]] = set()
     status = "failed"
     try:

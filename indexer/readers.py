@@ -20,6 +20,7 @@ import csv
 import errno
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,28 @@ from typing import Any
 from medsearch.records import REPORT_SECTIONS, CaseRecord, ImageRecord, Skipped
 
 Item = CaseRecord | ImageRecord | Skipped
+
+
+class RecentKeys(OrderedDict):
+    """A dict that keeps only the ``cap`` most recently used keys, so per-archive bookkeeping
+    (case ids, cases already yielded) stays flat in the number of items
+    (benchmarks/memory_bench.py). Callers must tolerate a forgotten key: look it up again."""
+
+    def __init__(self, cap: int = 10_000) -> None:
+        super().__init__()
+        self.cap = cap
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        if len(self) > self.cap:
+            self.popitem(last=False)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
@@ -310,7 +333,7 @@ def read_image_folder(
         side = _load_sidecar(sidecar)
     files = walk_files(root) if root.is_dir() else iter([root])
     has_dicom = False
-    seen_cases: set[str] = set()
+    seen_cases = RecentKeys()  # a forgotten case is yielded again: an "unchanged" upsert, no duplicate
     for f in files:
         if isinstance(f, Skipped):
             yield f
@@ -327,8 +350,8 @@ def read_image_folder(
         rel = str(f.relative_to(base))
         row = side.get(rel, {})
         case_key = str(row.get("case_id") or row.get("study_id") or rel)
-        if case_key not in seen_cases:
-            seen_cases.add(case_key)
+        if seen_cases.get(case_key) is None:
+            seen_cases[case_key] = True
             sections = {s: t for s in REPORT_SECTIONS if (t := _text(row.get(s)))}
             if not sections and _text(row.get("report")):
                 sections["findings"] = _text(row.get("report")) or ""

@@ -60,9 +60,8 @@ def test_pipeline_modes_store_identical_vectors(template, tmp_path, towers):
 
 def test_uint8_preprocessing_equals_float(towers):
     import torch
-    from PIL import Image
-
     from conftest import MEDPIX
+    from PIL import Image
 
     with open(MEDPIX / "images.jsonl") as f:
         path = MEDPIX / json.loads(f.readline())["file"]

@@ -135,7 +135,7 @@ def test_cli_draft_openai_streams_and_renders(indexed_home, searcher, llama_serv
 
     q = _image(searcher, 2)
     r = CliRunner().invoke(app, ["draft", q["image_key"], "--home", str(indexed_home), "-g", "openai",
-                                 "--base-url", llama_server, "--llm-model", "smollm2", "--max-tokens", "100",
+                                 "--base-url", llama_server, "--llm-model", "smollm2", "--max-tokens", "60",
                                  "--fallback"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "[openai smollm2]" in r.stderr  # tokens were streamed to stderr
@@ -175,7 +175,7 @@ def poisoned_homes(tmp_path_factory, indexed_home, towers, searcher):
 
 def test_transformers_generator_on_gguf(searcher, gguf):
     q = _image(searcher, 4)
-    cfg = DraftConfig(generator="transformers", llm=LLMConfig(model_dir=str(gguf), max_tokens=60, device="cpu"))
+    cfg = DraftConfig(generator="transformers", llm=LLMConfig(model_dir=str(gguf), max_tokens=40, device="cpu"))
     drafter = Drafter(searcher, config=cfg)
     d, streamed, err = _run(drafter, int(q["image_id"]), q["case_id"])
     assert len(streamed) > 10
