@@ -543,6 +543,8 @@ def train(
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=2, help="Pairs per step.")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate.")] = None,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per step (open_clip).")] = 1,
+    image_image: Annotated[float | None, typer.Option("--image-image", min=0.0, help="Weight of the image-image term (two crops; same case = positive) (lite).")] = None,
+    label_positives: Annotated[str | None, typer.Option("--label-positives", help="Comma-separated image fields (modality_type, body_region, plane): images agreeing on all are image-image positives (lite).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Save as lite:NAME (or a named fine-tune) instead of the default.")] = None,
     device: Device = "auto",
     json_out: JsonOut = False,
@@ -558,7 +560,10 @@ def train(
     h = _home(home)
     cfg = TrainConfig(base=base, seed=seed, split=split, dev_split=dev_split, unfreeze=unfreeze, epochs=epochs,
                       grad_accum=grad_accum, name=name, sources=tuple(source or ()))  # fmt: skip
-    overrides = {k: v for k, v in dict(steps=steps, crops=crops, batch_size=batch_size, lr=lr).items() if v is not None}
+    overrides = {k: v for k, v in dict(steps=steps, crops=crops, batch_size=batch_size, lr=lr, image_image=image_image).items()
+                 if v is not None}  # fmt: skip
+    if label_positives is not None:
+        overrides["label_positives"] = tuple(f.strip() for f in label_positives.split(",") if f.strip())
     cfg = replace(cfg, **overrides)
     cat = Catalog.open(h / "catalog.db", create=False)
     bars: dict[str, Any] = {}

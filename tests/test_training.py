@@ -277,3 +277,25 @@ def test_cli_train_then_eval_retrieval(trained, home, tmp_path):
     assert lo <= rep["cross-modal"]["caption->image"]["R@10"]["value"] <= hi
     r = runner.invoke(app, ["eval", "retrieval", "medpix-2.0", *args, "--split", "nope"])
     assert r.exit_code == 2 and "split 'nope' has no images" in r.output
+
+
+def test_label_positives_follow_catalog_metadata(home):
+    """Image-image positives by metadata: equal and known on every listed field, nothing else."""
+    from medsearch.training import collect_pairs, label_mask
+
+    cat = Catalog.open(home / "catalog.db", readonly=True)
+    pairs = collect_pairs(cat, "train")
+    cat.close()
+    idx = np.arange(len(pairs.image_ids))
+    mod = np.array(pairs.image_labels["modality_type"], dtype=object)
+    reg = np.array(pairs.image_labels["body_region"], dtype=object)
+    assert {"CT", "MR"} <= set(mod)  # the slice is balanced over modalities
+    m = label_mask(pairs, idx, ("modality_type",))
+    for i in range(len(idx)):  # brute force
+        for j in range(len(idx)):
+            assert m[i, j] == (mod[i] is not None and mod[i] == mod[j])
+    both = label_mask(pairs, idx, ("modality_type", "body_region"))
+    assert np.array_equal(both, m & (reg[:, None] == reg[None, :]) & (reg != None)[:, None])  # noqa: E711
+    assert not label_mask(pairs, idx, ()).any()
+    with pytest.raises(InvalidInput, match="unknown label field"):
+        label_mask(pairs, idx, ("no_such_field",))
