@@ -466,15 +466,17 @@ ModelDir = Annotated[Path | None, typer.Option("--model-dir", help="Local Huggin
 Fallback = Annotated[bool, typer.Option("--fallback", help="If the LLM fails, draft with the extractive generator instead.")]
 LlmTimeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the LLM endpoint.")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", min=16, help="Most tokens an LLM may write.")]
+RepeatPenalty = Annotated[float, typer.Option("--repeat-penalty", min=1.0, max=2.0, help="Penalty on repeated tokens (llama-cpp, transformers); 1 = off.")]
 
 
 def _draft_config(generator: str, gguf, base_url, llm_model, api_key, model_dir, fallback: bool, timeout: float,
-                  max_tokens: int, k_max: int = 8):  # fmt: skip
+                  max_tokens: int, k_max: int = 8, repeat_penalty: float = 1.15):  # fmt: skip
     from medsearch.rag import DraftConfig, EvidenceConfig, LLMConfig
 
     llm = LLMConfig(
         base_url=base_url, model=llm_model, api_key=api_key, gguf=str(gguf) if gguf else None,
         model_dir=str(model_dir) if model_dir else None, timeout_s=timeout, max_tokens=max_tokens,
+        repeat_penalty=repeat_penalty,
     )  # fmt: skip
     return DraftConfig(generator=generator, llm=llm, fallback=fallback, evidence=EvidenceConfig(k_max=k_max))
 
@@ -493,6 +495,7 @@ def draft(
     fallback: Fallback = False,
     timeout: LlmTimeout = 120.0,
     max_tokens: MaxTokens = 220,
+    repeat_penalty: RepeatPenalty = 1.15,
     k_max: Annotated[int, typer.Option("--k-max", min=1, max=50, help="Most evidence cases (fewer after a similarity drop).")] = 8,
     split: Split = None,
     modality: Modality = None,
@@ -505,7 +508,8 @@ def draft(
     """Draft a report for an image from similar prior cases; every sentence cites its evidence [C<n>]."""
     from medsearch.rag import Drafter
 
-    cfg = _draft_config(generator, gguf, base_url, llm_model, api_key, model_dir, fallback, timeout, max_tokens, k_max)
+    cfg = _draft_config(generator, gguf, base_url, llm_model, api_key, model_dir, fallback, timeout, max_tokens, k_max,
+                        repeat_penalty)
     drafter = Drafter(_searcher(home, model, device), config=cfg)
     streamed = []
 
@@ -702,6 +706,7 @@ def eval_drafts(
     fallback: Fallback = False,
     timeout: LlmTimeout = 120.0,
     max_tokens: MaxTokens = 220,
+    repeat_penalty: RepeatPenalty = 1.15,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Score a random subset of this many images (seeded).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for --limit, the random-case baseline and the bootstrap.")] = 0,
     n_boot: Annotated[int, typer.Option("--n-boot", min=100, help="Bootstrap resamples (by case).")] = 1000,
@@ -717,7 +722,8 @@ def eval_drafts(
     searcher = _searcher(home, model, device)
     drafters = {}
     for g in generator or ["extractive"]:
-        cfg = _draft_config(g, gguf, base_url, llm_model, api_key, model_dir, fallback, timeout, max_tokens)
+        cfg = _draft_config(g, gguf, base_url, llm_model, api_key, model_dir, fallback, timeout, max_tokens,
+                            repeat_penalty=repeat_penalty)
         drafters[g] = Drafter(searcher, config=cfg)
     bar = None
     if not json_out:

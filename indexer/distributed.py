@@ -108,8 +108,12 @@ def read_shard(manifest: Path, *, model_id: str, weights_hash: str) -> tuple[np.
 
 
 def merge_shards(catalog: Catalog, directory: Path, *, model_id: str, weights_hash: str,
-                 summary: EmbedSummary | None = None) -> EmbedSummary:  # fmt: skip
-    """Store every complete shard of ``directory`` in the catalog (one transaction each), then delete it."""
+                 summary: EmbedSummary | None = None, clean_tmp: bool = True) -> EmbedSummary:  # fmt: skip
+    """Store every complete shard of ``directory`` in the catalog (one transaction each), then delete it.
+
+    ``clean_tmp`` also removes half-written temp files, which only a crashed writer leaves: pass
+    False while actors may be writing (their temp files are live, and renamed when complete).
+    """
     summary = summary or EmbedSummary(model_id)
     if not directory.is_dir():
         return summary
@@ -126,8 +130,9 @@ def merge_shards(catalog: Catalog, directory: Path, *, model_id: str, weights_ha
         manifest.unlink()  # the manifest first: a crash now leaves orphan .npy files, never a half shard
         for suffix in (".ids.npy", ".vecs.npy"):
             manifest.with_name(stem + suffix).unlink(missing_ok=True)
-    for stale in directory.glob(".shard-*.tmp"):
-        stale.unlink(missing_ok=True)
+    if clean_tmp:
+        for stale in directory.glob(".shard-*.tmp"):
+            stale.unlink(missing_ok=True)
     return summary
 
 
@@ -266,8 +271,9 @@ def embed_images_ray(
         written = 0
         for row in out.iter_rows():  # streaming: shards are merged while later batches are encoded
             written += int(row["count"]) + int(row["failed"])
+            # other actors are still writing: leave their temp files alone
             merge_shards(catalog, shard_dir, model_id=encoder.model_id, weights_hash=encoder.weights_hash,
-                         summary=summary)  # fmt: skip
+                         summary=summary, clean_tmp=False)  # fmt: skip
         summary.stage_seconds["ray_actors"] = float(actors)
     finally:
         if started:

@@ -446,7 +446,7 @@ class Catalog:
         out: dict[int, np.ndarray] = {}
         for chunk in _chunks(list(ids), 900):
             qs = ",".join("?" * len(chunk))
-            for item_id, dim, vec in self.db.execute(
+            for item_id, _dim, vec in self.db.execute(
                 f"SELECT item_id, dim, vec FROM vectors WHERE model = ? AND space = ? AND item_id IN ({qs})",
                 [model, space, *chunk],
             ):

@@ -9,6 +9,7 @@ with no stored vector are reported as ``not_embedded``: only an encoder can fix 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -89,7 +90,7 @@ def check_home(catalog: Catalog, paths: Paths, *, repair: bool = False) -> dict[
                     "SELECT dim FROM vectors WHERE model = ? AND space = ? LIMIT 1", [model, space]
                 ).fetchone()[0]
                 idx = VectorIndex.from_blocks(
-                    lambda: catalog.iter_vectors(model, space), model_id=model, weights_hash=weights, space=space,
+                    functools.partial(catalog.iter_vectors, model, space), model_id=model, weights_hash=weights, space=space,
                     dim=dim, count=stored,
                     config=IndexConfig(kind=kind if kind in ("flat", "hnsw", "ivfpq") else "auto"),
                     generation=_next_generation(directory / f"{space}.json"),

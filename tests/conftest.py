@@ -91,11 +91,10 @@ def towers():
 @pytest.fixture(scope="session")
 def indexed_home(tmp_path_factory, medpix_slice, covid_dir, towers) -> Path:
     """A home with the medpix slice and covid-chestxray ingested and indexed with the towers."""
-    from medsearch.catalog import Catalog
-    from medsearch.config import EmbedConfig, Paths
-
     from indexer.embed import run_index
     from indexer.ingest import ingest_path
+    from medsearch.catalog import Catalog
+    from medsearch.config import EmbedConfig, Paths
 
     home = tmp_path_factory.mktemp("home")
     cat = Catalog.open(home / "catalog.db")
@@ -109,11 +108,10 @@ def indexed_home(tmp_path_factory, medpix_slice, covid_dir, towers) -> Path:
 @pytest.fixture(scope="session")
 def small_home(tmp_path_factory, towers) -> Path:
     """A tiny indexed home (3 medpix dev cases + 5 covid cases) for tests that damage a copy of it."""
-    from medsearch.catalog import Catalog
-    from medsearch.config import EmbedConfig, Paths
-
     from indexer.embed import run_index
     from indexer.ingest import ingest_path
+    from medsearch.catalog import Catalog
+    from medsearch.config import EmbedConfig, Paths
 
     data = tmp_path_factory.mktemp("small-data")
     medpix = make_slice(data / "medpix-2.0", _need(MEDPIX), n_cases=3, splits=("dev",))

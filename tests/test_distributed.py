@@ -90,3 +90,19 @@ def test_shards_merge_once_and_refuse_tampering(tmp_path):
     assert cat.count_vectors("m", "image") == 5  # nothing from the bad shard
     with pytest.raises(IndexInconsistent, match="made by"):
         merge_shards(cat, tmp_path, model_id="other", weights_hash="w")
+
+
+def test_merge_while_actors_write_keeps_their_temp_files(tmp_path):
+    """The driver merges while actors still write: a live temp file must survive (it was deleted once,
+    and the actor's rename failed with FileNotFoundError); only a final merge clears leftovers."""
+    from indexer.distributed import merge_shards, write_shard
+
+    cat = Catalog.open(None)
+    v = np.ones((2, 4), np.float32)
+    write_shard(tmp_path, np.arange(1, 3), v, model_id="m", weights_hash="w", failed=[])
+    live = tmp_path / ".shard-x.ids.npy.abc.tmp"  # another actor's file, half written
+    live.write_bytes(b"partial")
+    s = merge_shards(cat, tmp_path, model_id="m", weights_hash="w", clean_tmp=False)
+    assert s.images_embedded == 2 and live.exists()
+    merge_shards(cat, tmp_path, model_id="m", weights_hash="w")  # after the job: a crash leftover
+    assert not live.exists()

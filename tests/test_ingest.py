@@ -7,11 +7,10 @@ import shutil
 
 import pytest
 
-from medsearch.catalog import Catalog
-from medsearch.errors import InvalidInput
-
 from indexer.ingest import ingest_path
 from indexer.readers import detect_layout, read_jsonl_dataset
+from medsearch.catalog import Catalog
+from medsearch.errors import InvalidInput
 
 
 def test_jsonl_layout_detected_and_streamed(medpix_slice, covid_dir):

@@ -60,6 +60,9 @@ class LLMConfig:
     retries: int = 2  # extra attempts on connection errors, timeouts, 429 and 5xx
     backoff_s: float = 0.5
     temperature: float = 0.0
+    # > 1 penalises repeating recent tokens (llama-cpp, transformers; an openai endpoint uses its own
+    # server-side setting). Greedy decoding of small models loops on a phrase without it.
+    repeat_penalty: float = 1.15
     max_tokens: int = 220
     n_ctx: int = 4096
     threads: int | None = None  # llama-cpp threads (None: all cores)

@@ -87,7 +87,8 @@ class TransformersGenerator:
                             on_token(text)
 
                 streamer = _Stream(tok, skip_prompt=True, skip_special_tokens=True)
-            gen_kwargs: dict[str, Any] = dict(max_new_tokens=self.config.max_tokens, streamer=streamer)
+            gen_kwargs: dict[str, Any] = dict(max_new_tokens=self.config.max_tokens, streamer=streamer,
+                                              repetition_penalty=self.config.repeat_penalty)
             if self.config.temperature > 0:
                 gen_kwargs.update(do_sample=True, temperature=self.config.temperature)
             else:

@@ -112,7 +112,8 @@ class LlamaCppGenerator:
         with self._lock:
             llm = self._load()
             messages = build_messages(pack)
-            common = dict(temperature=self.config.temperature, max_tokens=self.config.max_tokens, seed=self.config.seed)
+            common = dict(temperature=self.config.temperature, max_tokens=self.config.max_tokens, seed=self.config.seed,
+                          repeat_penalty=self.config.repeat_penalty)  # fmt: skip
             templated = self._templated(llm, messages)
             try:
                 if templated is not None:
