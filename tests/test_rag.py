@@ -90,6 +90,11 @@ def test_parse_generation_citations_and_sections():
         ("findings", "Mild edema.", [1, 4, 9]),
         ("impression", "Likely neoplasm.", [2]),
     ]
+    # a line labelled with its case ("C1: ...", as SmolLM2 writes) cites that case; a vertebra does not
+    got = parse_generation("FINDINGS:\nC1: Multiple pulmonary nodules.\n- [C3]: Hilar adenopathy\nC1-C2 subluxation.")
+    assert [(p.text, p.cites) for p in got] == [
+        ("Multiple pulmonary nodules.", [1]), ("Hilar adenopathy.", [3]), ("C1-C2 subluxation.", []),
+    ]  # fmt: skip
     # no headings at all: everything is findings, uncited sentences are kept (to be flagged)
     assert [(p.section, p.cites) for p in parse_generation("A mass. Another mass [C2].")] == [
         ("findings", []), ("findings", [2]),

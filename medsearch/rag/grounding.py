@@ -39,6 +39,9 @@ _SECTION = {"finding": "findings", "findings": "findings", "impression": "impres
 # Our evidence delimiters when a model echoes them ("<<<EVIDENCE C1 (similarity ...)", "END C1>>>")
 _ECHO = re.compile(r"(?im)^.*(?:<<<|>>|\bEVIDENCE\s+C\s*\d+|^\s*END\s+C\s*\d+).*$")
 _CHAT_TOKENS = re.compile(r"<\|[^|>]{1,40}\|>|</?s>|\[/?INST\]")
+# A line labelled with its evidence case, as small models write it: "C1: Multiple nodules ..." or
+# "[C2]: ..." (the number must be followed by a colon; "C1-C2 subluxation" is left alone)
+_LINE_LABEL = re.compile(r"(?m)^([ \t]*(?:[-*\u2022][ \t]*)?)\[?[Cc][ \t]?(\d{1,2})\]?[ \t]*:[ \t]*(\S.*?)[ \t]*$")
 _LEADING_CITES = re.compile(r"^\s*((?:\[\s*[Cc]\s*\d+[^\]]*\]\s*)+)")
 _JUNK = re.compile(r"^[\s\-\*\u2022#>:.,;]+|[\s\-\*#>]+$")
 
@@ -81,14 +84,22 @@ def _split_sections(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def _label_to_citation(m: re.Match[str]) -> str:
+    """ "C1: Hilar adenopathy" -> "Hilar adenopathy. [C1]" (the line ends its sentence)."""
+    body = m.group(3)
+    end = "" if body[-1] in ".!?" else "."
+    return f"{m.group(1)}{body}{end} [C{m.group(2)}]"
+
+
 def parse_generation(text: str) -> list[Proposed]:
     """Split a completion into sentences with their ``[C<n>]`` citations (see the module docstring).
 
     Citation markers that start a sentence belong to the sentence before them
-    ("... lobe. [C1] No effusion [C2].").
+    ("... lobe. [C1] No effusion [C2]."). A line labelled "C1: ..." cites C1 at its end.
     """
     text = _CHAT_TOKENS.sub(" ", text or "").replace("\r\n", "\n")
     text = _ECHO.sub("", text)
+    text = _LINE_LABEL.sub(_label_to_citation, text)
     out: list[Proposed] = []
     for section, body in _split_sections(text):
         for raw in split_sentences(body):
