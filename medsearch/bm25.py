@@ -164,6 +164,18 @@ def catalog_docs(catalog: Catalog) -> tuple[list[int], list[str], str]:
 
 def build_bm25_index(catalog: Catalog, directory: Path, *, force: bool = False) -> dict[str, Any]:
     """Build (or keep, when the texts are unchanged) the BM25 index of ``catalog`` in ``directory``."""
+    from .vectors import save_lock
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with save_lock(directory):  # one writer per folder, as for the vector indexes
+        # a killed writer's temp manifest: no other writer can be in flight under the lock, and an
+        # unchanged index returns below without writing (which would be the only other clean-up)
+        for stale in directory.glob(f".{MANIFEST}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        return _build_locked(catalog, directory, force)
+
+
+def _build_locked(catalog: Catalog, directory: Path, force: bool) -> dict[str, Any]:
     ids, texts, fp = catalog_docs(catalog)
     man = read_manifest(directory)
     if man and not force and man.get("fingerprint") == fp and (directory / man.get("folder", "")).is_dir():

@@ -224,7 +224,7 @@ class VectorIndex:
         complete, so a full disk or an I/O error leaves the previous index loadable.
         """
         directory.mkdir(parents=True, exist_ok=True)
-        with _save_lock(directory):  # one saver per folder: concurrent saves could pair a file with another's manifest
+        with save_lock(directory):  # one saver per folder: concurrent saves could pair a file with another's manifest
             for stale in directory.glob(f".{self.manifest.space}.*.tmp"):  # left by a killed save
                 stale.unlink(missing_ok=True)
             try:
@@ -350,7 +350,7 @@ def _write_json_tmp(path: Path, data: dict[str, Any]) -> str:
 
 
 @contextmanager
-def _save_lock(directory: Path) -> Iterator[None]:
+def save_lock(directory: Path) -> Iterator[None]:
     """Exclusive advisory lock on ``directory/.lock`` (released by the OS if the process dies)."""
     try:
         import fcntl

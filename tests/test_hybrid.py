@@ -100,6 +100,21 @@ def test_index_step_built_bm25_over_captions_and_sections(searcher):
     assert man["count"] == len(ids) > 0 and man["fingerprint"] == fp
 
 
+def test_unchanged_bm25_rebuild_clears_a_killed_writers_temp_manifest(searcher, tmp_path):
+    """Found by tests/crash_harness.py: a kill while the BM25 manifest was written left its temp file,
+    and the next `medsearch index` (texts unchanged: nothing to write) kept it for good."""
+    import shutil
+
+    src = Paths(searcher.paths.home).index_dir(searcher.model_id)
+    d = tmp_path / "idx"
+    shutil.copytree(src, d)
+    stale = d / ".bm25.json.k1ll3d.tmp"
+    stale.write_text('{"half": ')
+    out = build_bm25_index(searcher.catalog, d)
+    assert out["rebuilt"] is False and not stale.exists()
+    assert read_manifest(d)["fingerprint"] == catalog_docs(searcher.catalog)[2]
+
+
 def test_bm25_mode_returns_images_whose_text_matches(searcher):
     hits = searcher.search_text("pneumonia", k=5, mode="bm25", per_case=False)
     assert hits and all(h.matched == "bm25" for h in hits)
