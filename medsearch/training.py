@@ -327,16 +327,24 @@ def view_image(image: Image.Image, key: str, view: int, spec: ViewSpec) -> Image
 
 
 def feature_mode(towers: TowersEncoder) -> str:
-    """How the image tower computes on its device, e.g. ``cpu-fp32``, ``cpu-bfloat16``, ``cuda-bfloat16``.
+    """How the towers compute on their device, e.g. ``cpu-bfloat16-text-bfloat16``, ``cuda-bfloat16``.
 
     Part of the cache key, so a cached feature is exactly what the encoder would compute here.
     """
     import torch
 
-    ctx = towers._image_autocast() if hasattr(towers, "_image_autocast") else None
-    if isinstance(ctx, torch.autocast):
-        return f"{ctx.device}-{str(ctx.fast_dtype).replace('torch.', '')}"
-    return f"{str(towers.device).split(':')[0]}-fp32"
+    def mode(ctx: Any) -> str:
+        if isinstance(ctx, torch.autocast):
+            return f"{ctx.device}-{str(ctx.fast_dtype).replace('torch.', '')}"
+        return f"{str(towers.device).split(':')[0]}-fp32"
+
+    image = mode(towers._image_autocast() if hasattr(towers, "_image_autocast") else None)
+    if not str(towers.device).startswith("cpu"):
+        return image
+    # CPU: the text tower's numerics too (bf16 on native-bf16 CPUs since text autocast came in; a
+    # cache written before, with fp32 text features, must not be read as bf16 ones)
+    text = mode(towers._text_autocast() if hasattr(towers, "_text_autocast") else None)
+    return f"{image}-text-{text.split('-', 1)[1]}"
 
 
 class FeatureStore:

@@ -110,7 +110,12 @@ def test_minilm_matches_sentence_transformers(towers: Encoder) -> None:
     ref_model = st.SentenceTransformer(str(minilm_dir()), device="cpu", local_files_only=True)
     texts = ["Mass measures 3.5 cm in the right upper lobe.", "No acute intracranial abnormality."]
     ref = ref_model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
-    np.testing.assert_allclose(towers.encode_texts(texts), ref, atol=1e-4)
+    from medsearch.encoders.towers import TowersEncoder
+
+    fp32 = TowersEncoder(device="cpu", amp=False)  # the pooling itself, without bf16 rounding
+    np.testing.assert_allclose(fp32.encode_texts(texts), ref, atol=1e-4)
+    # the product encoder (bf16 autocast on CPUs with native bf16) stays within rounding of it
+    assert np.min(np.sum(towers.encode_texts(texts) * ref, axis=1)) > 0.9999
 
 
 def test_efficientnet_adjacent_slices_closer_than_other_anatomy(towers: Encoder) -> None:
