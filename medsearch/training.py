@@ -18,10 +18,10 @@ so a rerun or a bigger archive only computes what is new.
 
 An image-image term (two crops of each image, weight ``image_image``) takes as positives the
 images of the same case and, with ``label_positives``, the train images that agree on catalog
-metadata (default: modality_type and body_region). On medpix-2.0 dev (seeds 0/1/2, `medsearch eval
-retrieval`) it raised image->image P@10 by modality from 0.840 (seed 0, without the term) to
-0.916/0.900/0.909 and body-region kNN accuracy from 0.690 to 0.716/0.716/0.701, with caption->image
-R@10 0.528/0.599/0.574 (0.523 without).
+metadata (default: modality_type and body_region). On medpix-2.0 dev (`medsearch eval retrieval`,
+seeds 0/1/2) weight 1.0 gave image->image P@10 by modality 0.903/0.906/0.926 (0.840 for seed 0
+without the term), body-region kNN accuracy 0.690/0.736/0.706 (0.690), caption->image R@10
+0.543/0.579/0.579 (0.523); weights 0.5 and 0.75 fell below 0.90 on modality for some seeds.
 
 ``unfreeze=N`` also trains the last N EfficientNet blocks and its 1x1 head conv (BatchNorm
 statistics stay frozen). The frozen prefix is deterministic per cached view, so its output
@@ -87,7 +87,7 @@ class TrainConfig:
     dropout: float = 0.7
     in_dropout: float = 0.0
     init_temperature: float = 0.07
-    image_image: float = 0.5  # weight of an image-image term (two views; same case = positive)
+    image_image: float = 1.0  # weight of an image-image term (two views; same case = positive)
     # image-image positives also by catalog metadata: images of the train split whose listed fields
     # are all known and equal count as positives of each other (images without them: same case only)
     label_positives: tuple[str, ...] = ("modality_type", "body_region")
