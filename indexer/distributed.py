@@ -22,10 +22,7 @@ same encoder code on the same device (tests/test_distributed.py).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -37,32 +34,15 @@ from medsearch.catalog import Catalog
 from medsearch.config import EmbedConfig, ImagingConfig
 from medsearch.encoders.base import Encoder
 from medsearch.errors import IndexInconsistent, MedsearchError, ModelNotAvailable
+from medsearch.fileio import sha256_file, write_atomic
 
 from .embed import EmbedSummary, resolve_batch_size
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _save_npy(path: Path, array: np.ndarray) -> str:
-    """Write ``array`` to ``path`` via a temp file + fsync + rename; returns the file's sha256."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return _sha256(path)
+    """Write ``array`` to ``path`` atomically (temp file, fsync, rename); returns the file's sha256."""
+    write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+    return sha256_file(path)
 
 
 def write_shard(directory: Path, ids: np.ndarray, vecs: np.ndarray, *, model_id: str, weights_hash: str,
@@ -79,12 +59,7 @@ def write_shard(directory: Path, ids: np.ndarray, vecs: np.ndarray, *, model_id:
         "vecs_sha256": _save_npy(directory / f"{name}.vecs.npy", vecs),
         "failed": [[int(i), str(r)] for i, r in failed],
     }  # fmt: skip
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / f"{name}.json")
+    write_atomic(directory / f"{name}.json", lambda f: f.write(json.dumps(meta).encode()))
     return directory / f"{name}.json"
 
 
@@ -99,7 +74,7 @@ def read_shard(manifest: Path, *, model_id: str, weights_hash: str) -> tuple[np.
             f"not {model_id} ({weights_hash})",
             hint=f"delete {manifest.parent} or index with the model that wrote it",
         )
-    if meta["count"] and (_sha256(ids_p) != meta["ids_sha256"] or _sha256(vecs_p) != meta["vecs_sha256"]):
+    if meta["count"] and (sha256_file(ids_p) != meta["ids_sha256"] or sha256_file(vecs_p) != meta["vecs_sha256"]):
         raise IndexInconsistent(f"vector shard {manifest} does not match its checksums",
                                 hint=f"delete {stem}.* in {manifest.parent} and rerun `medsearch index`")  # fmt: skip
     if not meta["count"]:

@@ -54,6 +54,7 @@ import numpy as np
 from .catalog import Catalog
 from .config import ImagingConfig, Paths
 from .errors import InvalidInput, MedsearchError, ModelNotAvailable, NotFound
+from .fileio import write_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -1032,17 +1033,7 @@ def _save_torch_atomic(obj: Any, path: Path) -> None:
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def finetune_open_clip(

@@ -8,7 +8,6 @@ checksum must match the file before FAISS reads it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -24,6 +23,7 @@ import numpy as np
 from . import ann
 from .config import IndexConfig
 from .errors import IndexInconsistent, IndexMismatch, IndexNotBuilt, StorageError
+from .fileio import sha256_file
 
 FORMAT_VERSION = 1
 
@@ -246,7 +246,7 @@ class VectorIndex:
             os.close(fd)
             tmps.append(tmp)
             faiss.write_index(self.index, tmp)
-            checksum = _sha256_file(tmp)
+            checksum = sha256_file(tmp)
             _fsync_path(tmp)
             man = Manifest(**{**asdict(self.manifest), "checksum": checksum, "built_at": _now()})
             tmps.append(_write_json_tmp(mtarget, asdict(man)))
@@ -294,7 +294,7 @@ class VectorIndex:
                 f"({man.weights_hash} != {weights_hash})",
                 hint="run `medsearch index --rebuild` to re-embed with the current weights",
             )
-        if verify and _sha256_file(str(path)) != man.checksum:
+        if verify and sha256_file(str(path)) != man.checksum:
             raise IndexInconsistent(
                 f"{path} does not match its manifest checksum (partial write or tampering)",
                 hint="run `medsearch check --repair` to rebuild it from stored vectors",
@@ -363,14 +363,6 @@ def save_lock(directory: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_path(path: str) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 
 from medsearch.encoders.base import l2_normalize, pick_device
 from medsearch.errors import InvalidInput, ModelNotAvailable
+from medsearch.fileio import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -82,14 +83,6 @@ def make_heads(config: dict[str, Any]):
             self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / c.get("init_temperature", 0.07)))))
 
     return Heads(config)
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_model(directory: Path, state: dict[str, Any], config: dict[str, Any]) -> Path:
@@ -196,7 +189,7 @@ class LiteEncoder:
         dims = self.config["dims"]
         self.image_dim = self.text_dim = int(dims["out"])
         self.text_max_tokens = towers.text_max_tokens
-        self._digest = _file_digest(self.directory / WEIGHTS_FILE)[:16]
+        self._digest = sha256_file(self.directory / WEIGHTS_FILE)[:16]
         self.temperature = float(1.0 / torch.exp(self.heads.logit_scale).item())
         self._cache_dir = Path(feature_cache) if feature_cache is not None else None
         self._by_tensor: dict[str, np.ndarray] | None = None
