@@ -37,10 +37,7 @@ if os.environ.get("OMP_WAIT_POLICY_UNSET") != "1":  # (the --omp-compare child k
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 MEDPIX = REPO.parent / "shared" / "datasets" / "medpix-2.0"
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg()) + f" on {os.cpu_count()} CPUs"
+from common import load_avg  # noqa: E402
 
 
 def pick_images(n: int) -> list[Path]:

@@ -31,10 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 MEDPIX = REPO.parent / "shared" / "datasets" / "medpix-2.0"
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg()) + f" on {os.cpu_count()} CPUs"
+from common import load_avg  # noqa: E402
 
 
 def child(code: str) -> dict:

@@ -33,10 +33,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg()) + f" on {os.cpu_count()} CPUs"
+from common import load_avg  # noqa: E402
 
 
 def make_pngs(folder: Path, n: int, start: int = 0) -> None:
