@@ -142,6 +142,7 @@ class PairData:
     pair_text: np.ndarray  # (n_pairs,) index into texts
     pair_kind: list[str]  # "caption" | "findings"
     image_labels: dict[str, list[str | None]] = field(default_factory=dict)  # field -> value per image
+    label_codes: dict[str, np.ndarray] = field(default_factory=dict)  # field -> (n_img,) int64, -1 = unknown
 
     @property
     def pair_case(self) -> np.ndarray:
@@ -188,10 +189,16 @@ def label_mask(pairs: PairData, image_idx: np.ndarray, fields: Sequence[str]) ->
     for f in fields:
         if f not in pairs.image_labels:
             raise InvalidInput(f"unknown label field {f!r} for label positives", hint=f"use {', '.join(LABEL_FIELDS)}")
-        v = np.array([pairs.image_labels[f][i] or "" for i in image_idx], dtype=object)
-        known = v != ""
-        out &= (v[:, None] == v[None, :]) & known[:, None] & known[None, :]
+        c = pairs.label_codes[f][image_idx]  # (b,) int64, computed once per training run
+        known = c >= 0
+        out &= (c[:, None] == c[None, :]) & known[:, None] & known[None, :]
     return out
+
+
+def _codes(values: list[str | None]) -> np.ndarray:
+    """Values -> (n,) int64 codes, equal values equal codes, -1 for missing ones."""
+    index: dict[str, int] = {}
+    return np.array([index.setdefault(v, len(index)) if v else -1 for v in values], dtype=np.int64)
 
 
 def collect_pairs(
@@ -256,6 +263,7 @@ def collect_pairs(
             "no findings",
             hint="ingest a dataset whose images have captions or whose cases have a findings section",
         )
+    labels = {f: [r[6 + n] or None for r in rows] for n, f in enumerate(LABEL_FIELDS)}
     return PairData(
         split=split,
         image_ids=np.array([r[0] for r in rows], dtype=np.int64),
@@ -267,7 +275,8 @@ def collect_pairs(
         pair_image=np.array(pi, dtype=np.int64),
         pair_text=np.array(pt, dtype=np.int64),
         pair_kind=pk,
-        image_labels={f: [r[6 + n] or None for r in rows] for n, f in enumerate(LABEL_FIELDS)},
+        image_labels=labels,
+        label_codes={f: _codes(v) for f, v in labels.items()},
     )
 
 
