@@ -626,7 +626,7 @@ def eval_retrieval(
     """Recall@K, P@K, mAP, MRR, median rank and label accuracy with 95% CIs, against chance and the frozen towers."""
     from medsearch.catalog import Catalog
     from medsearch.encoders.registry import load_encoder
-    from medsearch.evaluation import (
+    from medsearch.eval.retrieval import (
         EvalConfig,
         embed_eval_set,
         evaluate_retrieval,
@@ -716,7 +716,7 @@ def eval_drafts(
 ) -> None:
     """Draft every image of a split and score against its findings, with baselines and 95% CIs."""
     from medsearch.rag import Drafter
-    from medsearch.rag.evaluate import evaluate_drafts, format_table
+    from medsearch.eval.drafts import evaluate_drafts, format_table
 
     source = Path(dataset).name if Path(dataset).exists() else dataset
     searcher = _searcher(home, model, device)

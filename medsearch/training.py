@@ -611,7 +611,7 @@ class DevSet:
 
 def dev_scores(dev: DevSet, img_emb: np.ndarray, txt_emb: np.ndarray) -> dict[str, float]:
     """Dev caption->image R@10 (duplicates count), same-case R@10 and image->caption R@10."""
-    from .evaluation import ranked_relevance, recall_at_k
+    from .metrics import ranked_relevance, recall_at_k
 
     p = dev.pairs
     qt, qi = dev.caption_queries()

@@ -11,7 +11,7 @@ from medsearch.bm25 import BM25, build_bm25_index, catalog_docs, read_manifest
 from medsearch.catalog import Catalog
 from medsearch.config import Paths
 from medsearch.errors import IndexInconsistent, IndexNotBuilt
-from medsearch.evaluation import _rrf_scores
+from medsearch.eval.retrieval import _rrf_scores
 from medsearch.search import Filters, Searcher, rrf
 
 # ---------------------------------------------------------------------------- RRF

@@ -365,7 +365,7 @@ def test_eval_drafts_cli_table_has_baselines(indexed_home):
     from typer.testing import CliRunner
 
     from cli.main import app
-    from medsearch.rag.evaluate import format_table
+    from medsearch.eval.drafts import format_table
 
     # dev queries against a dev pool: leave-one-case-out (the query's own case is always excluded)
     args = ["eval", "drafts", "medpix-2.0", "--home", str(indexed_home), "--split", "dev", "--pool-split", "dev",
@@ -387,7 +387,7 @@ def test_eval_drafts_cli_table_has_baselines(indexed_home):
 
 
 def test_case_bootstrap_resamples_cases():
-    from medsearch.rag.evaluate import _case_bootstrap
+    from medsearch.eval.drafts import _case_bootstrap
 
     # two cases: one with 3 images scoring 1, one with 1 image scoring 0
     m, lo, hi = _case_bootstrap(np.array([1.0, 1.0, 1.0, 0.0]), np.array([1, 1, 1, 2]), 2000, 0)

@@ -17,7 +17,6 @@ Excluded items are taken out of the ranking, not just pushed down.
 - ``reciprocal_rank``: 1 / rank of the first relevant item (0 when none).
 - ``first_relevant_rank``: rank (1-based) of the first relevant item (inf when none).
 
-The report part (``evaluate_retrieval``) is below the metrics.
 """
 
 from __future__ import annotations
@@ -31,151 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import SearchConfig
-from .errors import InvalidInput, NotFound
+from ..config import SearchConfig
+from ..errors import InvalidInput, NotFound
+from ..metrics import _check, average_precision, bootstrap_ci, chance_recall_at_k, first_relevant_rank, knn_vote, precision_at_k, ranked_relevance, recall_at_k, reciprocal_rank, summarize
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .catalog import Catalog
-    from .encoders.base import Encoder
-
-
-# =========================================================================== metrics (pure numpy)
-
-
-def _check(scores: np.ndarray, relevant: np.ndarray, exclude: np.ndarray | None) -> None:
-    if scores.ndim != 2 or relevant.shape != scores.shape:
-        raise InvalidInput(
-            f"scores {scores.shape} and relevant {relevant.shape} must both be (n_queries, n_items)",
-            hint="pass one row per query and one column per pool item",
-        )
-    if exclude is not None and exclude.shape != scores.shape:
-        raise InvalidInput(f"exclude has shape {exclude.shape}, expected {scores.shape}", hint="match scores")
-
-
-def ranked_relevance(
-    scores: np.ndarray, relevant: np.ndarray, exclude: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Relevance in rank order: ((nq, n) bool, (nq,) int pool size per query).
-
-    Row q lists the relevance of q's ranked items; excluded items are dropped and the row is
-    padded with False at the end, so column j is rank j + 1 for j < n_valid[q].
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    relevant = np.asarray(relevant, dtype=bool)
-    _check(scores, relevant, exclude)
-    nq, n = scores.shape
-    ex = np.zeros((nq, n), dtype=bool) if exclude is None else np.asarray(exclude, dtype=bool)
-    idx = np.broadcast_to(np.arange(n), (nq, n))
-    # lexsort: last key is primary -> (excluded last, higher score first, lower index first)
-    order = np.lexsort((idx, -scores, ex), axis=1)  # (nq, n)
-    rel = np.take_along_axis(relevant & ~ex, order, axis=1)
-    return rel, (n - ex.sum(axis=1)).astype(np.int64)
-
-
-def first_relevant_rank(rel: np.ndarray) -> np.ndarray:
-    """(nq, n) ranked relevance -> (nq,) float rank of the first relevant item (inf when none)."""
-    rel = np.asarray(rel, dtype=bool)
-    has = rel.any(axis=1)
-    first = rel.argmax(axis=1).astype(np.float64) + 1.0
-    first[~has] = np.inf
-    return first
-
-
-def recall_at_k(rel: np.ndarray, k: int) -> np.ndarray:
-    """(nq,) 1.0 where a relevant item is in the top ``k``, else 0.0."""
-    return np.asarray(rel, dtype=bool)[:, :k].any(axis=1).astype(np.float64)
-
-
-def precision_at_k(rel: np.ndarray, k: int) -> np.ndarray:
-    """(nq,) share of the top ``k`` that is relevant (denominator k)."""
-    return np.asarray(rel, dtype=bool)[:, :k].sum(axis=1) / float(k)
-
-
-def average_precision(rel: np.ndarray) -> np.ndarray:
-    """(nq,) average precision over the whole ranking; NaN for queries with no relevant item."""
-    rel = np.asarray(rel, dtype=bool)
-    hits = np.cumsum(rel, axis=1)  # (nq, n)
-    ranks = np.arange(1, rel.shape[1] + 1)
-    prec = np.where(rel, hits / ranks, 0.0)
-    n_rel = rel.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n_rel > 0, prec.sum(axis=1) / np.maximum(n_rel, 1), np.nan)
-
-
-def reciprocal_rank(first_rank: np.ndarray) -> np.ndarray:
-    """(nq,) 1 / first relevant rank, 0 where there is none."""
-    fr = np.asarray(first_rank, dtype=np.float64)
-    return np.where(np.isfinite(fr), 1.0 / fr, 0.0)
-
-
-def chance_recall_at_k(n_relevant: np.ndarray, n_valid: np.ndarray, k: int) -> np.ndarray:
-    """(nq,) expected R@k of a uniformly random ranking: 1 - C(n - m, k) / C(n, k)."""
-    m = np.asarray(n_relevant, dtype=np.int64)
-    n = np.asarray(n_valid, dtype=np.int64)
-    out = np.empty(len(m), dtype=np.float64)
-    for i, (mi, ni) in enumerate(zip(m, n, strict=True)):
-        kk = min(k, int(ni))
-        if mi <= 0:
-            out[i] = 0.0
-        elif ni - mi < kk:
-            out[i] = 1.0
-        else:  # product form avoids huge binomials
-            out[i] = 1.0 - math.prod((ni - mi - j) / (ni - j) for j in range(kk))
-    return out
-
-
-def bootstrap_ci(
-    values: np.ndarray, *, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
-    stat: Callable[[np.ndarray], float] = np.mean,
-) -> tuple[float, float]:  # fmt: skip
-    """Percentile bootstrap interval of ``stat`` over queries (NaNs dropped first)."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[~np.isnan(v)]
-    if len(v) == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(v), size=(n_boot, len(v)))
-    if stat is np.mean:
-        boots = v[idx].mean(axis=1)
-    else:
-        boots = np.array([stat(v[row]) for row in idx])
-    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
-
-
-def summarize(values: np.ndarray, *, n_boot: int = 1000, seed: int = 0, stat: str = "mean") -> dict[str, Any]:
-    """{'value', 'ci95': [lo, hi], 'n'} of per-query values (mean or median)."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[~np.isnan(v)]
-    fn: Callable[[np.ndarray], float] = np.mean if stat == "mean" else np.median  # type: ignore[assignment]
-    if len(v) == 0:
-        return {"value": None, "ci95": [None, None], "n": 0}
-    value = float(fn(v))
-    lo, hi = bootstrap_ci(v, n_boot=n_boot, seed=seed, stat=fn)
-    return {"value": _num(value), "ci95": [_num(lo), _num(hi)], "n": int(len(v))}
-
-
-def knn_vote(sims: np.ndarray, neighbour_labels: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
-    """Similarity-weighted vote of the top-k neighbours -> (nq,) predicted labels.
-
-    sims (nq, n) float, neighbour_labels (n,) str/object; weight = max(similarity, 0) + 1e-6,
-    so an all-negative neighbourhood still votes by rank order. Ties go to the label seen first.
-    """
-    sims = np.asarray(sims, dtype=np.float64)
-    labels = np.asarray(neighbour_labels, dtype=object)
-    nq, n = sims.shape
-    ex = np.zeros((nq, n), dtype=bool) if exclude is None else np.asarray(exclude, dtype=bool)
-    idx = np.broadcast_to(np.arange(n), (nq, n))
-    order = np.lexsort((idx, -sims, ex), axis=1)[:, :k]
-    out = np.empty(nq, dtype=object)
-    for q in range(nq):
-        votes: dict[Any, float] = {}
-        for j in order[q]:
-            if ex[q, j] or labels[j] is None:
-                continue
-            votes[labels[j]] = votes.get(labels[j], 0.0) + max(float(sims[q, j]), 0.0) + 1e-6
-        out[q] = max(votes, key=lambda lab: votes[lab]) if votes else None
-    return out
+    from ..catalog import Catalog
+    from ..encoders.base import Encoder
 
 
 def _num(x: float | None, nd: int = 4) -> float | None:
@@ -340,14 +201,14 @@ def embed_eval_set(
     The towers and a lite model with frozen towers reuse the training feature cache
     (``cache_dir``), so nothing already computed is computed again.
     """
-    from .encoders.base import l2_normalize
+    from ..encoders.base import l2_normalize
 
     texts = sorted({*es.docs, *es.findings.values(), *(c for c in es.caption if c)})
     towers = getattr(encoder, "towers", None) if getattr(encoder, "frozen_towers", False) else None
     if towers is None and getattr(encoder, "model_id", "") == "towers":
         towers = encoder
     if towers is not None and cache_dir is not None:
-        from .training import FeatureStore, ViewSpec, image_view_features, text_features
+        from ..training import FeatureStore, ViewSpec, image_view_features, text_features
 
         store = FeatureStore.for_towers(cache_dir, towers)
         feats = image_view_features(
@@ -380,7 +241,7 @@ def _encode_images(
 ) -> np.ndarray:
     import torch
 
-    from .imaging import load_image
+    from ..imaging import load_image
 
     out = []
     for s in range(0, len(paths), batch):
@@ -447,7 +308,7 @@ def _rrf_scores(score_mats: Sequence[np.ndarray], depth: int, k: int) -> np.ndar
 
 
 def _bm25_doc_scores(es: EvalSet, queries: list[str]) -> np.ndarray:
-    from .bm25 import BM25
+    from ..bm25 import BM25
 
     bm = BM25.build(es.docs)
     return np.stack([bm.scores(q) for q in queries]) if queries else np.zeros((0, len(es.docs)))
@@ -537,7 +398,7 @@ def _image_image(es: EvalSet, images: np.ndarray, cfg: EvalConfig) -> dict[str, 
 
 def _classify(es: EvalSet, emb: Embeddings, cfg: EvalConfig, prompts: bool) -> dict[str, Any]:
     """Modality and body-region accuracy: kNN vote (own case excluded) and zero-shot prompts."""
-    from .encoders.base import l2_normalize
+    from ..encoders.base import l2_normalize
 
     q = np.where(es.is_query)[0]
     s = emb.images[q] @ emb.images.T
