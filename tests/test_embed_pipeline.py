@@ -55,7 +55,12 @@ def test_pipeline_modes_store_identical_vectors(template, tmp_path, towers):
     for cfg in ({"workers": 1, "encode_in_workers": False}, {"workers": 2, "encode_in_workers": True}):
         ids, vecs = _run(template, tmp_path, towers, **cfg)
         np.testing.assert_array_equal(ids, ids0)
-        np.testing.assert_array_equal(vecs, ref)  # same encoder code, same micro-batches: bit-identical
+        # Same encoder code and micro-batches; a worker process runs its own torch thread pool, whose
+        # reduction order can move a float16-stored value by one ulp (seen on bf16-capable CPUs).
+        np.testing.assert_allclose(vecs.astype(np.float32), ref.astype(np.float32), rtol=0, atol=2e-4)
+        a, b = vecs.astype(np.float32), ref.astype(np.float32)
+        cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert float(cos.min()) > 0.99999
 
 
 def test_uint8_preprocessing_equals_float(towers):
