@@ -21,11 +21,20 @@ Excluded items are taken out of the ranking, not just pushed down.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from .errors import InvalidInput
+
+
+def _num(x: float | None, nd: int = 4) -> float | None:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return None
+    if isinstance(x, float) and math.isinf(x):
+        return x
+    return round(float(x), nd)
 
 
 def _check(scores: np.ndarray, relevant: np.ndarray, exclude: np.ndarray | None) -> None:

@@ -30,9 +30,11 @@ from typing import Any
 import numpy as np
 import sqlite_utils
 
-from ..errors import CatalogError, NotFound
-from ..records import REPORT_SECTIONS, CaseRecord, CaseView, ImageRecord
-from .schema import SCHEMA, FILTER_COLUMNS, SCHEMA_VERSION
+from medsearch.errors import CatalogError, NotFound
+from medsearch.records import REPORT_SECTIONS, CaseRecord, CaseView, ImageRecord
+
+from .schema import FILTER_COLUMNS, SCHEMA, SCHEMA_VERSION
+
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

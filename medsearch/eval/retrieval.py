@@ -30,21 +30,25 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import SearchConfig
-from ..errors import InvalidInput, NotFound
-from ..metrics import _check, average_precision, bootstrap_ci, chance_recall_at_k, first_relevant_rank, knn_vote, precision_at_k, ranked_relevance, recall_at_k, reciprocal_rank, summarize
+from medsearch.config import SearchConfig
+from medsearch.errors import InvalidInput, NotFound
+from medsearch.metrics import (
+    _num,
+    average_precision,
+    chance_recall_at_k,
+    first_relevant_rank,
+    knn_vote,
+    precision_at_k,
+    ranked_relevance,
+    recall_at_k,
+    reciprocal_rank,
+    summarize,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..catalog import Catalog
+    from medsearch.catalog import Catalog
+
     from ..encoders.base import Encoder
-
-
-def _num(x: float | None, nd: int = 4) -> float | None:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return None
-    if isinstance(x, float) and math.isinf(x):
-        return x
-    return round(float(x), nd)
 
 
 # =========================================================================== the retrieval report
@@ -208,7 +212,7 @@ def embed_eval_set(
     if towers is None and getattr(encoder, "model_id", "") == "towers":
         towers = encoder
     if towers is not None and cache_dir is not None:
-        from ..training import FeatureStore, ViewSpec, image_view_features, text_features
+        from medsearch.training import FeatureStore, ViewSpec, image_view_features, text_features
 
         store = FeatureStore.for_towers(cache_dir, towers)
         feats = image_view_features(
@@ -241,7 +245,7 @@ def _encode_images(
 ) -> np.ndarray:
     import torch
 
-    from ..imaging import load_image
+    from medsearch.imaging import load_image
 
     out = []
     for s in range(0, len(paths), batch):
