@@ -715,8 +715,8 @@ def eval_drafts(
     json_out: JsonOut = False,
 ) -> None:
     """Draft every image of a split and score against its findings, with baselines and 95% CIs."""
-    from medsearch.rag import Drafter
     from medsearch.eval.drafts import evaluate_drafts, format_table
+    from medsearch.rag import Drafter
 
     source = Path(dataset).name if Path(dataset).exists() else dataset
     searcher = _searcher(home, model, device)

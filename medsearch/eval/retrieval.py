@@ -47,8 +47,7 @@ from medsearch.metrics import (
 
 if TYPE_CHECKING:  # pragma: no cover
     from medsearch.catalog import Catalog
-
-    from ..encoders.base import Encoder
+    from medsearch.encoders.base import Encoder
 
 
 # =========================================================================== the retrieval report
@@ -205,7 +204,7 @@ def embed_eval_set(
     The towers and a lite model with frozen towers reuse the training feature cache
     (``cache_dir``), so nothing already computed is computed again.
     """
-    from ..encoders.base import l2_normalize
+    from medsearch.encoders.base import l2_normalize
 
     texts = sorted({*es.docs, *es.findings.values(), *(c for c in es.caption if c)})
     towers = getattr(encoder, "towers", None) if getattr(encoder, "frozen_towers", False) else None
@@ -402,7 +401,7 @@ def _image_image(es: EvalSet, images: np.ndarray, cfg: EvalConfig) -> dict[str, 
 
 def _classify(es: EvalSet, emb: Embeddings, cfg: EvalConfig, prompts: bool) -> dict[str, Any]:
     """Modality and body-region accuracy: kNN vote (own case excluded) and zero-shot prompts."""
-    from ..encoders.base import l2_normalize
+    from medsearch.encoders.base import l2_normalize
 
     q = np.where(es.is_query)[0]
     s = emb.images[q] @ emb.images.T
