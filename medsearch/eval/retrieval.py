@@ -311,7 +311,7 @@ def _rrf_scores(score_mats: Sequence[np.ndarray], depth: int, k: int) -> np.ndar
 
 
 def _bm25_doc_scores(es: EvalSet, queries: list[str]) -> np.ndarray:
-    from ..bm25 import BM25
+    from medsearch.bm25 import BM25
 
     bm = BM25.build(es.docs)
     return np.stack([bm.scores(q) for q in queries]) if queries else np.zeros((0, len(es.docs)))
