@@ -22,7 +22,7 @@ from typing import Any
 from .catalog import Catalog
 from .deid import DATE_MODES, PHI_TAGS, deid_method, find_phi
 
-KINDS = ("name", "date", "phone", "email", "id", "age_over_89", "dicom_phi_key", "dicom_uid")
+KINDS = ("name", "date", "phone", "email", "id", "address", "age_over_89", "dicom_phi_key", "dicom_uid")
 _PHI_KEYS = {k.lower() for k in PHI_TAGS}
 _UID = re.compile(r"(?<![\w.])[12](?:\.(?:0|[1-9]\d{0,38})){3,}(?![\w.])")
 _MASKED = re.compile(r"[\sX\-.,:]*X{2,}[\sX\-.,:]*")  # XXXX: already de-identified by the data set
