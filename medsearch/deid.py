@@ -290,7 +290,7 @@ _SCRUB_RULES: tuple[tuple[re.Pattern[str], str, str], ...] = (
     # addresses: "12 Elm Street, Apt 4B", "Springfield, IL 62704", "PO Box 123", UK postcodes
     (
         re.compile(
-            rf"\b\d{{1,5}}[A-Z]?\s+(?:[A-Z][a-z]+\.?\s+){{1,3}}(?:{_STREET})\b\.?"
+            rf"\b\d{{1,5}}[A-Z]?\s+(?:[A-Z][a-z]+\.?\s+){{1,3}}(?:{_STREET})\b"
             r"(?:,?\s*(?:Apt|Apartment|Suite|Ste|Unit|Flat)\.?\s*#?\s*\w+)?"
         ),
         "[ADDRESS]",
