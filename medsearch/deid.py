@@ -324,7 +324,7 @@ _SCRUB_RULES: tuple[tuple[re.Pattern[str], str, str], ...] = (
     (re.compile(r"(?<!\[)\b[A-Z][A-Za-z'\u2019-]+\^[A-Za-z'\u2019^ .-]*[A-Za-z.]"), "[NAME]", "name"),
     (
         re.compile(
-            rf"\b{_NOT_TITLE}(?P<phi>{_NAME}),?\s+(?:MD|M\.D\.|DO|D\.O\.|PhD|Ph\.D\.|MBBS|FRCR|FRCPC?|RN|NP|PA-C)\b"
+            rf"\b{_NOT_TITLE}(?P<phi>{_NAME}),?\s+(?:(?:MD|DO|PhD|MBBS|FRCR|FRCPC?|RN|NP|PA-C)\b|M\.D\.|D\.O\.|Ph\.D\.)"
         ),
         "[NAME]",
         "name",
