@@ -135,3 +135,12 @@ def test_shared_covid_dataset_is_scanned_whole(tmp_path, covid_dir):
     n_labels = cat.db.execute("SELECT count(*) FROM labels").fetchone()[0]
     assert (rep["scanned"]["cases"], rep["scanned"]["images"], rep["scanned"]["labels"]) == (41, 50, n_labels)
     assert rep["scanned"]["chars"] > 10_000
+
+
+def test_report_sources_are_counted():
+    """Cases whose report came from an SR or a RIS export, and how many were scrubbed (meta written by the ingest)."""
+    cat = Catalog.open(None)
+    for key, meta in (("a", {"report_source": "sr", "report_scrubbed": True}), ("b", {"report_source": "ris"}),
+                      ("c", {"report_source": "ris", "report_scrubbed": True}), ("d", {})):  # fmt: skip
+        cat.upsert_case(CaseRecord(source="s", key=key, sections={"findings": "Clear."}, meta=meta))
+    assert audit_phi(cat)["report_sources"] == {"sr": {"cases": 1, "scrubbed": 1}, "ris": {"cases": 2, "scrubbed": 1}}
