@@ -22,9 +22,11 @@ Method (recorded in the catalog by ``deid_method()``):
   Dates" option). ``date_shift_days=`` overrides the derived shift with a fixed one.
 * **Pixels are not cleaned.** Burned-in annotations are not removed; ``burned_in_annotation``
   is reported so callers can skip such images.
-* **Report text:** ``scrub_text`` is an opt-in, regex-based scrubber (names after titles,
-  labelled IDs, dates, phones, emails, long digit runs, ages over 89). It reduces, but cannot
-  guarantee the absence of, PHI in free text.
+* **Report text:** ``scrub_text`` / ``scrub_sections`` are a regex-based scrubber (names after
+  titles, before credentials, after labels and in PN form; labelled and MRN-like ids; dates; phones;
+  emails; addresses; ages over 89; plus the names and ids the caller knows from the header or the
+  RIS row). Report text from DICOM SR and RIS exports goes through it by default; sidecar text when
+  asked. It reduces, but cannot guarantee the absence of, PHI in free text.
 """
 
 from __future__ import annotations
