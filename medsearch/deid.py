@@ -242,14 +242,15 @@ def assert_no_phi(meta: dict[str, Any], ds: Dataset | None = None) -> None:
 
 
 # ---------------------------------------------------------------------------- report text
-# Each rule: (pattern, token, kind). Where the pattern has a group named "phi", only that group is
+# Each rule: (pattern, token, kind, need) - ``need``: what a text must contain for the rule to be tried
+# ("digit", "@", "^" or "" for always). Where the pattern has a group named "phi", only that group is
 # replaced (labels, titles and credentials around it are kept); otherwise the whole match is.
 _MONTH = (
     r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|"
     r"Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)"
 )
 _NAME_WORD = r"(?:(?<!\[)[A-Z][a-zA-Z'\u2019-]+|[A-Z]\.)"
-_NAME = rf"{_NAME_WORD}(?:\s+{_NAME_WORD}){{0,2}}"
+_NAME = rf"{_NAME_WORD}(?:\s+{_NAME_WORD}){{0,2}}"  # rules start it after a non-word: a scan stays linear
 _NOT_TITLE = r"(?!(?:Dr|Drs|Mr|Mrs|Ms|Miss|Mx|Prof|Doctor|Professor|Nurse)\b)"
 _ID_LABEL = (
     r"MRN|MR\s?#|MR no\.?|med(?:ical)? rec(?:ord)?(?: number| no\.?| #)?|accession(?: number| no\.?| #)?|"
@@ -262,25 +263,40 @@ _STREET = (
     r"Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Court|Ct|Place|Pl|Way|Terrace|Parkway|Pkwy|"
     r"Highway|Hwy|Square|Sq|Crescent|Close"
 )
-_SCRUB_RULES: tuple[tuple[re.Pattern[str], str, str], ...] = (
-    (re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"), "[EMAIL]", "email"),
+_SCRUB_RULES: tuple[tuple[re.Pattern[str], str, str, str], ...] = (
+    (re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)+"), "[EMAIL]", "email", "@"),  # from a token start: linear
     # labelled identifiers: keep the label, replace a value that holds a digit
-    (re.compile(rf"(?i)\b(?:{_ID_LABEL})\s*[:#]?\s*(?P<phi>(?=[A-Z0-9-]*\d)[A-Z0-9][A-Z0-9-]{{2,}})"), "[ID]", "id"),
-    (re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), "[ID]", "id"),  # SSN
+    (
+        re.compile(rf"(?i)\b(?:{_ID_LABEL})\s*[:#]?\s*(?P<phi>(?=[A-Z0-9-]*\d)[A-Z0-9][A-Z0-9-]{{2,}})"),
+        "[ID]",
+        "id",
+        "digit",
+    ),
+    (re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), "[ID]", "id", "digit"),  # SSN
     # dates: ISO, numeric D/M/Y or M/D/Y, DICOM YYYYMMDD, and with month names (with or without a year)
-    (re.compile(r"\b\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b"), "[DATE]", "date"),
-    (re.compile(r"\b\d{1,2}[-/.]\d{1,2}[-/.](?:\d{4}|\d{2})\b"), "[DATE]", "date"),
-    (re.compile(r"\b(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\b"), "[DATE]", "date"),
-    (re.compile(rf"\b{_MONTH}\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}}\b"), "[DATE]", "date"),
-    (re.compile(rf"\b\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTH}\.?,?\s+\d{{4}}\b"), "[DATE]", "date"),
-    (re.compile(rf"\b\d{{1,2}}[-/ ]{_MONTH}[-/ ]\d{{2,4}}\b|\b{_MONTH}[-/]\d{{1,2}}[-/]\d{{2,4}}\b"), "[DATE]", "date"),
-    (re.compile(rf"\b{_MONTH}\.?\s+\d{{4}}\b"), "[DATE]", "date"),
-    (re.compile(rf"\b{_MONTH}\.?\s+\d{{1,2}}(?:st|nd|rd|th)?\b(?!\s*(?:mm|cm|%|x\b|-?year))"), "[DATE]", "date"),
-    (re.compile(rf"\b\d{{1,2}}(?:st|nd|rd|th)\s+(?:of\s+)?{_MONTH}\b"), "[DATE]", "date"),
+    (re.compile(r"\b\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b"), "[DATE]", "date", "digit"),
+    (re.compile(r"\b\d{1,2}[-/.]\d{1,2}[-/.](?:\d{4}|\d{2})\b"), "[DATE]", "date", "digit"),
+    (re.compile(r"\b(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\b"), "[DATE]", "date", "digit"),
+    (re.compile(rf"\b{_MONTH}\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}}\b"), "[DATE]", "date", "digit"),
+    (re.compile(rf"\b\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTH}\.?,?\s+\d{{4}}\b"), "[DATE]", "date", "digit"),
+    (
+        re.compile(rf"\b\d{{1,2}}[-/ ]{_MONTH}[-/ ]\d{{2,4}}\b|\b{_MONTH}[-/]\d{{1,2}}[-/]\d{{2,4}}\b"),
+        "[DATE]",
+        "date",
+        "digit",
+    ),
+    (re.compile(rf"\b{_MONTH}\.?\s+\d{{4}}\b"), "[DATE]", "date", "digit"),
+    (
+        re.compile(rf"\b{_MONTH}\.?\s+\d{{1,2}}(?:st|nd|rd|th)?\b(?!\s*(?:mm|cm|%|x\b|-?year))"),
+        "[DATE]",
+        "date",
+        "digit",
+    ),
+    (re.compile(rf"\b\d{{1,2}}(?:st|nd|rd|th)\s+(?:of\s+)?{_MONTH}\b"), "[DATE]", "date", "digit"),
     # phone numbers: (555) 123-4567, 555-123-4567, +44 20 7946 0958, 123-4567, "pager 4-5678", "ext. 2345"
-    (re.compile(r"(?<![\w+])(?:\+?1[\s.-]?)?\(?\d{3}\)?[\s.-]\d{3}[\s.-]\d{4}\b"), "[PHONE]", "phone"),
-    (re.compile(r"(?<!\w)\+\d{1,3}(?:[\s.-]?\d{2,4}){2,4}\b"), "[PHONE]", "phone"),
-    (re.compile(r"(?<![\w-])\d{3}-\d{4}\b(?!-)"), "[PHONE]", "phone"),
+    (re.compile(r"(?<![\w+])(?:\+?1[\s.-]?)?\(?\d{3}\)?[\s.-]\d{3}[\s.-]\d{4}\b"), "[PHONE]", "phone", "digit"),
+    (re.compile(r"(?<!\w)\+\d{1,3}(?:[\s.-]?\d{2,4}){2,4}\b"), "[PHONE]", "phone", "digit"),
+    (re.compile(r"(?<![\w-])\d{3}-\d{4}\b(?!-)"), "[PHONE]", "phone", "digit"),
     (
         re.compile(
             r"(?i)\b(?:tel|telephone|phone|ph|fax|pager|pgr|beeper|bleep|ext|extension|cell|mobile)\.?\s*[:#]?\s*"
@@ -288,6 +304,7 @@ _SCRUB_RULES: tuple[tuple[re.Pattern[str], str, str], ...] = (
         ),
         "[PHONE]",
         "phone",
+        "digit",
     ),  # fmt: skip
     # addresses: "12 Elm Street, Apt 4B", "Springfield, IL 62704", "PO Box 123", UK postcodes
     (
@@ -297,24 +314,27 @@ _SCRUB_RULES: tuple[tuple[re.Pattern[str], str, str], ...] = (
         ),
         "[ADDRESS]",
         "address",
+        "digit",
     ),  # fmt: skip
     (
         re.compile(r"\b[A-Z][a-z]+(?:\s[A-Z][a-z]+)?,\s*(?:[A-Z]{2}|[A-Z][a-z]+)\s+\d{5}(?:-\d{4})?\b"),
         "[ADDRESS]",
         "address",
+        "digit",
     ),
-    (re.compile(r"(?i)\bP\.?\s?O\.?\s+Box\s+\d+\b"), "[ADDRESS]", "address"),
-    (re.compile(r"\b[A-Z]{1,2}\d[A-Z\d]?\s+\d[A-Z]{2}\b"), "[ADDRESS]", "address"),
+    (re.compile(r"(?i)\bP\.?\s?O\.?\s+Box\s+\d+\b"), "[ADDRESS]", "address", "digit"),
+    (re.compile(r"\b[A-Z]{1,2}\d[A-Z\d]?\s+\d[A-Z]{2}\b"), "[ADDRESS]", "address", "digit"),
     # alphanumeric ids: "RAD20230042", "A123456", "RAD-2023-00042"; then MRN-like runs of 6+ digits
-    (re.compile(r"(?<!\[)\b[A-Z]{1,5}(?:[-#]?\d){5,}[A-Z]?\b"), "[ID]", "id"),
-    (re.compile(r"\b\d{6,}\b"), "[ID]", "id"),
+    (re.compile(r"(?<!\[)\b[A-Z]{1,5}(?:[-#]?\d){5,}[A-Z]?\b"), "[ID]", "id", "digit"),
+    (re.compile(r"\b\d{6,}\b"), "[ID]", "id", "digit"),
     # ages over 89 (HIPAA Safe Harbor): "92-year-old", "95 yo", "aged 93"
     (
         re.compile(r"\b(?:9\d|1[0-4]\d)(?=[- ]?(?:years?|yrs?)[- ]old\b|\s*(?:yo|y/o|y\.o\.)(?!\w))"),
         "[AGE 90+]",
         "age_over_89",
+        "digit",
     ),  # fmt: skip
-    (re.compile(r"(?i)(?<!\[)\bage[d]?\s*:?\s*(?P<phi>9\d|1[0-4]\d)\b"), "[AGE 90+]", "age_over_89"),
+    (re.compile(r"(?i)(?<!\[)\bage[d]?\s*:?\s*(?P<phi>9\d|1[0-4]\d)\b"), "[AGE 90+]", "age_over_89", "digit"),
     # names: after titles, in DICOM PN form (SMITH^JOHN), before credentials (John Smith, MD), after labels
     (
         re.compile(
@@ -322,14 +342,16 @@ _SCRUB_RULES: tuple[tuple[re.Pattern[str], str, str], ...] = (
         ),
         "[NAME]",
         "name",
+        "",
     ),  # fmt: skip
-    (re.compile(r"(?<!\[)\b[A-Z][A-Za-z'\u2019-]+\^[A-Za-z'\u2019^ .-]*[A-Za-z.]"), "[NAME]", "name"),
+    (re.compile(r"(?<![\w'\u2019\[-])[A-Z][A-Za-z'\u2019-]+\^[A-Za-z'\u2019^ .-]*[A-Za-z.]"), "[NAME]", "name", "^"),
     (
         re.compile(
-            rf"\b{_NOT_TITLE}(?P<phi>{_NAME}),?\s+(?:(?:MD|DO|PhD|MBBS|FRCR|FRCPC?|RN|NP|PA-C)\b|M\.D\.|D\.O\.|Ph\.D\.)"
+            rf"(?<![\w'\u2019\[-]){_NOT_TITLE}(?P<phi>{_NAME}),?\s+(?:(?:MD|DO|PhD|MBBS|FRCR|FRCPC?|RN|NP|PA-C)\b|M\.D\.|D\.O\.|Ph\.D\.)"
         ),
         "[NAME]",
         "name",
+        "",
     ),  # fmt: skip
     (
         re.compile(
@@ -341,8 +363,18 @@ _SCRUB_RULES: tuple[tuple[re.Pattern[str], str, str], ...] = (
         ),
         "[NAME]",
         "name",
+        "",
     ),  # fmt: skip
 )
+_DIGIT = re.compile(r"\d")
+
+
+def _rules(text: str) -> list[tuple[re.Pattern[str], str, str, str]]:
+    """The rules that can match ``text`` (a cheap pre-check: most need a digit, e-mails an "@", PN names a "^")."""
+    has = {"": True, "digit": _DIGIT.search(text) is not None, "@": "@" in text, "^": "^" in text}
+    return [r for r in _SCRUB_RULES if has[r[3]]]
+
+
 _TITLE_WORDS = {"dr", "drs", "mr", "mrs", "ms", "miss", "mx", "prof", "md", "phd", "do", "rn", "jr", "sr", "ii", "iii"}
 
 
@@ -376,7 +408,7 @@ def _scrub(text: str, known_names: Iterable[str] = (), known_ids: Iterable[str] 
     ):
         out, k = re.subn(rf"(?<!\w){re.escape(value)}(?!\w)", "[ID]", out, flags=re.I)
         n += k
-    for pattern, token, _ in _SCRUB_RULES:
+    for pattern, token, _, _ in _rules(out):
         out, k = _replace(pattern, token, out)
         n += k
     for part in _known_parts(known_names):
@@ -430,7 +462,7 @@ def find_phi(text: str) -> list[tuple[str, int, int]]:
     Kinds: email, id, date, phone, address, age_over_89, name. Overlaps go to the rule that ``scrub_text`` runs first.
     """
     spans: list[tuple[str, int, int]] = []
-    for pattern, _, kind in _SCRUB_RULES:
+    for pattern, _, kind, _ in _rules(text):
         for m in pattern.finditer(text):
             start, end = _span(m)
             if start < end and not any(s < end and start < e for _, s, e in spans):

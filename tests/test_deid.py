@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from pathlib import Path
 
 import pydicom
@@ -272,3 +273,12 @@ def test_scrubbed_text_is_a_fixed_point(parts, sep):
     """Whatever the fragments and how they are joined: nothing PHI-like is left, and scrubbing again changes nothing."""
     out = scrub_text(sep.join(parts))
     assert find_phi(out) == [] and scrub_text(out) == out
+
+
+@pytest.mark.parametrize("unit", ["a", "9", "x.", "A-", "a@", "A^", "9-", "Ab "])
+def test_scrub_text_is_linear_on_hostile_text(unit):
+    """One 100k-character token: a backtracking rule takes minutes (the e-mail rule once took 20 s for 50k)."""
+    text = unit * (100_000 // len(unit))
+    t0 = time.perf_counter()
+    scrub_text(text)
+    assert time.perf_counter() - t0 < 10, "a scrub rule backtracks quadratically"
