@@ -161,6 +161,23 @@ def test_headings_without_names_and_unknown_top_level_text():
     assert sr_report(F.basic_text_sr(STUDY, content=[])).sections == {}  # an empty report is not an error
 
 
+def test_non_latin_text_and_measurement_srs(tmp_path):
+    """UTF-8 text (ISO_IR 192) survives a file round trip; a dose SR is an SR but holds no report."""
+    text = F._item(
+        "TEXT", "CONTAINS", ("121073", "DCM", "Impression"), TextValue="Kein Erguss; Ödem – Grad 2. 肺野清明。"
+    )
+    rep = sr_report(pydicom.dcmread(F.save(F.basic_text_sr(STUDY, content=[text]), tmp_path / "de.dcm")))
+    assert rep.sections == {"impression": "Kein Erguss; Ödem – Grad 2. 肺野清明。"}
+    dose = F.basic_text_sr(STUDY)
+    dose.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.67"
+    assert is_sr(dose)
+    rep = sr_report(dose)
+    assert rep.sections == {} and rep.sop_class == "X-Ray Radiation Dose SR" and rep.study_uid == STUDY
+    big = F._item("TEXT", "CONTAINS", ("121071", "DCM", "Finding"), TextValue="x" * 1_000_001)
+    with pytest.raises(InvalidInput, match="more than 2000000 characters"):
+        sr_report(F.basic_text_sr(STUDY, content=[big, big]), name="big.dcm")
+
+
 def _malformed(ds: Dataset, tmp_path: Path, match: str) -> None:
     path = F.save(ds, tmp_path / "broken-report.dcm")
     with pytest.raises(InvalidInput, match=match) as err:

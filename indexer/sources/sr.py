@@ -44,6 +44,17 @@ TEXT_SR_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.88.35": "Extensible SR",
 }
 
+# SR classes that hold measurements or machine output, not a report: no sections (still not images).
+NON_REPORT_SR_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.88.40": "Procedure Log", "1.2.840.10008.5.1.4.1.1.88.50": "Mammography CAD SR",
+    "1.2.840.10008.5.1.4.1.1.88.59": "Key Object Selection", "1.2.840.10008.5.1.4.1.1.88.65": "Chest CAD SR",
+    "1.2.840.10008.5.1.4.1.1.88.67": "X-Ray Radiation Dose SR", "1.2.840.10008.5.1.4.1.1.88.68": "Radiopharmaceutical Radiation Dose SR",
+    "1.2.840.10008.5.1.4.1.1.88.69": "Colon CAD SR", "1.2.840.10008.5.1.4.1.1.88.70": "Implantation Plan SR",
+    "1.2.840.10008.5.1.4.1.1.88.71": "Acquisition Context SR", "1.2.840.10008.5.1.4.1.1.88.72": "Simplified Adult Echo SR",
+    "1.2.840.10008.5.1.4.1.1.88.73": "Patient Radiation Dose SR", "1.2.840.10008.5.1.4.1.1.88.74": "Planned Imaging Agent Administration SR",
+    "1.2.840.10008.5.1.4.1.1.88.75": "Performed Imaging Agent Administration SR", "1.2.840.10008.5.1.4.1.1.88.76": "Enhanced X-Ray Radiation Dose SR",
+}  # fmt: skip
+
 # Coded headings (CID 7001 "Diagnostic Imaging Report Headings", CID 7002 report elements, and the
 # LOINC report section codes) -> section key.
 CODED_SECTIONS = {
@@ -166,7 +177,8 @@ def sr_report(ds: Any, name: str | None = None) -> SRReport:
     """Read a text SR's content tree into an ``SRReport``; ``InvalidInput`` naming the file if it is malformed.
 
     ``name`` labels the object in errors (default: the file it was read from). The text is not
-    scrubbed here: use ``SRReport.scrubbed()`` or ``medsearch.deid.scrub_sections``.
+    scrubbed here: use ``SRReport.scrubbed()`` or ``medsearch.deid.scrub_sections``. Dose, CAD,
+    key-object and other measurement SRs (``NON_REPORT_SR_CLASSES``) give no sections.
     """
     label = name or str(getattr(ds, "filename", None) or "the SR object")
     if not is_sr(ds):
@@ -181,13 +193,15 @@ def sr_report(ds: Any, name: str | None = None) -> SRReport:
             hint="re-export the report from the reporting system; an SR document's root must be a CONTAINER",
         )
     walker = _Walker(label)
-    walker.walk(_sequence(ds, "ContentSequence", label), None, None, 1)
+    sop_class = _sop_class(ds) or ""
+    if sop_class not in NON_REPORT_SR_CLASSES:  # a dose or CAD SR has no report text: no sections
+        walker.walk(_sequence(ds, "ContentSequence", label), None, None, 1)
     return SRReport(
         sections=walker.sections(),
         study_uid=_uid(ds.get("StudyInstanceUID")),
         referenced_study_uids=_referenced_studies(ds),
         title=_concept(ds)[0] or None,
-        sop_class=TEXT_SR_CLASSES.get(_sop_class(ds) or "", None),
+        sop_class=TEXT_SR_CLASSES.get(sop_class) or NON_REPORT_SR_CLASSES.get(sop_class),
         complete=_flag(ds.get("CompletionFlag"), "COMPLETE"),
         verified=_flag(ds.get("VerificationFlag"), "VERIFIED"),
         names=tuple(dict.fromkeys(_header_values(ds, _NAME_ATTRS) + walker.names)),
