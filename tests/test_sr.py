@@ -145,9 +145,11 @@ def test_section_key_and_slug():
     assert section_key("CLINICAL HISTORY") == "history" and section_key("Reason for study") == "indication"
     assert section_key("Conclusions") == "impression" and section_key("Prior findings") == "comparison"
     assert section_key("Technique") == "technique" and section_key("Recommendations") == "recommendation"
+    assert section_key("Befund") == "findings" and section_key("Beurteilung") == "impression"
+    assert section_key("Conclusión") == "impression" and section_key("Fragestellung") == "indication"
     assert section_key("Lung") is None and section_key("") is None and section_key(None) is None
     assert heading_slug("Addendum #2 (late)") == "addendum_2_late" and heading_slug("") == "other"
-    assert heading_slug("12") == "other" and heading_slug("Ärztlicher Befund") == "rztlicher_befund"
+    assert heading_slug("12") == "other" and heading_slug("Ärztlicher Bericht") == "arztlicher_bericht"
     assert len(heading_slug("x" * 100)) == 32
 
 

@@ -29,6 +29,7 @@ does, with the names and ids of the SR's own header as known identifiers) before
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import MutableSequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,14 +72,18 @@ CODED_SECTIONS = {
     ("LN", "55110-1"): "impression", ("LN", "18783-1"): "recommendation",
 }  # fmt: skip
 
-# Heading words -> section key, tried in order on the lower-cased heading (first match wins).
+# Heading words -> section key, tried in order on the heading lower-cased and stripped of accents
+# (first match wins); a few German, French and Spanish headings too ("Befund", "Beurteilung", "Conclusión").
 _HEADING_WORDS: tuple[tuple[str, str], ...] = (
-    (r"\bprevious finding|\bprior (?:finding|procedure|stud|exam)|\bcomparison|\bcompared\b", "comparison"),
-    (r"\bfinding|\bobservation|\bdescription of findings", "findings"),
-    (r"\bimpression|\bconclusion|\bsummary|\bopinion|\bdiagnos", "impression"),
-    (r"\bindication|\breason for|\brequest|\bclinical (?:question|indication)", "indication"),
-    (r"\bhistory|\bclinical (?:information|details|data)|\bpresentation|\banamnesis", "history"),
-    (r"\btechnique|\bprotocol\b", "technique"),
+    (
+        r"\bprevious finding|\bprior (?:finding|procedure|stud|exam)|\bcompar(?:ison|ed\b|acion)|\bvergleich",
+        "comparison",
+    ),
+    (r"\bfinding|\bobservation|\bbefund|\bhallazgo|\bconstatation|\bbevinding", "findings"),
+    (r"\bimpression|\bconclus|\bsummary|\bopinion|\bdiagnos|\bbeurteilung|\bimpresion", "impression"),
+    (r"\bindica(?:tion|cion)|\breason for|\brequest|\bclinical question|\bfragestellung", "indication"),
+    (r"\bhistory|\bclinical (?:information|details|data)|\bpresentation|\banamnes|\bhistoria|\bantecedent", "history"),
+    (r"\btechni(?:que|k)|\btecnica|\bprotocol\b", "technique"),
     (r"\bexam(?:ination)?\b|\bprocedure", "exam"),
     (r"\brecommend", "recommendation"),
     (r"\baddend", "addendum"),
@@ -158,7 +163,7 @@ def section_key(name: str | None, scheme: str | None = None, code: str | None = 
         key = CODED_SECTIONS.get((scheme.strip().upper(), code.strip()))
         if key is not None:
             return key
-    text = " ".join(str(name or "").lower().split())
+    text = " ".join(_ascii(name).lower().split())
     if not text:
         return None
     for pattern, key in _HEADING_RES:
@@ -169,8 +174,13 @@ def section_key(name: str | None, scheme: str | None = None, code: str | None = 
 
 def heading_slug(name: str | None) -> str:
     """A key for an unknown heading: its name in ``[a-z0-9_]`` (32 characters at most), or ``"other"``."""
-    slug = re.sub(r"[^a-z0-9]+", "_", str(name or "").lower()).strip("_")[:32].strip("_")
+    slug = re.sub(r"[^a-z0-9]+", "_", _ascii(name).lower()).strip("_")[:32].strip("_")
     return slug if slug and not slug.isdigit() else "other"
+
+
+def _ascii(name: str | None) -> str:
+    """``name`` with accents taken off ("Conclusión" -> "Conclusion"); other non-ASCII letters dropped."""
+    return unicodedata.normalize("NFKD", str(name or "")).encode("ascii", "ignore").decode()
 
 
 def sr_report(ds: Any, name: str | None = None) -> SRReport:
