@@ -26,6 +26,21 @@ def medpix_image(searcher: Searcher, nth: int = 0) -> dict:
     return with_findings[nth].to_dict()
 
 
+class CountingEncoder:
+    """A real encoder, counting the images it encodes (for the decode-and-encode-once checks)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.images_encoded = 0
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def encode_image_batch(self, batch):
+        self.images_encoded += len(batch)
+        return self._inner.encode_image_batch(batch)
+
+
 def check_draft(d: Draft, own_case_id: int | None = None, support_threshold: float = 0.5) -> None:
     """The invariants every draft must hold."""
     assert d.sentences, "a draft has sentences"

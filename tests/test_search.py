@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from rag_helpers import CountingEncoder
 
 from medsearch.catalog import Catalog
 from medsearch.errors import IndexInconsistent, IndexMismatch, InvalidInput, NotFound
@@ -104,21 +105,6 @@ def test_rrf_orders_by_summed_reciprocal_ranks():
     fused = rrf([["a", "b", "c"], ["b", "c", "d"]], k=60)
     assert [x for x, _ in fused][:2] == ["b", "c"]
     assert fused[0][1] == pytest.approx(1 / 62 + 1 / 61)
-
-
-class CountingEncoder:
-    """The real towers encoder, counting the images it encodes (decode-and-encode-once checks)."""
-
-    def __init__(self, inner):
-        self._inner = inner
-        self.images_encoded = 0
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def encode_image_batch(self, batch):
-        self.images_encoded += len(batch)
-        return self._inner.encode_image_batch(batch)
 
 
 def test_catalog_image_and_byte_identical_file_use_the_stored_vector(indexed_home, towers, tmp_path):
