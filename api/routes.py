@@ -77,17 +77,16 @@ def _image_query(searcher: Searcher, state, file: UploadFile | None, image_id: i
     if (file is None) == (image_id is None):
         raise InvalidInput("give exactly one of `file` (an upload) or `image_id`", hint="send one, not both")
     if image_id is not None:
-        row = searcher.catalog.find_image(int(image_id))
-        return int(image_id), S.QueryImage(image_id=int(image_id), case_id=row["case_id"])
+        q = searcher.image_query(int(image_id))
+        return q, S.QueryImage(image_id=int(image_id), case_id=q.row.case_id)
     up = read_upload(file, state.upload_imaging)
-    own = searcher.catalog.image_by_sha(up.sha256)
+    # the core's rule: byte-identical to a (single-frame) catalog image -> its stored vector,
+    # which also lets the caller exclude the image's own case
+    q = searcher.image_query(up.image, sha256=up.sha256)
     desc = S.QueryImage(sha256=up.sha256, bytes=up.nbytes, width=up.image.width, height=up.image.height)
-    if own is not None and own.get("frame") is None:
-        # Byte-identical to a catalog image: use its stored vector, which also lets the
-        # caller exclude the image's own case.
-        desc.image_id, desc.case_id = own["image_id"], own["case_id"]
-        return own["image_id"], desc
-    return up.image, desc
+    if q.stored:
+        desc.image_id, desc.case_id = q.row.image_id, q.row.case_id
+    return q, desc
 
 
 # Form fields shared by the two image endpoints (multipart).

@@ -296,14 +296,14 @@ class AppState:
         row = rows.get(image_id)
         if row is None:
             raise NotFound(f"no image with id {image_id}", hint="use an image_id from a search result or a case")
-        path = Path(row["path"])
+        path = Path(row.path)
         try:
             st = path.stat()
         except OSError:
             raise NotFound(
                 f"the file of image {image_id} is no longer available", hint="re-ingest the dataset it came from"
             ) from None
-        key = (image_id, str(path), row["frame"], st.st_mtime_ns, st.st_size, max_side)
+        key = (image_id, str(path), row.frame, st.st_mtime_ns, st.st_size, max_side)
         etag = '"' + hashlib.sha256(repr(key).encode()).hexdigest()[:32] + '"'
         cached = self.thumbs.get(key)
         if cached is not None:
@@ -312,7 +312,7 @@ class AppState:
         from medsearch.imaging import load_image
 
         try:
-            im = load_image(path, frame=row["frame"], config=self.imaging)
+            im = load_image(path, frame=row.frame, config=self.imaging)
         except MedsearchError as e:
             raise InvalidImage(
                 f"image {image_id} cannot be decoded", hint="run `medsearch check`; the stored file may be damaged"

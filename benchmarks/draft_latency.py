@@ -42,7 +42,7 @@ def main() -> None:
     ids = s.catalog.image_ids_where({"split": args.split})
     rows = s.catalog.image_rows(sorted(int(i) for i in ids))
     rng = np.random.default_rng(args.seed)
-    paths = [rows[i]["path"] for i in sorted(rng.choice(sorted(rows), size=min(args.n + 1, len(rows)), replace=False))]
+    paths = [rows[i].path for i in sorted(rng.choice(sorted(rows), size=min(args.n + 1, len(rows)), replace=False))]
     pool = Filters(split=args.pool_split)
     print(f"home {args.home}, model {s.model_id}, {len(paths) - 1} timed {args.split} image files (+1 warm-up), "
           f"pool {args.pool_split}; load avg {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs; "

@@ -136,7 +136,7 @@ def main() -> None:
                   f"{r['images_embedded']} at {r['images_per_s']}/s, texts {r['texts_embedded']}; stages {r['seconds']}; "
                   f"ingest+index {r['items_per_s_ingest_plus_index']:.1f} items/s  load {load_avg()}", flush=True)  # fmt: skip
         home = str(homes["tuned"])
-        img = Catalog.open(homes["tuned"] / "catalog.db").find_image(1)["path"]
+        img = Catalog.open(homes["tuned"] / "catalog.db").find_image(1).path
         out["floor"] = child(FLOOR_CODE)
         out["ttfq_text"] = child(QUERY_CODE.format(
             home=home, query="s.search_text('ring enhancing lesion in the brain', k=10)",

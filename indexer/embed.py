@@ -166,7 +166,7 @@ def check_weights(catalog: Catalog, encoder: Encoder) -> bool:
     with catalog.atomic():
         dropped = False
         if old is not None:
-            catalog.db.execute("DELETE FROM vectors WHERE model = ?", [encoder.model_id])
+            catalog.drop_model_vectors(encoder.model_id)
             dropped = True
         catalog.set_meta(key, encoder.weights_hash)
     return dropped
@@ -320,9 +320,7 @@ def embed_texts(
 ) -> EmbedSummary:
     """Embed every stored text (captions, report sections and sentences) that has no vector yet."""
     summary = summary or EmbedSummary(encoder.model_id)
-    total = catalog.db.execute("SELECT count(*) FROM texts").fetchone()[0] - catalog.count_vectors(
-        encoder.model_id, "text"
-    )
+    total = catalog.count_texts() - catalog.count_vectors(encoder.model_id, "text")
     if total <= 0:
         return summary
     bar = _bar(total, "embed texts", "txt", progress)
@@ -370,7 +368,7 @@ def build_indexes(
                     not force
                     and man.count == count
                     and man.weights_hash == weights_hash
-                    and catalog.get_meta(f"dirty:{model_id}:{space}") != "1"
+                    and not catalog.is_dirty(model_id, space)
                     and (directory / f"{space}.faiss").exists()
                     and (config.kind in ("auto", man.kind))
                 ):
@@ -388,9 +386,9 @@ def build_indexes(
             added = _try_sync(directory, space, model_id, weights_hash, man, count, config, blocks, generation)
             if added is not None:
                 idx, n_added = added
-                catalog.set_meta(f"dirty:{model_id}:{space}", "1")
+                catalog.mark_dirty(model_id, space)
                 idx.save(directory)
-                catalog.set_meta(f"dirty:{model_id}:{space}", "0")
+                catalog.mark_clean(model_id, space)
                 out[space] = {"count": idx.ntotal, "kind": idx.manifest.kind, "generation": generation,
                               "rebuilt": False, "added": n_added}  # fmt: skip
                 continue
@@ -400,9 +398,9 @@ def build_indexes(
         )  # fmt: skip
         # dirty until the save is complete: a crash between the .faiss and the manifest swap
         # (same count, e.g. --rebuild) must not look "in sync" to the next run
-        catalog.set_meta(f"dirty:{model_id}:{space}", "1")
+        catalog.mark_dirty(model_id, space)
         idx.save(directory)
-        catalog.set_meta(f"dirty:{model_id}:{space}", "0")
+        catalog.mark_clean(model_id, space)
         out[space] = {"count": idx.ntotal, "kind": idx.manifest.kind, "generation": generation, "rebuilt": True}
     catalog.set_meta("default_model", model_id)
     return out
@@ -445,15 +443,14 @@ def run_index(
     """
     check_weights(catalog, encoder)
     if rebuild:  # retry images that failed to decode last time
-        with catalog.atomic():
-            catalog.db.execute("UPDATE images SET status = 'ok', error = NULL WHERE status = 'failed'")
+        catalog.retry_failed_images()
     summary = EmbedSummary(encoder.model_id)
     before = {s: catalog.count_vectors(encoder.model_id, s) for s in ("image", "text")}
     (image_stage or embed_images)(catalog, encoder, config=config, imaging=imaging, progress=progress, summary=summary)
     embed_texts(catalog, encoder, config=config, progress=progress, summary=summary)
     for s in ("image", "text"):
         if catalog.count_vectors(encoder.model_id, s) != before[s]:
-            catalog.set_meta(f"dirty:{encoder.model_id}:{s}", "1")
+            catalog.mark_dirty(encoder.model_id, s)
     t0 = time.perf_counter()
     summary.indexes = build_indexes(
         catalog, paths, model_id=encoder.model_id, weights_hash=encoder.weights_hash,

@@ -153,13 +153,11 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 def catalog_docs(catalog: Catalog) -> tuple[list[int], list[str], str]:
     """(text ids, texts, fingerprint) of the catalog's caption and section texts, in id order."""
-    rows = catalog.db.execute(
-        f"SELECT id, text FROM texts WHERE kind IN ({','.join('?' * len(DOC_KINDS))}) ORDER BY id", list(DOC_KINDS)
-    ).fetchall()
+    ids, texts = catalog.texts_of_kinds(DOC_KINDS)
     h = hashlib.sha256()
-    for i, t in rows:
+    for i, t in zip(ids, texts, strict=True):
         h.update(f"{i}\t".encode() + t.encode("utf-8") + b"\n")
-    return [r[0] for r in rows], [r[1] for r in rows], h.hexdigest()[:16]
+    return ids, texts, h.hexdigest()[:16]
 
 
 def build_bm25_index(catalog: Catalog, directory: Path, *, force: bool = False) -> dict[str, Any]:

@@ -14,12 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from .catalog import Catalog
+from .catalog import SPACES, Catalog
 from .config import IndexConfig, Paths
 from .errors import IndexNotBuilt, MedsearchError
 from .vectors import VectorIndex, read_manifest
-
-_TABLE = {"image": "images", "text": "texts"}
 
 
 def check_home(catalog: Catalog, paths: Paths, *, repair: bool = False) -> dict[str, Any]:
@@ -28,24 +26,14 @@ def check_home(catalog: Catalog, paths: Paths, *, repair: bool = False) -> dict[
     repaired: list[str] = []
     indexes: list[dict[str, Any]] = []
     for model, space in _pairs(catalog, paths):
-        table = _TABLE.get(space)
-        if table is None:
+        if space not in SPACES:
             problems.append(f"vectors of unknown space {space!r} for {model}")
             continue
-        orphans = catalog.db.execute(
-            f"SELECT count(*) FROM vectors v WHERE v.model = ? AND v.space = ? AND NOT EXISTS "
-            f"(SELECT 1 FROM {table} t WHERE t.id = v.item_id)",
-            [model, space],
-        ).fetchone()[0]
+        orphans = catalog.count_orphan_vectors(model, space)
         if orphans:
             problems.append(f"{orphans} {space} vectors of {model} point to rows that no longer exist")
             if repair:
-                with catalog.atomic():
-                    catalog.db.execute(
-                        f"DELETE FROM vectors WHERE model = ? AND space = ? AND NOT EXISTS "
-                        f"(SELECT 1 FROM {table} t WHERE t.id = vectors.item_id)",
-                        [model, space],
-                    )
+                catalog.drop_orphan_vectors(model, space)
                 repaired.append(f"dropped {orphans} orphan {space} vectors of {model}")
         stored = catalog.count_vectors(model, space)
         directory = paths.index_dir(model)
@@ -86,9 +74,7 @@ def check_home(catalog: Catalog, paths: Paths, *, repair: bool = False) -> dict[
                     weights, kind = weights or man.weights_hash, man.kind
                 except MedsearchError:
                     pass
-                dim = catalog.db.execute(
-                    "SELECT dim FROM vectors WHERE model = ? AND space = ? LIMIT 1", [model, space]
-                ).fetchone()[0]
+                dim = catalog.vector_dim(model, space)
                 idx = VectorIndex.from_blocks(
                     functools.partial(catalog.iter_vectors, model, space), model_id=model, weights_hash=weights, space=space,
                     dim=dim, count=stored,
@@ -96,19 +82,10 @@ def check_home(catalog: Catalog, paths: Paths, *, repair: bool = False) -> dict[
                     generation=_next_generation(directory / f"{space}.json"),
                 )  # fmt: skip
                 idx.save(directory)
-                catalog.set_meta(f"dirty:{model}:{space}", "0")
+                catalog.mark_clean(model, space)
                 repaired.append(f"rebuilt the {space} index of {model} from {stored} stored vectors")
                 entry.update(count=idx.ntotal, kind=idx.manifest.kind, generation=idx.manifest.generation)
-        if space == "image":
-            entry["not_embedded"] = catalog.db.execute(
-                "SELECT count(*) FROM images i WHERE i.status = 'ok' AND NOT EXISTS (SELECT 1 FROM vectors v "
-                "WHERE v.model = ? AND v.space = 'image' AND v.item_id = i.id)", [model]
-            ).fetchone()[0]  # fmt: skip
-        elif space == "text":
-            entry["not_embedded"] = catalog.db.execute(
-                "SELECT count(*) FROM texts t WHERE NOT EXISTS (SELECT 1 FROM vectors v "
-                "WHERE v.model = ? AND v.space = 'text' AND v.item_id = t.id)", [model]
-            ).fetchone()[0]  # fmt: skip
+        entry["not_embedded"] = catalog.count_unembedded(model, space)
         indexes.append(entry)
     for model in sorted({e["model"] for e in indexes}):
         _check_bm25(catalog, paths, model, repair, problems, repaired)
@@ -117,10 +94,7 @@ def check_home(catalog: Catalog, paths: Paths, *, repair: bool = False) -> dict[
         for tmp in stale:
             tmp.unlink(missing_ok=True)
             repaired.append(f"removed the temp file {tmp.parent.name}/{tmp.name}")
-    unembedded = catalog.db.execute(
-        "SELECT count(*) FROM images i WHERE i.status = 'ok' AND NOT EXISTS "
-        "(SELECT 1 FROM vectors v WHERE v.space = 'image' AND v.item_id = i.id)"
-    ).fetchone()[0]
+    unembedded = catalog.count_unembedded(None, "image")
     ok = not problems or (repair and len(repaired) >= 1 and _recheck(catalog, paths))
     return {
         "ok": bool(ok),
@@ -164,7 +138,7 @@ def _pairs(catalog: Catalog, paths: Paths) -> list[tuple[str, str]]:
     pairs = {(m, s) for m, s, _ in catalog.vector_models()}
     if paths.indexes.is_dir():
         for mpath in paths.indexes.glob("*/*.json"):
-            if mpath.stem not in _TABLE:
+            if mpath.stem not in SPACES:
                 continue
             try:
                 model = read_manifest(mpath).model_id
@@ -172,16 +146,12 @@ def _pairs(catalog: Catalog, paths: Paths) -> list[tuple[str, str]]:
                 model = next((m for m, _ in pairs if paths.index_dir(m) == mpath.parent), None)
             if model is not None and paths.index_dir(model) == mpath.parent:
                 pairs.add((model, mpath.stem))
-    return sorted({(m, space) for m, _ in pairs for space in _TABLE})  # both spaces of every model
+    return sorted({(m, space) for m, _ in pairs for space in SPACES})  # both spaces of every model
 
 
 def _missing_ids(catalog: Catalog, model: str, space: str, ids: np.ndarray) -> int:
     """How many of ``ids`` have no stored vector (one id scan, no vector blobs read)."""
-    stored = np.fromiter(
-        (r[0] for r in catalog.db.execute("SELECT item_id FROM vectors WHERE model = ? AND space = ?", [model, space])),
-        dtype=np.int64,
-    )
-    return int((~np.isin(ids, stored)).sum())
+    return int((~np.isin(ids, catalog.vector_ids(model, space))).sum())
 
 
 def _next_generation(mpath) -> int:

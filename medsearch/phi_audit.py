@@ -14,12 +14,11 @@ false positives (a contributor credited as "Dr. ...", a measurement that looks l
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from typing import Any
 
-from .catalog import Catalog
+from .catalog import Catalog, StoredFields
 from .deid import DATE_MODES, PHI_TAGS, deid_method, find_phi
 
 KINDS = ("name", "date", "phone", "email", "id", "address", "age_over_89", "dicom_phi_key", "dicom_uid")
@@ -103,8 +102,8 @@ def audit_phi(catalog: Catalog, *, examples: int = 3) -> dict[str, Any]:
         for span in spans:
             hit(span[0], field, where, redact(s, spans, span))
 
-    def json_field(raw: str | None, field: str, where: str) -> None:
-        for path, key, value in _walk(json.loads(raw or "{}")):
+    def json_field(obj: Any, field: str, where: str) -> None:
+        for path, key, value in _walk(obj):
             if key is not None and key.replace("_", "").lower() in _PHI_KEYS:
                 hit("dicom_phi_key", f"{field}.{path}", where, f"key {key!r} (a PS3.15 PHI attribute)")
             if path == "deid" and value in _METHODS:  # medsearch's own description of the method applied
@@ -112,29 +111,24 @@ def audit_phi(catalog: Catalog, *, examples: int = 3) -> dict[str, Any]:
             if isinstance(value, str | int) and not isinstance(value, bool):
                 text_field(value, f"{field}.{path}", where)
 
-    db = catalog.db
-    for cid, key, title, diagnosis, sections, meta in db.execute(
-        "SELECT id, key, title, diagnosis, sections, meta FROM cases ORDER BY id"
-    ):
+    def row_fields(row: StoredFields, table: str) -> None:
+        where = f"{row.kind} {row.row_id}"
+        for name, value in row.texts.items():
+            text_field(value, f"{table}.{name}", where)
+        for name, text in row.sections.items():
+            text_field(text, f"{table}.sections.{name}", where)
+        json_field(row.meta, f"{table}.meta", where)
+
+    for row in catalog.iter_case_fields():
         scanned["cases"] += 1
-        where = f"case {cid}"
-        text_field(key, "cases.key", where)
-        text_field(title, "cases.title", where)
-        text_field(diagnosis, "cases.diagnosis", where)
-        for name, text in json.loads(sections or "{}").items():
-            text_field(text, f"cases.sections.{name}", where)
-        json_field(meta, "cases.meta", where)
-        count_report_source(report_sources, json.loads(meta or "{}"))
-    for iid, key, path, caption, meta in db.execute("SELECT id, key, path, caption, meta FROM images ORDER BY id"):
+        row_fields(row, "cases")
+        count_report_source(report_sources, row.meta if isinstance(row.meta, dict) else {})
+    for row in catalog.iter_image_fields():
         scanned["images"] += 1
-        where = f"image {iid}"
-        text_field(key, "images.key", where)
-        text_field(path, "images.path", where)
-        text_field(caption, "images.caption", where)
-        json_field(meta, "images.meta", where)
-    for case_id, image_id, name, value in db.execute("SELECT case_id, image_id, name, value FROM labels"):
+        row_fields(row, "images")
+    for lab in catalog.iter_labels():
         scanned["labels"] += 1
-        text_field(value, f"labels.{name}", f"image {image_id}" if image_id else f"case {case_id}")
+        text_field(lab.value, f"labels.{lab.name}", f"image {lab.image_id}" if lab.image_id else f"case {lab.case_id}")
     for k in kinds.values():  # fields by count, most first
         k["where"] = dict(sorted(k["where"].items(), key=lambda kv: (-kv[1], kv[0])))
     findings = sum(k["count"] for k in kinds.values())

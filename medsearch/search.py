@@ -4,7 +4,13 @@
                             report and caption text through the text index and BM25;
                             fused by RRF; ``mode`` picks one of them: image, text, bm25)
     image -> images/cases  (image index; the query is a file, a PIL image or a catalog image)
-    text  -> reports       (text index, grouped by case)
+    text | image -> reports (text index, grouped by case; an image only in a shared space)
+
+A query image is resolved once by ``Searcher.image_query`` into an ``ImageQuery`` (its vector and
+the catalog image it is): a catalog image, or a file byte-identical to one, uses its stored vector,
+so the CLI (a path) and the API (an upload) score the same image the same way. Callers that need
+the image twice (drafting: image->image and image->text) pass the ``ImageQuery`` on. Own-case and
+own-patient exclusion is one rule (``_Exclusion``) for every query kind.
 
 Filters (modality, body_region, split, source, plane) become a FAISS ID selector built from
 the catalog. ``per_case`` keeps the best image of each case. Indexes are loaded once and
@@ -21,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .catalog import Catalog
+from .catalog import CaseRow, Catalog, ImageRow, TextRow
 from .config import ImagingConfig, Paths, SearchConfig
-from .errors import IndexInconsistent, IndexNotBuilt, InvalidInput, MedsearchError
+from .errors import IndexInconsistent, IndexNotBuilt, InvalidInput, MedsearchError, NotFound
 from .records import Hit
 from .vectors import VectorIndex
 
@@ -176,7 +182,7 @@ class Searcher:
         k = k or self.config.k
         per_case = self.config.per_case if per_case is None else per_case
         enc = self.encoder
-        shared = bool(getattr(enc, "shared_space", False))
+        shared = bool(enc.shared_space)
         if mode == "image" and not shared:
             raise InvalidInput(
                 f"model {self.model_id} has no shared image-text space, so text cannot search images directly",
@@ -219,7 +225,7 @@ class Searcher:
 
     def similar(
         self,
-        image: str | Path | int | Image.Image,
+        image: str | Path | int | Image.Image | ImageQuery,
         k: int | None = None,
         filters: Filters = Filters(),
         *,
@@ -229,88 +235,141 @@ class Searcher:
     ) -> list[Hit]:
         """Image -> similar images (one per case by default), best first.
 
-        ``image`` is a file path, a PIL image, or a catalog image id/key (its stored vector is
-        used, nothing is re-encoded). A file that is byte-identical to a catalog image counts
-        as that image for the exclusions.
+        ``image`` is anything :meth:`image_query` takes, or what it returned (then nothing is
+        resolved again). The exclusions apply when the query is a catalog image or a file
+        byte-identical to one.
         """
+        q = self.image_query(image)
         k = k or self.config.k
         per_case = self.config.per_case if per_case is None else per_case
-        q, own = self.image_query_vector(image)
-        exclude_cases: set[int] = set()
-        exclude_patient: str | None = None
-        if own is not None:
-            if exclude_same_case:
-                exclude_cases.add(own["case_id"])
-            if exclude_same_patient and own.get("patient_key"):
-                exclude_patient = own["patient_key"]
+        exclude = _Exclusion.of(q, exclude_same_case, exclude_same_patient)
         fetch = (k + 1) * self.config.oversample
-        ids, scores = self._search_space("image", q, fetch, filters)
+        ids, scores = self._search_space("image", q.vector, fetch, filters)
         ordered = list(zip((int(i) for i in ids), (float(s) for s in scores), strict=True))
-        return self._hits(
-            ordered, k, per_case, matched={i: "image" for i, _ in ordered}, exclude_cases=exclude_cases,
-            exclude_patient=exclude_patient,
-        )  # fmt: skip
+        return self._hits(ordered, k, per_case, matched={i: "image" for i, _ in ordered}, exclude=exclude)
 
-    def image_query_vector(self, image: str | Path | int | Image.Image) -> tuple[np.ndarray, dict[str, Any] | None]:
-        """(1, image_dim) query vector and the catalog row it matches (or None)."""
-        from .encoders.base import encode_images
+    def image_query(self, image: str | Path | int | Image.Image | ImageQuery, *, sha256: str | None = None) -> ImageQuery:
+        """Resolve a query image once: its (1, image_dim) vector and the catalog image it is.
 
-        own: dict[str, Any] | None = None
-        if isinstance(image, int) or (isinstance(image, str) and not Path(image).exists()):
-            own = self.catalog.find_image(image)
-            vec = self.catalog.get_vectors(self.model_id, "image", [own["image_id"]]).get(own["image_id"])
-            if vec is None:
-                raise IndexNotBuilt(f"image {image!r} has no vector yet", hint="run `medsearch index`")
-            return vec[None, :].astype(np.float32), own
-        if isinstance(image, (str, Path)):
-            from .imaging import load_image
+        - an ``int``, or a string that is no existing file but a catalog image id, key or
+          ``source:key``: that image's stored vector (nothing is decoded or encoded);
+        - a file (path or string): when its sha256 matches a single-frame catalog image, that
+          image's stored vector; otherwise it is decoded and encoded once (a byte-identical frame
+          of a multi-frame file still counts as its catalog image for the exclusions);
+        - a PIL image: encoded; ``sha256`` (of the bytes it was decoded from, e.g. an upload)
+          lets a byte-identical catalog image use its stored vector as a file does.
 
-            path = Path(image)
-            own = self._own_by_hash(path)
-            pil = load_image(path, config=self.imaging)
-        else:
-            pil = image
-        return encode_images(self.encoder, [pil]), own
+        A string that looks like a file path but names no file and no catalog image raises
+        NotFound naming the path.
+        """
+        if isinstance(image, ImageQuery):
+            return image
+        if isinstance(image, bool):
+            raise InvalidInput(f"{image!r} is not an image", hint="give an image file, a catalog image id or key")
+        if isinstance(image, int):
+            return self._stored_query(self.catalog.find_image(image), f"image {image}")
+        if isinstance(image, str):
+            path = Path(image).expanduser()
+            if not path.exists():
+                row = self.catalog.image_by_ref(image)
+                if row is not None:
+                    return self._stored_query(row, f"image {image}")
+                if _looks_like_path(image):
+                    raise NotFound(
+                        f"no file {image} (and no catalog image with that key)",
+                        hint="check the path (relative paths start at the current folder), "
+                        "or give a catalog image id or key from `medsearch search`",
+                    )
+                return self._stored_query(self.catalog.find_image(image), f"image {image}")  # raises NotFound
+            image = path
+        if isinstance(image, Path):
+            return self._file_query(image)
+        row = self.catalog.image_by_sha(sha256) if sha256 else None
+        if row is not None and row.frame is None:
+            stored = self._stored_vector(row)
+            if stored is not None:
+                return ImageQuery(stored, row, "the query image", stored=True)
+        return ImageQuery(self._encode(image), row, "the query image", stored=False)
 
-    def _own_by_hash(self, path: Path) -> dict[str, Any] | None:
-        import hashlib
+    def _file_query(self, path: Path) -> ImageQuery:
+        from .fileio import sha256_file
+        from .imaging import load_image
 
         try:
-            h = hashlib.sha256(path.read_bytes()).hexdigest()
-        except OSError:
-            return None
-        return self.catalog.image_by_sha(h)
+            row = self.catalog.image_by_sha(sha256_file(path))
+        except OSError:  # unreadable: load_image names the file and the problem
+            row = None
+        if row is not None and row.frame is None:
+            stored = self._stored_vector(row)
+            if stored is not None:
+                return ImageQuery(stored, row, path.name, stored=True)
+        return ImageQuery(self._encode(load_image(path, config=self.imaging)), row, path.name, stored=False)
 
-    def search_reports(self, query: str, k: int | None = None, filters: Filters = Filters()) -> list[Hit]:
-        """Text -> cases by their report/caption text; the excerpt is the best matching sentence."""
-        query = (query or "").strip()
-        if not query:
-            raise InvalidInput("the query text is empty", hint="give a text to search reports for")
+    def _stored_query(self, row: ImageRow, name: str) -> ImageQuery:
+        vec = self._stored_vector(row)
+        if vec is None:
+            raise IndexNotBuilt(f"{name} has no {self.model_id} vector yet", hint="run `medsearch index`")
+        return ImageQuery(vec, row, name, stored=True)
+
+    def _stored_vector(self, row: ImageRow) -> np.ndarray | None:
+        vec = self.catalog.get_vectors(self.model_id, "image", [row.image_id]).get(row.image_id)
+        return None if vec is None else vec[None, :].astype(np.float32)  # (1, d)
+
+    def _encode(self, pil: Image.Image) -> np.ndarray:
+        from .encoders.base import encode_images
+
+        return encode_images(self.encoder, [pil])  # (1, d)
+
+    def search_reports(
+        self,
+        query: str | ImageQuery,
+        k: int | None = None,
+        filters: Filters = Filters(),
+        *,
+        sections: Sequence[str] | None = None,
+        fetch: int | None = None,
+        exclude_same_case: bool = False,
+        exclude_same_patient: bool = False,
+    ) -> list[Hit]:
+        """Text or image -> cases by their report/caption text; the excerpt is the best matching text.
+
+        A text query is encoded with the text tower; an :class:`ImageQuery` searches the text index
+        with its image vector, which needs a shared image-text space. ``sections`` keeps only texts
+        of those sections (captions are section ``caption``); ``fetch`` is how many texts to score.
+        The hit's image is the case's first image (None for a case without one).
+        """
         k = k or self.config.k
-        q = self.encoder.encode_texts([query])
-        fetch = k * self.config.oversample * 2
-        ids, scores = self._search_space("text", q, fetch, filters)
+        if isinstance(query, ImageQuery):
+            if not self.encoder.shared_space:
+                raise InvalidInput(
+                    f"model {self.model_id} has no shared image-text space, so an image cannot search report text",
+                    hint="use `medsearch similar`, or train the cross-modal model with `medsearch train`",
+                )
+            q, exclude = query.vector, _Exclusion.of(query, exclude_same_case, exclude_same_patient)
+        else:
+            text = (query or "").strip()
+            if not text:
+                raise InvalidInput("the query text is empty", hint="give a text to search reports for")
+            q, exclude = self.encoder.encode_texts([text]), _Exclusion()
+        ids, scores = self._search_space("text", q, fetch or k * self.config.oversample * 2, filters)
         rows = self.catalog.text_rows(ids.tolist())
-        best: dict[int, tuple[float, dict[str, Any]]] = {}
+        keep = set(sections) if sections is not None else None
+        patients = self._patients(exclude, {r.case_id for r in rows.values()})
+        best: dict[int, tuple[float, TextRow]] = {}
         for i, s in zip(ids, scores, strict=True):
             r = rows.get(int(i))
-            if r and r["case_id"] not in best:
-                best[r["case_id"]] = (float(s), r)
+            if r is None or r.case_id in best or (keep is not None and r.section not in keep):
+                continue
+            if exclude.drops(r.case_id, patients.get(r.case_id)):
+                continue
+            best[r.case_id] = (float(s), r)
         cases = list(best.items())[:k]
-        imgs = self.catalog.case_images([c for c, _ in cases])
-        first = {c: (v[0] if v else None) for c, v in imgs.items()}
-        img_rows = self.catalog.image_rows([i for i in first.values() if i is not None])
-        hits = []
-        for case_id, (score, trow) in cases:
-            iid = first.get(case_id)
-            row = img_rows.get(iid) if iid else None
-            if row is None:
-                cv = self.catalog.get_case(case_id)
-                row = dict(case_id=case_id, case_key=cv.case_key, source=cv.source, modality_type=None, modality=None,
-                           body_region=None, plane=None, split=cv.split, diagnosis=cv.diagnosis, title=cv.title,
-                           image_id=None, image_key=None)  # fmt: skip
-            hits.append(_hit(row, score, trow["text"], "text"))
-        return hits
+        first = {c: v[0] for c, v in self.catalog.case_images([c for c, _ in cases]).items() if v}
+        img_rows = self.catalog.image_rows(list(first.values()))
+        no_image = self.catalog.case_rows([c for c, _ in cases if first.get(c) not in img_rows])
+        return [
+            _hit(img_rows.get(first.get(c, -1)) or no_image[c], score, trow.text, "text") for c, (score, trow) in cases
+        ]
 
     # ------------------------------------------------------------------ internals
     def _search_space(self, space: str, q: np.ndarray, fetch: int, filters: Filters) -> tuple[np.ndarray, np.ndarray]:
@@ -367,7 +426,7 @@ class Searcher:
         """(text ids, scores) best first -> (image ids, scores, excerpts): a caption -> its image, a report
         text -> its case's images; each image once, at its best text."""
         rows = self.catalog.text_rows(ids.tolist())
-        case_only = [r["case_id"] for r in rows.values() if r["image_id"] is None]
+        case_only = [r.case_id for r in rows.values() if r.image_id is None]
         case_imgs = self.catalog.case_images(case_only)
         allowed = self.catalog.image_ids_where(filters.as_dict())
         allowed_set = None if allowed is None else set(allowed.tolist())
@@ -379,15 +438,21 @@ class Searcher:
             r = rows.get(int(i))
             if r is None:
                 continue
-            targets = [r["image_id"]] if r["image_id"] is not None else case_imgs.get(r["case_id"], [])
+            targets = [r.image_id] if r.image_id is not None else case_imgs.get(r.case_id, [])
             for t in targets:
                 if t in seen or (allowed_set is not None and t not in allowed_set):
                     continue
                 seen.add(t)
                 out_ids.append(t)
                 out_scores.append(float(s))
-                out_ex.append(r["text"])
+                out_ex.append(r.text)
         return out_ids, out_scores, out_ex
+
+    def _patients(self, exclude: _Exclusion, case_ids: set[int]) -> dict[int, str | None]:
+        """Patient key of each case, read only when a patient is to be excluded."""
+        if exclude.patient_key is None or not case_ids:
+            return {}
+        return {c: r.patient_key for c, r in self.catalog.case_rows(sorted(case_ids)).items()}
 
     def _hits(
         self,
@@ -397,27 +462,60 @@ class Searcher:
         *,
         matched: dict[int, str],
         excerpts: dict[int, str | None] | None = None,
-        exclude_cases: set[int] = frozenset(),  # type: ignore[assignment]
-        exclude_patient: str | None = None,
+        exclude: _Exclusion | None = None,
     ) -> list[Hit]:
+        exclude = exclude or _Exclusion()
         rows = self.catalog.image_rows([i for i, _ in ordered])
         hits: list[Hit] = []
         seen_cases: set[int] = set()
         for image_id, score in ordered:
             row = rows.get(image_id)
-            if row is None or row["case_id"] in exclude_cases:
-                continue
-            if exclude_patient and row.get("patient_key") == exclude_patient:
+            if row is None or exclude.drops(row.case_id, row.patient_key):
                 continue
             if per_case:
-                if row["case_id"] in seen_cases:
+                if row.case_id in seen_cases:
                     continue
-                seen_cases.add(row["case_id"])
-            ex = (excerpts or {}).get(image_id) or row.get("caption") or _opening(row.get("sections") or {})
+                seen_cases.add(row.case_id)
+            ex = (excerpts or {}).get(image_id) or row.caption or _opening(row.sections or {})
             hits.append(_hit(row, score, ex, matched.get(image_id, "image")))
             if len(hits) >= k:
                 break
         return hits
+
+
+@dataclass(frozen=True)
+class ImageQuery:
+    """A query image resolved once (:meth:`Searcher.image_query`): pass it on instead of the image."""
+
+    vector: np.ndarray  # (1, image_dim) float32
+    row: ImageRow | None  # the catalog image it is (by id/key, or a byte-identical file), else None
+    name: str  # for messages: the file name, "image <ref>" or "the query image"
+    stored: bool  # True: the catalog's stored vector was used (nothing decoded or encoded)
+
+
+@dataclass(frozen=True)
+class _Exclusion:
+    """The one own-case / own-patient rule: which hits a query must not return."""
+
+    case_id: int | None = None
+    patient_key: str | None = None
+
+    @classmethod
+    def of(cls, q: ImageQuery, same_case: bool, same_patient: bool) -> _Exclusion:
+        if q.row is None:
+            return cls()
+        return cls(q.row.case_id if same_case else None, (q.row.patient_key or None) if same_patient else None)
+
+    def drops(self, case_id: int, patient_key: str | None) -> bool:
+        return case_id == self.case_id or (self.patient_key is not None and patient_key == self.patient_key)
+
+
+_PATH_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+
+
+def _looks_like_path(ref: str) -> bool:
+    """A reference meant as a file: a folder separator, a leading ~ or ., or an image file suffix."""
+    return "/" in ref or "\\" in ref or ref.startswith(("~", ".")) or ref.lower().endswith(_PATH_SUFFIXES)
 
 
 def _opening(sections: dict[str, str], n: int = 200) -> str | None:
@@ -428,21 +526,22 @@ def _opening(sections: dict[str, str], n: int = 200) -> str | None:
     return None
 
 
-def _hit(row: dict[str, Any], score: float, excerpt: str | None, matched: str) -> Hit:
+def _hit(row: ImageRow | CaseRow, score: float, excerpt: str | None, matched: str) -> Hit:
+    img = row if isinstance(row, ImageRow) else None
     return Hit(
         score=round(float(score), 6),
-        case_id=row["case_id"],
-        case_key=row["case_key"],
-        image_id=row.get("image_id"),
-        image_key=row.get("image_key"),
-        source=row["source"],
-        modality_type=row.get("modality_type"),
-        modality=row.get("modality"),
-        body_region=row.get("body_region"),
-        plane=row.get("plane"),
-        split=row.get("split"),
-        diagnosis=row.get("diagnosis"),
-        title=row.get("title"),
+        case_id=row.case_id,
+        case_key=row.case_key,
+        image_id=img.image_id if img else None,
+        image_key=img.image_key if img else None,
+        source=row.source,
+        modality_type=img.modality_type if img else None,
+        modality=img.modality if img else None,
+        body_region=img.body_region if img else None,
+        plane=img.plane if img else None,
+        split=row.split,
+        diagnosis=row.diagnosis,
+        title=row.title,
         excerpt=excerpt,
         matched=matched,
     )

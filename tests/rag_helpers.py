@@ -19,11 +19,26 @@ POISON = [
 
 
 def medpix_image(searcher: Searcher, nth: int = 0) -> dict:
-    """The nth medpix image (id order) whose case has findings, as a catalog image row."""
+    """The nth medpix image (id order) whose case has findings, as a catalog image row (a dict)."""
     ids = sorted(int(i) for i in searcher.catalog.image_ids_where({"source": "medpix-2.0"}))
     rows = searcher.catalog.image_rows(ids)
-    with_findings = [rows[i] for i in ids if (rows[i]["sections"] or {}).get("findings")]
-    return with_findings[nth]
+    with_findings = [rows[i] for i in ids if rows[i].sections.get("findings")]
+    return with_findings[nth].to_dict()
+
+
+class CountingEncoder:
+    """A real encoder, counting the images it encodes (for the decode-and-encode-once checks)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.images_encoded = 0
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def encode_image_batch(self, batch):
+        self.images_encoded += len(batch)
+        return self._inner.encode_image_batch(batch)
 
 
 def check_draft(d: Draft, own_case_id: int | None = None, support_threshold: float = 0.5) -> None:
@@ -55,7 +70,7 @@ def make_poisoned_homes(base: Path, indexed_home: Path, towers, searcher: Search
 
     q = medpix_image(searcher, 2)
     nb = searcher.similar(int(q["image_id"]), k=1, exclude_same_case=True, filters=Filters(source="medpix-2.0"))[0]
-    nrow = searcher.catalog.image_rows([nb.image_id])[nb.image_id]
+    nrow = searcher.catalog.image_rows([nb.image_id])[nb.image_id].to_dict()
     ncase = searcher.catalog.get_case(nb.case_id)
     homes = {}
     for kind in ("clean", "poisoned"):

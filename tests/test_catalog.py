@@ -105,3 +105,75 @@ def test_case_roundtrip_property(key, sections, labels):
     view = cat.get_case(cid)
     assert view.case_key == key and view.sections == sections and view.labels == labels
     assert cat.upsert_case(rec) == (cid, "unchanged")
+
+
+def test_named_queries_return_typed_frozen_rows():
+    import dataclasses
+
+    from medsearch.catalog import CaseRow, ImageRow, TextRow
+
+    cat = Catalog.open(None)
+    cid, _ = cat.upsert_case(_case(patient_key="p-1", category="Neoplasm"), sentences=[("findings", 0, "A mass.")])
+    iid, _ = cat.upsert_image(_img(caption=" A caption. ", frame=2, plane="Axial"), cid, sha256="ab", nbytes=9,
+                              width=5, height=7)  # fmt: skip
+    row = cat.image_rows([iid, 999])[iid]
+    assert isinstance(row, ImageRow) and set(cat.image_rows([iid, 999])) == {iid}
+    assert (row.image_id, row.image_key, row.case_id, row.case_key, row.source, row.path, row.frame, row.sha256) == (
+        iid, "I1", cid, "C1", "s", "/x.png", 2, "ab",
+    )  # fmt: skip
+    assert (row.width, row.height, row.split, row.modality_type, row.plane, row.body_region) == (5, 7, "dev", "CT", "Axial", "Thorax")
+    assert (row.caption, row.patient_key, row.title, row.diagnosis, row.category) == (" A caption. ", "p-1", "t", "dx", "Neoplasm")
+    assert row.sections == {"findings": "A mass in the left lung."}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        row.case_id = 3  # type: ignore[misc]
+    # the same row by id, key, source:key and content hash; None / NotFound when nothing matches
+    assert cat.find_image(iid) == cat.find_image(str(iid)) == cat.find_image("I1") == cat.find_image("s:I1") == row
+    assert cat.image_by_sha("ab") == row and cat.image_by_sha("zz") is None and cat.image_by_ref("nope") is None
+    with pytest.raises(NotFound, match="no image 'nope'"):
+        cat.find_image("nope")
+    case = cat.case_rows([cid])[cid]
+    assert isinstance(case, CaseRow) and (case.case_key, case.patient_key, case.category) == ("C1", "p-1", "Neoplasm")
+    assert cat.cases_where(split="dev", source="s") == [case] and cat.cases_where(split="train") == []
+    texts = cat.text_rows(range(1, 10))
+    assert all(isinstance(t, TextRow) for t in texts.values())
+    assert sorted((t.kind, t.section, t.image_id, t.text) for t in texts.values()) == [
+        ("caption", "caption", iid, "A caption."), ("section", "findings", None, "A mass in the left lung."),
+        ("sentence", "findings", None, "A mass."),
+    ]  # fmt: skip
+    (sent,) = cat.case_texts([cid])[cid]
+    assert (sent.kind, sent.seq, sent.text) == ("sentence", 0, "A mass.")
+    cap = next(t for t in texts.values() if t.kind == "caption")
+    assert cat.caption_ids([iid]) == {iid: cap.text_id}
+    assert cat.texts_of_kinds(["caption"]) == ([cap.text_id], ["A caption."])
+
+
+def test_dirty_marker_and_vector_bookkeeping():
+    cat = Catalog.open(None)
+    cid, _ = cat.upsert_case(_case(), sentences=[("findings", 0, "A mass.")])
+    a, _ = cat.upsert_image(_img("A"), cid, sha256="1", nbytes=1, width=1, height=1)
+    b, _ = cat.upsert_image(_img("B"), cid, sha256="2", nbytes=1, width=1, height=1)
+    assert not cat.is_dirty("m", "image")
+    assert cat.count_unembedded("m", "image") == 2 and cat.count_unembedded(None, "image") == 2
+    cat.put_vectors("m", "image", [a], np.ones((1, 4), np.float32))
+    assert cat.is_dirty("m", "image") and not cat.is_dirty("m", "text") and not cat.is_dirty("other", "image")
+    cat.mark_clean("m", "image")
+    assert not cat.is_dirty("m", "image")
+    cat.mark_dirty("m", "image")
+    assert cat.is_dirty("m", "image")
+    assert cat.count_unembedded("m", "image") == 1 and cat.count_unembedded("x", "image") == 2
+    assert cat.count_unembedded(None, "image") == 1 and cat.count_unembedded("m", "text") == cat.count_texts()
+    assert cat.vector_dim("m", "image") == 4 and cat.vector_dim("m", "text") is None
+    # vectors of rows that are gone are orphans: counted, then dropped in one transaction
+    cat.put_vectors("m", "image", [b, 777], np.zeros((2, 4), np.float32))
+    assert sorted(cat.vector_ids("m", "image").tolist()) == [a, b, 777]
+    assert cat.count_orphan_vectors("m", "image") == 1 and cat.count_orphan_vectors("m", "text") == 0
+    assert cat.drop_orphan_vectors("m", "image") == 1 and cat.count_orphan_vectors("m", "image") == 0
+    assert cat.count_vectors("m", "image") == 2
+    with pytest.raises(ValueError, match="unknown vector space"):
+        cat.count_orphan_vectors("m", "audio")
+    cat.drop_model_vectors("m")
+    assert cat.vector_models() == []
+    cat.mark_image_failed(a, "broken")
+    assert cat.count_unembedded("m", "image") == 1
+    cat.retry_failed_images()
+    assert cat.count_unembedded("m", "image") == 2

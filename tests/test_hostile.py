@@ -239,9 +239,9 @@ def test_image_catalog_roundtrip_property(key, fields, labels, meta):
     iid, status = cat.upsert_image(rec, cid, sha256="h", nbytes=1, width=2, height=3)
     assert status == "added"
     row = cat.image_rows([iid])[iid]
-    assert row["image_key"] == key and row["frame"] == fields["frame"]
+    assert row.image_key == key and row.frame == fields["frame"]
     for f in ("caption", "modality_type", "body_region", "plane", "split"):
-        assert row[f] == fields[f]
+        assert getattr(row, f) == fields[f]
     got = json.loads(cat.db.execute("SELECT labels, meta FROM images WHERE id = ?", [iid]).fetchone()[0])
     assert got == labels
     stored_labels = sorted(cat.db.execute("SELECT name, value FROM labels WHERE image_id = ?", [iid]).fetchall())

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rag_helpers import POISON, check_draft, make_poisoned_homes
+from rag_helpers import POISON, CountingEncoder, check_draft, make_poisoned_homes
 from rag_helpers import medpix_image as _medpix_image
 
 from medsearch.errors import GenerationError, InvalidImage, LLMUnavailable, NotFound
@@ -188,6 +188,27 @@ def test_draft_from_file_excludes_own_case_by_content(searcher):
     q = _medpix_image(searcher, 3)
     d = Drafter(searcher).draft(Path(q["path"]))  # same bytes as a catalog image -> its case is excluded
     check_draft(d, own_case_id=q["case_id"])
+
+
+def test_draft_resolves_the_query_image_once(indexed_home, towers, tmp_path):
+    """A catalog file is never decoded or encoded (its stored vector is the query); a new file is encoded once."""
+    from PIL import Image
+
+    enc = CountingEncoder(towers)
+    s = Searcher(indexed_home, encoder=enc)
+    q = _medpix_image(s, 4)
+    d = Drafter(s).draft(Path(q["path"]))
+    check_draft(d, own_case_id=q["case_id"])
+    assert enc.images_encoded == 0
+    with Image.open(q["path"]) as im:
+        im.load()
+        im.save(tmp_path / "new-bytes.png", compress_level=1)
+    pack = Drafter(s).evidence(tmp_path / "new-bytes.png")
+    assert enc.images_encoded == 1 and pack.own is None and pack.query == "new-bytes.png"
+    assert q["case_id"] in {c.case_id for c in pack.cases}  # not a catalog image: its twin's case may be evidence
+    resolved = s.image_query(int(q["image_id"]))
+    assert Drafter(s).evidence(resolved).cases == Drafter(s).evidence(int(q["image_id"])).cases
+    assert enc.images_encoded == 1
 
 
 def test_same_patient_excluded(searcher):
@@ -421,7 +442,8 @@ def test_shared_space_draft_uses_image_to_text(tmp_path_factory):
     assert lite.shared_space
     run_index(cat, lite, Paths(home), config=EmbedConfig(batch_size=16, workers=0), progress=False)
     cat.close()
-    s = Searcher(home, encoder=lite)
+    enc = CountingEncoder(lite)
+    s = Searcher(home, encoder=enc)
     q = _medpix_image(s)
     drafter = Drafter(s)
     pack = drafter.evidence(int(q["image_id"]))
@@ -429,3 +451,12 @@ def test_shared_space_draft_uses_image_to_text(tmp_path_factory):
     assert {c.matched for c in pack.cases} & {"text", "fused"}, [c.matched for c in pack.cases]
     d = drafter.draft(int(q["image_id"]))
     check_draft(d, own_case_id=q["case_id"])
+    # image->image and image->text from one resolution: a new file is decoded and encoded once
+    from PIL import Image
+
+    with Image.open(q["path"]) as im:
+        im.load()
+        im.save(base / "new-bytes.png", compress_level=1)
+    assert enc.images_encoded == 0
+    pack = drafter.evidence(base / "new-bytes.png")
+    assert enc.images_encoded == 1 and pack.image_text is not None

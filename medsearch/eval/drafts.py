@@ -20,7 +20,6 @@ A draft that fails (GenerationError) counts as an empty draft and is counted in 
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from medsearch.search import Filters
 if TYPE_CHECKING:  # pragma: no cover
     from medsearch.rag.drafter import Drafter
     from medsearch.rag.records import Draft
-    from medsearch.search import Searcher
+    from medsearch.search import ImageQuery, Searcher
 
 LABELS = ("modality_type", "body_region", "category")
 METRICS = ("bleu4", "rougeL", "cosine", "agree_modality", "agree_region", "agree_category", "supported", "cit_valid")
@@ -74,37 +73,48 @@ def _findings(sections: dict[str, str]) -> str:
     return " ".join((sections.get("findings") or "").split())
 
 
-def _pool_cases(searcher: Searcher, source: str | None, split: str) -> list[dict[str, Any]]:
-    """Pool cases with findings: id, key, first image labels, category."""
-    where, params = ["split = ?"], [split]
-    if source:
-        where.append("source = ?")
-        params.append(source)
-    rows = searcher.catalog.db.execute(
-        f"SELECT id, key, category, sections FROM cases WHERE {' AND '.join(where)} ORDER BY id", params
-    ).fetchall()
-    cases = [dict(case_id=r[0], case_key=r[1], category=r[2], findings=_findings(json.loads(r[3]))) for r in rows]
-    cases = [c for c in cases if c["findings"]]
-    imgs = searcher.catalog.case_images([c["case_id"] for c in cases])
-    irows = searcher.catalog.image_rows([v[0] for v in imgs.values() if v])
+@dataclass(frozen=True)
+class _PoolCase:
+    """A case evidence may come from: its findings and the labels of its first image (for the baselines)."""
+
+    case_id: int
+    case_key: str
+    findings: str
+    modality_type: str | None
+    body_region: str | None
+    category: str | None
+
+    def label(self, name: str) -> str | None:
+        return (getattr(self, name) or "").lower() or None
+
+
+def _pool_cases(searcher: Searcher, source: str | None, split: str) -> list[_PoolCase]:
+    """Pool cases with findings, in id order."""
+    cat = searcher.catalog
+    cases = [c for c in cat.cases_where(split=split, source=source) if _findings(c.sections)]
+    imgs = cat.case_images([c.case_id for c in cases])
+    irows = cat.image_rows([v[0] for v in imgs.values() if v])
+    out = []
     for c in cases:
-        first = imgs.get(c["case_id"])
+        first = imgs.get(c.case_id)
         row = irows.get(first[0]) if first else None
-        c["modality_type"] = row.get("modality_type") if row else None
-        c["body_region"] = row.get("body_region") if row else None
-    return cases
+        out.append(_PoolCase(
+            case_id=c.case_id, case_key=c.case_key, findings=_findings(c.sections), category=c.category,
+            modality_type=row.modality_type if row else None, body_region=row.body_region if row else None,
+        ))  # fmt: skip
+    return out
 
 
-def _medoid_findings(searcher: Searcher, pool: list[dict[str, Any]]) -> dict[str, Any]:
+def _medoid_findings(searcher: Searcher, pool: list[_PoolCase]) -> _PoolCase:
     """The pool case whose findings are closest to the mean pool findings embedding."""
-    texts = searcher.catalog.case_texts([c["case_id"] for c in pool], kind="section", sections=["findings"])
-    ids = {c: rows[0]["id"] for c, rows in texts.items() if rows}
+    texts = searcher.catalog.case_texts([c.case_id for c in pool], kind="section", sections=["findings"])
+    ids = {c: rows[0].text_id for c, rows in texts.items() if rows}
     stored = searcher.catalog.get_vectors(searcher.model_id, "text", list(ids.values()))
     vecs = []
     for c in pool:
-        v = stored.get(ids.get(c["case_id"], -1))
+        v = stored.get(ids.get(c.case_id, -1))
         if v is None:
-            v = searcher.encoder.encode_texts([c["findings"]])[0]
+            v = searcher.encoder.encode_texts([c.findings])[0]
         vecs.append(v / max(float(np.linalg.norm(v)), 1e-12))
     V = np.stack(vecs)  # (n, d)
     mean = V.mean(axis=0)
@@ -182,7 +192,7 @@ def evaluate_drafts(
             hint="ingest the dataset with that split first (`medsearch ingest DATASET`), or check --split",
         )
     rows = searcher.catalog.image_rows(sorted(int(i) for i in ids))
-    queries = [r for r in rows.values() if _findings(r.get("sections") or {})]
+    queries = [r for r in rows.values() if _findings(r.sections)]
     skipped_no_findings = len(rows) - len(queries)
     if limit:
         rng = np.random.default_rng(seed)
@@ -201,17 +211,18 @@ def evaluate_drafts(
     truths: list[dict[str, str | None]] = []
     groups: list[int] = []
     for qi, q in enumerate(queries):
-        refs.append(_findings(q["sections"]))
-        truths.append({"modality_type": q.get("modality_type"), "body_region": q.get("body_region"), "category": q.get("category")})
-        groups.append(q["case_id"])
+        refs.append(_findings(q.sections))
+        truths.append({"modality_type": q.modality_type, "body_region": q.body_region, "category": q.category})
+        groups.append(q.case_id)
+        query = searcher.image_query(q.image_id)  # resolved once for the baseline and every drafter
         # baselines
-        others = [c for c in pool if c["case_id"] != q["case_id"]]
+        others = [c for c in pool if c.case_id != q.case_id]
         rnd = others[int(rng.integers(len(others)))]
-        nearest = _nearest(searcher, q["image_id"], pool_filters)
+        nearest = _nearest(searcher, query, pool_filters)
         for sysname, c in (("random case", rnd), ("fixed text", fixed), ("nearest case", nearest)):
             s = base[sysname]
-            s.hyps.append(c["findings"] if c else "")
-            s.labels.append({lab: (c.get(lab) or "").lower() or None for lab in LABELS} if c else dict.fromkeys(LABELS))
+            s.hyps.append(c.findings if c else "")
+            s.labels.append({lab: c.label(lab) for lab in LABELS} if c else dict.fromkeys(LABELS))
             s.supported.append(np.nan)
             s.cit_valid.append(np.nan)
         # drafters
@@ -219,7 +230,7 @@ def evaluate_drafts(
             s = systems[name]
             t0 = time.perf_counter()
             try:
-                d = drafter.draft(int(q["image_id"]), filters=pool_filters)
+                d = drafter.draft(query, filters=pool_filters)
             except MedsearchError as e:
                 s.latency.append(time.perf_counter() - t0)
                 s.failed += 1
@@ -287,7 +298,7 @@ def evaluate_drafts(
         "cases": len(set(groups)),
         "skipped_no_findings": skipped_no_findings,
         "pool_cases": len(pool),
-        "fixed_text_case": fixed["case_key"],
+        "fixed_text_case": fixed.case_key,
         "model": searcher.model_id,
         "n_boot": n_boot,
         "seed": seed,
@@ -296,17 +307,15 @@ def evaluate_drafts(
     }
 
 
-def _nearest(searcher: Searcher, image_id: int, filters: Filters) -> dict[str, Any] | None:
-    """The nearest pool case (with findings) to a catalog image, own case and patient excluded."""
-    hits = searcher.similar(image_id, k=5, filters=filters, exclude_same_case=True, exclude_same_patient=True)
-    if not hits:
-        return None
+def _nearest(searcher: Searcher, query: ImageQuery, filters: Filters) -> _PoolCase | None:
+    """The nearest pool case (with findings) to a query image, own case and patient excluded."""
+    hits = searcher.similar(query, k=5, filters=filters, exclude_same_case=True, exclude_same_patient=True)
     rows = searcher.catalog.image_rows([h.image_id for h in hits if h.image_id is not None])
     for h in hits:
         r = rows.get(h.image_id)
-        if r and _findings(r.get("sections") or {}):
-            return {"case_key": r["case_key"], "findings": _findings(r["sections"]), "modality_type": r.get("modality_type"),
-                    "body_region": r.get("body_region"), "category": r.get("category")}  # fmt: skip
+        if r and _findings(r.sections):
+            return _PoolCase(case_id=r.case_id, case_key=r.case_key, findings=_findings(r.sections),
+                             modality_type=r.modality_type, body_region=r.body_region, category=r.category)  # fmt: skip
     return None
 
 

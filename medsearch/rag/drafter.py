@@ -27,7 +27,7 @@ from medsearch.search import Filters
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from medsearch.search import Searcher
+    from medsearch.search import ImageQuery, Searcher
 
 
 class Drafter:
@@ -54,18 +54,18 @@ class Drafter:
             self._extractive = make_generator("extractive", self.config)
         return self._extractive
 
-    def evidence(self, image: str | Path | int | Image.Image, filters: Filters = Filters()) -> EvidencePack:
+    def evidence(self, image: str | Path | int | Image.Image | ImageQuery, filters: Filters = Filters()) -> EvidencePack:
         """The evidence pack for ``image`` (retrieval, adaptive k, guarded sentences)."""
         return select_evidence(self.searcher, image, self.evidence_config, filters)
 
     def draft(
         self,
-        image: str | Path | int | Image.Image,
+        image: str | Path | int | Image.Image | ImageQuery,
         filters: Filters = Filters(),
         *,
         on_token: OnToken | None = None,
     ) -> Draft:
-        """Draft a report for ``image`` (a file, a PIL image, or a catalog image id/key)."""
+        """Draft a report for ``image`` (a file, a PIL image, a catalog image id/key, or a resolved ImageQuery)."""
         t0 = time.perf_counter()
         pack = self.evidence(image, filters)
         t1 = time.perf_counter()

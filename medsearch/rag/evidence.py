@@ -1,7 +1,8 @@
 """Evidence selection: the prior cases a draft may cite, and their report sentences.
 
-    image ─► Searcher.similar (image->image; own case and patient excluded)
-          └► text index searched with the image vector (image->text, only in a shared space)
+    image ─► Searcher.image_query (resolved once: a catalog image's stored vector, else encoded once)
+          ├► Searcher.similar (image->image; own case and patient excluded)
+          └► Searcher.search_reports with the image vector (image->text, only in a shared space)
        ─► fused ranking ─► adaptive k (stop at a sharp similarity drop) ─► label coherence
        ─► sentences (findings, impression, diagnosis, matched caption), guarded, with vectors
 
@@ -19,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medsearch.catalog import CaseRow, ImageRow
 from medsearch.errors import NotFound
 from medsearch.rag.config import EvidenceConfig
 from medsearch.rag.guard import neutralise
 from medsearch.rag.records import EvidenceCase, EvidenceSentence
-from medsearch.search import Filters, rrf
+from medsearch.search import Filters, ImageQuery, rrf
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -42,7 +44,7 @@ class EvidencePack:
     sent_seq: np.ndarray  # (m,) float: relative position in its section, 0..1
     sent_vecs: np.ndarray  # (m, d) float32, unit norm, text space of the encoder
     image_text: np.ndarray | None  # (m,) float32 cosine(query image, sentence) in a shared space
-    own: dict[str, Any] | None  # catalog row of the query image when it is in the catalog
+    own: ImageRow | None  # catalog row of the query image when it is in the catalog
     query: str
 
     def case_sentences(self, i: int) -> np.ndarray:
@@ -75,157 +77,104 @@ def _weighted_majority(values: list[str | None], weights: list[float]) -> str | 
 
 def select_evidence(
     searcher: Searcher,
-    image: str | Path | int | Image.Image,
+    image: str | Path | int | Image.Image | ImageQuery,
     config: EvidenceConfig = EvidenceConfig(),
     filters: Filters = Filters(),
 ) -> EvidencePack:
     """Retrieve, cut and load the evidence for one query image (see the module docstring)."""
-    enc = searcher.encoder
-    shared = bool(getattr(enc, "shared_space", False))
-    hits = searcher.similar(
-        image, k=config.k_max, filters=filters, per_case=True,
-        exclude_same_case=config.exclude_same_case, exclude_same_patient=config.exclude_same_patient,
-    )  # fmt: skip
-    # the image vector again for image->text (a catalog image reuses its stored vector)
-    q_img, own = searcher.image_query_vector(image) if shared else (None, None)
+    q = searcher.image_query(image)  # resolved once: decoded and encoded at most once
+    shared = bool(searcher.encoder.shared_space)
+    exclude = {"exclude_same_case": config.exclude_same_case, "exclude_same_patient": config.exclude_same_patient}
+    hits = searcher.similar(q, k=config.k_max, filters=filters, per_case=True, **exclude)
     # image->image: adaptive cut on the cosine scores
     keep = adaptive_cut([h.score for h in hits], config.k_min, config.drop, config.below_top)
     hits = hits[:keep]
     by_case: dict[int, dict[str, Any]] = {
         h.case_id: {"hit": h, "score": h.score, "matched": "image", "text_score": None} for h in hits
     }
-    if shared and q_img is not None and searcher.has_index("text"):
-        text_rank = _image_to_text_cases(searcher, q_img, own, config, filters)
-        ranking = rrf([[h.case_id for h in hits], [c for c, _ in text_rank]])
-        text_scores = dict(text_rank)
+    if shared and searcher.has_index("text"):
+        # image->text: cases ranked by their best report sentence (or caption) for the image vector
+        text_hits = searcher.search_reports(
+            q, k=config.k_max, filters=filters, sections=(*config.sections, "caption"), fetch=config.k_max * 20,
+            **exclude,
+        )  # fmt: skip
+        ranking = rrf([[h.case_id for h in hits], [h.case_id for h in text_hits]])
+        text_by_case = {h.case_id: h for h in text_hits}
         order = [c for c, _ in ranking][: max(keep, config.k_min)]
         for c in order:
+            th = text_by_case.get(c)
             if c not in by_case:
-                by_case[c] = {"hit": None, "score": text_scores[c], "matched": "text", "text_score": text_scores[c]}
+                by_case[c] = {"hit": th, "score": th.score, "matched": "text", "text_score": th.score}
             else:
-                by_case[c]["text_score"] = text_scores.get(c)
-                if c in text_scores:
+                by_case[c]["text_score"] = th.score if th else None
+                if th is not None:
                     by_case[c]["matched"] = "fused"
         case_order = order
     else:
         case_order = [h.case_id for h in hits]
     if not case_order:
         raise NotFound(
-            f"no similar cases to draft from for {_name(image)}" + (f" with filters {_fmt(filters)}" if not filters.empty() else ""),
+            f"no similar cases to draft from for {q.name}" + (f" with filters {_fmt(filters)}" if not filters.empty() else ""),
             hint="ingest and index more cases (`medsearch ingest`, `medsearch index`), or loosen the filters",
         )
     rows = _case_rows(searcher, case_order, by_case)
     if config.coherent_labels and len(case_order) > config.k_min:
         weights = [max(by_case[c]["score"], 1e-3) for c in case_order]
-        mod = _weighted_majority([rows[c].get("modality_type") for c in case_order], weights)
-        reg = _weighted_majority([rows[c].get("body_region") for c in case_order], weights)
+        mod = _weighted_majority([_image_field(rows[c], "modality_type") for c in case_order], weights)
+        reg = _weighted_majority([_image_field(rows[c], "body_region") for c in case_order], weights)
         agree = [
             c for c in case_order
-            if (mod is None or (rows[c].get("modality_type") or "").lower() in (mod, ""))
-            and (reg is None or (rows[c].get("body_region") or "").lower() in (reg, ""))
+            if (mod is None or (_image_field(rows[c], "modality_type") or "").lower() in (mod, ""))
+            and (reg is None or (_image_field(rows[c], "body_region") or "").lower() in (reg, ""))
         ]  # fmt: skip
         if len(agree) >= config.k_min:
             case_order = agree
-    return _load_sentences(searcher, case_order, by_case, rows, q_img, own, config, _name(image))
-
-
-def _name(image: Any) -> str:
-    if isinstance(image, Path) or (isinstance(image, str) and Path(image).exists()):
-        return Path(image).name
-    if isinstance(image, (str, int)):
-        return f"image {image}"
-    return "the query image"
+    return _load_sentences(searcher, case_order, by_case, rows, q.vector if shared else None, q, config)
 
 
 def _fmt(filters: Filters) -> str:
     return ", ".join(f"{k}={v}" for k, v in filters.as_dict().items() if v)
 
 
-def _image_to_text_cases(
-    searcher: Searcher, q_img: np.ndarray, own: dict[str, Any] | None, config: EvidenceConfig, filters: Filters
-) -> list[tuple[int, float]]:
-    """Cases ranked by their best report sentence for the image vector (shared space only)."""
-    idx = searcher.index("text")
-    allowed = searcher.catalog.text_ids_where(filters.as_dict())
-    fetch = config.k_max * 20
-    fetch = min(fetch, idx.ntotal if allowed is None else len(allowed))
-    if fetch <= 0:
-        return []
-    D, I = idx.search(q_img, fetch, allowed=allowed)  # (1, fetch)
-    ids = [int(i) for i in I[0] if i >= 0]
-    trows = searcher.catalog.text_rows(ids)
-    cases = {r["case_id"] for r in trows.values()}
-    patients = _patients(searcher, cases)
-    best: dict[int, float] = {}
-    for i, s in zip(I[0], D[0], strict=True):
-        r = trows.get(int(i))
-        if r is None or r["section"] not in (*config.sections, "caption"):
-            continue
-        c = r["case_id"]
-        if own is not None and config.exclude_same_case and c == own["case_id"]:
-            continue
-        if own is not None and config.exclude_same_patient and own.get("patient_key") and patients.get(c) == own["patient_key"]:
-            continue
-        if c not in best:
-            best[c] = float(s)
-    return sorted(best.items(), key=lambda kv: -kv[1])[: config.k_max]
+def _image_field(row: ImageRow | CaseRow, name: str) -> str | None:
+    """An image-level field of an evidence row (None for a case without images)."""
+    return getattr(row, name) if isinstance(row, ImageRow) else None
 
 
-def _patients(searcher: Searcher, case_ids: set[int]) -> dict[int, str | None]:
-    out: dict[int, str | None] = {}
-    for c in case_ids:
-        out[c] = None
-    if not case_ids:
-        return out
-    qs = ",".join("?" * len(case_ids))
-    for cid, pk in searcher.catalog.db.execute(f"SELECT id, patient_key FROM cases WHERE id IN ({qs})", list(case_ids)):
-        out[cid] = pk
-    return out
-
-
-def _case_rows(searcher: Searcher, case_order: list[int], by_case: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """An image row (the matched image, else the case's first image) for each case."""
+def _case_rows(
+    searcher: Searcher, case_order: list[int], by_case: dict[int, dict[str, Any]]
+) -> dict[int, ImageRow | CaseRow]:
+    """The matched image's row for each case (a report hit's image is its case's first image), else the case row."""
     cat = searcher.catalog
-    need = [c for c in case_order if by_case[c]["hit"] is None]
-    first = {c: v[0] for c, v in cat.case_images(need).items() if v}
-    image_ids = [by_case[c]["hit"].image_id for c in case_order if by_case[c]["hit"] is not None] + list(first.values())
-    irows = cat.image_rows([i for i in image_ids if i is not None])
-    out: dict[int, dict[str, Any]] = {}
-    for c in case_order:
-        h = by_case[c]["hit"]
-        iid = h.image_id if h is not None else first.get(c)
-        row = irows.get(iid) if iid is not None else None
-        if row is None:
-            cv = cat.get_case(c)
-            row = dict(case_id=c, case_key=cv.case_key, source=cv.source, split=cv.split, diagnosis=cv.diagnosis,
-                       category=cv.category, image_id=None, image_key=None, caption=None)  # fmt: skip
-        out[c] = row
-    return out
+    image_of = {c: by_case[c]["hit"].image_id for c in case_order}
+    irows = cat.image_rows([i for i in image_of.values() if i is not None])
+    no_image = cat.case_rows([c for c in case_order if image_of[c] not in irows])
+    return {c: irows.get(image_of[c]) or no_image[c] for c in case_order}
 
 
 def _load_sentences(
     searcher: Searcher,
     case_order: list[int],
     by_case: dict[int, dict[str, Any]],
-    rows: dict[int, dict[str, Any]],
+    rows: dict[int, ImageRow | CaseRow],
     q_img: np.ndarray | None,
-    own: dict[str, Any] | None,
+    query: ImageQuery,
     config: EvidenceConfig,
-    query: str,
 ) -> EvidencePack:
     cat = searcher.catalog
     enc = searcher.encoder
     texts = cat.case_texts(case_order, kind="sentence", sections=config.sections)
-    cap_ids = cat.caption_ids([r["image_id"] for r in rows.values() if r.get("image_id")]) if config.captions else {}
+    images = {c: r for c, r in rows.items() if isinstance(r, ImageRow)}
+    cap_ids = cat.caption_ids([r.image_id for r in images.values()]) if config.captions else {}
     section_rank = {s: i for i, s in enumerate(config.sections)}
     cases: list[EvidenceCase] = []
     flat: list[tuple[int, str, str, float, int | None]] = []  # (case index, section, text, rel pos, text id)
     for n, c in enumerate(case_order, 1):
-        row = rows[c]
-        items = sorted(texts.get(c, []), key=lambda r: (section_rank.get(r["section"], 99), r["seq"]))
-        raw = [(r["section"], r["text"], r["id"]) for r in items]
-        if config.captions and row.get("caption"):
-            raw.append(("caption", row["caption"], cap_ids.get(row.get("image_id"))))
+        row, img = rows[c], images.get(c)
+        items = sorted(texts.get(c, []), key=lambda r: (section_rank.get(r.section, 99), r.seq))
+        raw: list[tuple[str, str, int | None]] = [(r.section, r.text, r.text_id) for r in items]
+        if config.captions and img is not None and img.caption:
+            raw.append(("caption", img.caption, cap_ids.get(img.image_id)))
         # guard first, so dropped (instruction-like) sentences leave no trace in positions or caps
         guarded: list[tuple[str, str, int | None]] = []
         dropped = 0
@@ -251,10 +200,11 @@ def _load_sentences(
             flat.append((n - 1, section, text, i / max(per_section[section] - 1, 1), tid))
         cases.append(
             EvidenceCase(
-                n=n, case_id=c, case_key=row["case_key"], source=row["source"], score=round(float(by_case[c]["score"]), 6),
-                image_id=row.get("image_id"), image_key=row.get("image_key"), matched=by_case[c]["matched"],
-                modality_type=row.get("modality_type"), body_region=row.get("body_region"),
-                category=row.get("category"), diagnosis=row.get("diagnosis"), split=row.get("split"),
+                n=n, case_id=c, case_key=row.case_key, source=row.source, score=round(float(by_case[c]["score"]), 6),
+                image_id=img.image_id if img else None, image_key=img.image_key if img else None,
+                matched=by_case[c]["matched"], modality_type=img.modality_type if img else None,
+                body_region=img.body_region if img else None, category=row.category, diagnosis=row.diagnosis,
+                split=row.split,
                 sentences=tuple(kept_sents), neutralised=dropped,
             )  # fmt: skip
         )
@@ -278,6 +228,6 @@ def _load_sentences(
         sent_seq=np.array([f[3] for f in flat], dtype=np.float32),
         sent_vecs=vecs,
         image_text=image_text,
-        own=own,
-        query=query,
+        own=query.row,
+        query=query.name,
     )
