@@ -110,6 +110,7 @@ def create_app(settings: ApiSettings, *, encoder: Any = None) -> FastAPI:
     app.state.settings = settings
     install_handlers(app)
     app.include_router(router)
+    _document_uploads(app, settings)
 
     @app.get("/metrics", include_in_schema=True, tags=["service"], response_class=Response,
              responses={200: {"content": {"text/plain": {}}}, **responses(401, 429)})  # fmt: skip
@@ -135,6 +136,38 @@ def create_app(settings: ApiSettings, *, encoder: Any = None) -> FastAPI:
     # outermost: request id, body cap (uploads + multipart overhead), metrics, security headers
     app.add_middleware(ObserveMiddleware, metrics=metrics, max_body=settings.max_upload_bytes + 64 * 1024)
     return app
+
+
+UPLOAD_ROUTES = ("/v1/search/image", "/v1/drafts")
+UPLOAD_TYPES = "image/png, image/jpeg, application/dicom"
+
+
+def _document_uploads(app: FastAPI, settings: ApiSettings) -> None:
+    """Make the multipart contract of the upload routes exact in OpenAPI, where FastAPI cannot say it:
+    ``file`` is a binary part of an accepted image type, exactly one of ``file`` / ``image_id`` is
+    sent (``oneOf``), and ``generator`` is one this server enables (``--generator``). A text
+    (non-file) ``file`` part is still read as "no file" (lenient input)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description,
+                               routes=app.routes, tags=app.openapi_tags)  # fmt: skip
+            for path in UPLOAD_ROUTES:
+                body = spec["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]
+                schema = spec["components"]["schemas"][body["schema"]["$ref"].rsplit("/", 1)[1]]
+                schema["properties"]["file"] = {
+                    "type": "string", "contentMediaType": "application/octet-stream", "minLength": 1, "title": "File",
+                    "description": f"Query image ({UPLOAD_TYPES}). Send this or `image_id`, not both.",
+                }  # fmt: skip
+                schema["oneOf"] = [{"required": ["file"]}, {"required": ["image_id"]}]
+                if "generator" in schema["properties"]:
+                    schema["properties"]["generator"]["enum"] = list(settings.draft_generators)
+                body["encoding"] = {"file": {"contentType": UPLOAD_TYPES}}
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _mount_docs(app: FastAPI) -> None:

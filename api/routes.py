@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from starlette.datastructures import UploadFile as UploadedFile
 
 import medsearch
-from medsearch.errors import InvalidInput
+from medsearch.errors import InvalidInput, NotFound
 from medsearch.records import Hit as HitRecord
 from medsearch.search import Filters as CoreFilters
 from medsearch.search import Searcher
@@ -27,6 +27,7 @@ from .errors import responses
 from .uploads import read_upload
 
 router = APIRouter(prefix="/v1")
+MAX_ID = 2**63 - 1  # SQLite's largest integer: catalog ids are never beyond it
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -80,12 +81,14 @@ def _image_query(searcher: Searcher, state, file: UploadFile | str | None, image
 # Form fields shared by the two image endpoints (multipart). ``file`` also accepts a plain text
 # part, which counts as no file (clients that always send the field, empty, keep working).
 FileField = Annotated[
-    UploadFile | str | None,
+    UploadFile | str,
     File(description="Query image: PNG, JPEG or DICOM. A text value (not a file) counts as absent."),
 ]
-ImageIdField = Annotated[int | None, Form(ge=1, description="Or: the id of a catalog image.")]
+# Optional form fields are typed without ``| None``: multipart has no null, so the schema must not
+# offer one (a client sending the text "null" would be told it is valid, then get 422); absent = None.
+ImageIdField = Annotated[int, Form(ge=1, le=MAX_ID, description="Or: the id of a catalog image.")]
 KField = Annotated[int, Form(ge=1, le=100)]
-ListField = Annotated[list[str] | None, Form()]
+ListField = Annotated[list[str], Form()]
 
 # The error statuses each kind of route can answer with (documented in OpenAPI).
 _READ = (401, 429)
@@ -153,14 +156,14 @@ def search_text(body: S.TextSearchRequest, state: State, audit: AuditText) -> S.
 def search_image(
     state: State,
     audit: AuditImage,
-    file: FileField = None,
-    image_id: ImageIdField = None,
+    file: FileField = None,  # type: ignore[assignment]
+    image_id: ImageIdField = None,  # type: ignore[assignment]
     k: KField = 10,
-    modality: ListField = None,
-    body_region: ListField = None,
-    split: ListField = None,
-    source: ListField = None,
-    plane: ListField = None,
+    modality: ListField = None,  # type: ignore[assignment]
+    body_region: ListField = None,  # type: ignore[assignment]
+    split: ListField = None,  # type: ignore[assignment]
+    source: ListField = None,  # type: ignore[assignment]
+    plane: ListField = None,  # type: ignore[assignment]
     exclude_own_case: Annotated[bool, Form(description="Leave out the query image's own case.")] = False,
     per_case: Annotated[bool, Form(description="One hit per case.")] = True,
 ) -> S.SearchResponse:
@@ -189,6 +192,8 @@ def get_case(
 ) -> S.CaseOut:
     """A whole case: report sections, labels and all its images (with image and thumbnail URLs)."""
     audit.note(case=case_ref)
+    if case_ref.isdigit() and int(case_ref) > MAX_ID:
+        raise NotFound(f"no case {case_ref!r}", hint="use a case id or key from a search result")
     cv = state.catalog.get_case(case_ref)
     images = []
     for im in cv.images:
@@ -219,7 +224,7 @@ def get_image(
     request: Request,
     state: State,
     who: Caller,
-    image_id: Annotated[int, Path(ge=1, description="Catalog image id (from a hit or a case).")],
+    image_id: Annotated[int, Path(ge=1, le=MAX_ID, description="Catalog image id (from a hit or a case).")],
     max_side: Annotated[int | None, Query(ge=64, le=8192, description="Shrink so the longer side fits.")] = None,
 ) -> Response:
     """The image as an 8-bit PNG (DICOM windowed for display). Served by catalog id only."""
@@ -232,7 +237,7 @@ def get_thumbnail(
     request: Request,
     state: State,
     who: Caller,
-    image_id: Annotated[int, Path(ge=1)],
+    image_id: Annotated[int, Path(ge=1, le=MAX_ID)],
     size: Annotated[int, Query(ge=32, le=512, description="Longer side in pixels.")] = 256,
 ) -> Response:
     """A small PNG for result grids (cached in memory)."""
@@ -245,8 +250,8 @@ def get_thumbnail(
 def create_draft(
     state: State,
     audit: AuditDraft,
-    file: FileField = None,
-    image_id: ImageIdField = None,
+    file: FileField = None,  # type: ignore[assignment]
+    image_id: ImageIdField = None,  # type: ignore[assignment]
     generator: Annotated[
         str, Form(description="extractive (no LLM), or an LLM generator the server enables.")
     ] = "extractive",

@@ -37,6 +37,13 @@ class InvalidInput(MedsearchError):
     code = "invalid_input"
 
 
+class NotSupportedByModel(InvalidInput):
+    """A well-formed request the loaded model cannot serve (e.g. text -> image without a shared space)."""
+
+    http_status = 409
+    code = "not_supported_by_model"
+
+
 class InvalidImage(InvalidInput):
     """An image that cannot be decoded (corrupt, truncated, not an image, no pixels)."""
 

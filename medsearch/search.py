@@ -23,7 +23,7 @@ import numpy as np
 
 from .catalog import Catalog
 from .config import ImagingConfig, Paths, SearchConfig
-from .errors import IndexInconsistent, IndexNotBuilt, InvalidInput, MedsearchError
+from .errors import IndexInconsistent, IndexNotBuilt, InvalidInput, MedsearchError, NotSupportedByModel
 from .records import Hit
 from .vectors import VectorIndex
 
@@ -178,7 +178,7 @@ class Searcher:
         enc = self.encoder
         shared = bool(getattr(enc, "shared_space", False))
         if mode == "image" and not shared:
-            raise InvalidInput(
+            raise NotSupportedByModel(
                 f"model {self.model_id} has no shared image-text space, so text cannot search images directly",
                 hint="use --mode text, or train the cross-modal model with `medsearch train`",
             )

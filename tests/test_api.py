@@ -170,11 +170,12 @@ def test_text_search_rejects_non_json(client):
     assert r.status_code == 422
 
 
-def test_cross_modal_mode_is_a_clear_400_for_the_towers(client):
+def test_cross_modal_mode_is_a_clear_409_for_the_towers(client):
+    """A valid request the loaded model cannot serve: a conflict with the server's state, not bad input."""
     r = client.post("/v1/search/text", json={"query": "fracture", "mode": "image"})
-    assert r.status_code == 400
+    assert r.status_code == 409
     err = error_of(r)
-    assert err["code"] == "invalid_input" and "shared" in err["message"] and err["hint"]
+    assert err["code"] == "not_supported_by_model" and "shared" in err["message"] and err["hint"]
 
 
 def test_bm25_mode_searches_report_words(client):
@@ -279,6 +280,7 @@ def test_oversized_upload_is_413(indexed_home, towers, tmp_path):
         ({"image_id": "1"}, {"file": ("a.png", png_bytes(), "image/png")}, 400),  # both
         ({"image_id": "99999999"}, None, 404),
         ({"image_id": "abc"}, None, 422),
+        ({"image_id": str(2**70)}, None, 422),
         ({"image_id": "1", "k": "0"}, None, 422),
     ],
 )
@@ -311,7 +313,8 @@ def test_case_by_id_and_key(client, catalog_rows):
     assert client.get(f"/v1/cases/{catalog_rows['case_key']}").json()["case_id"] == catalog_rows["case_id"]
 
 
-@pytest.mark.parametrize("ref, status", [("999999", 404), ("NOPE123", 404), ("a%20b", 422), ("..%2F..%2Fetc", 404)])
+@pytest.mark.parametrize("ref, status", [("999999", 404), ("NOPE123", 404), ("a%20b", 422), ("..%2F..%2Fetc", 404),
+                                         ("9" * 30, 404)])  # beyond SQLite's integers: not found, not a 500
 def test_case_errors(client, ref, status):
     r = client.get(f"/v1/cases/{ref}")
     assert r.status_code == status
@@ -336,7 +339,8 @@ def test_image_and_thumbnail_are_png_by_id(client, catalog_rows):
 @pytest.mark.parametrize(
     "url, status",
     [("/v1/images/99999999", 404), ("/v1/images/abc", 422), ("/v1/images/0", 422), ("/v1/images/1/thumbnail?size=9999", 422),
-     ("/v1/images/..%2F..%2Fetc%2Fpasswd", 404), ("/v1/images/1?max_side=1", 422)],
+     ("/v1/images/..%2F..%2Fetc%2Fpasswd", 404), ("/v1/images/1?max_side=1", 422),
+     ("/v1/images/171152974709840142143532966948634624", 422)],
 )  # fmt: skip
 def test_image_errors(client, url, status):
     r = client.get(url)
@@ -687,11 +691,11 @@ def test_reindex_scope_with_the_principal_overridden(indexed_home, towers, tmp_p
 
 
 def test_audit_records_the_status_an_error_ended_with(client, tmp_mod):
-    assert client.post("/v1/search/text", json={"query": "fracture", "mode": "image"}).status_code == 400
+    assert client.post("/v1/search/text", json={"query": "fracture", "mode": "image"}).status_code == 409
     assert client.post("/v1/search/image", data={"image_id": "99999999"}).status_code == 404
     lines = [json.loads(x) for x in (tmp_mod / "audit.log").read_text().splitlines()]
     text = [x for x in lines if x["action"] == "search.text" and x.get("mode") == "image"][-1]
-    assert text["status"] == 400 and text["results"] == 0 and text["query"] == "fracture"
+    assert text["status"] == 409 and text["results"] == 0 and text["query"] == "fracture"
     image = [x for x in lines if x["action"] == "search.image" and x.get("image_id") == 99999999][-1]
     assert image["status"] == 404 and image["who"].startswith("anon:")
 
