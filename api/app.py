@@ -2,9 +2,7 @@
 
 The lifespan opens the catalog, loads the model and the indexes once (``AppState``), and runs
 the file watch that swaps in a new index generation when ``medsearch index`` writes one.
-Errors leave as JSON ``{"error": {code, message, hint, request_id}}``: library errors with their
-own 4xx status, anything unexpected as a bare 500 (the traceback goes to the server log only).
-Absolute file paths are scrubbed from every error message.
+Errors leave as JSON ``{"error": {code, message, hint, request_id}}`` (api/errors.py).
 """
 
 from __future__ import annotations
@@ -12,23 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import medsearch
 from medsearch.errors import IndexNotBuilt, MedsearchError
 
 from .deps import Caller
+from .errors import describe_codes, install_handlers, responses, scrub
 from .metrics import Metrics
 from .middleware import ObserveMiddleware
 from .routes import router
@@ -37,7 +33,7 @@ from .state import AppState
 
 log = logging.getLogger("medsearch.api")
 WEB = Path(__file__).parent / "web"
-_PATH_RE = re.compile(r"(?<![\w.])(?!/v1/)(?:[A-Za-z]:)?(?:/[\w.@+-]+){2,}/?")
+__all__ = ["app_from_env", "check_settings", "create_app", "scrub"]
 
 DESCRIPTION = """\
 Search a medical imaging archive by text or by image, read whole cases, and draft reports that
@@ -48,68 +44,10 @@ cite similar prior cases.
 loopback; on 127.0.0.1 a caller without a key gets read access. `/v1/health` needs no key.
 
 **Errors** are JSON: `{"error": {"code", "message", "hint", "request_id"}}` with a 4xx status that
-says what went wrong (401 key, 403 scope, 404 not found, 409 index, 413 too large, 415 not an
-image, 422 invalid fields, 429 rate limit, 501 drafting not installed).
+says what went wrong (400 invalid input, 401 key, 403 scope, 404 not found, 409 index, 413 too
+large, 415 not an image, 422 invalid fields, 429 rate limit, 501 drafting not installed). The
+codes are the library's, the same as in `medsearch ... --json` errors: {codes}.
 """
-
-
-def scrub(text: str, home: Path | None = None) -> str:
-    """Remove server file paths from a message."""
-    if home is not None:
-        text = text.replace(str(home), "<home>")
-    return _PATH_RE.sub("<path>", text)
-
-
-def _error(status: int, code: str, message: str, hint: str | None, request: Request,
-           details: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
-    home = getattr(getattr(request.app.state, "ms", None), "paths", None)
-    home_dir = home.home if home is not None else None
-    body: dict[str, Any] = {
-        "code": code,
-        "message": scrub(message, home_dir),
-        "hint": scrub(hint, home_dir) if hint else None,
-        "request_id": getattr(request.state, "request_id", None),
-    }
-    if details is not None:
-        body["details"] = details
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
-
-
-def _install_handlers(app: FastAPI) -> None:
-    @app.exception_handler(MedsearchError)
-    async def _medsearch_error(request: Request, e: MedsearchError) -> JSONResponse:
-        status = e.http_status
-        if status >= 500 and status not in (502, 503):  # 502/503: an LLM or model not available
-            log.error("library error on %s: %s", request.url.path, e)
-            return _error(status, type(e).__name__, "internal error in the search library", None, request)
-        return _error(status, type(e).__name__, e.message, e.hint, request)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        if isinstance(e.detail, dict):
-            d = e.detail
-            return _error(e.status_code, d.get("code", "error"), d.get("message", ""), d.get("hint"), request,
-                          headers=e.headers)  # fmt: skip
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(e.status_code, "error")
-        hint = "see /docs for the routes" if e.status_code in (404, 405) else None
-        return _error(e.status_code, code, str(e.detail), hint, request, headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        details = [
-            {"loc": [str(x) for x in err.get("loc", ())], "msg": err.get("msg", ""), "type": err.get("type", "")}
-            for err in e.errors()[:20]
-        ]  # the offending input is not echoed back
-        first = details[0] if details else {"loc": [], "msg": "invalid request"}
-        where = ".".join(x for x in first["loc"] if x not in ("body",)) or "request"
-        return _error(422, "invalid_request", f"{where}: {first['msg']}", "see /docs for the request schema",
-                      request, details)  # fmt: skip
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, "internal", "internal server error", "the server log has the details under this "
-                      "request_id", request)  # fmt: skip
 
 
 async def _watch(state: AppState, seconds: float) -> None:
@@ -156,7 +94,7 @@ def create_app(settings: ApiSettings, *, encoder: Any = None) -> FastAPI:
     app = FastAPI(
         title="medsearch",
         version=medsearch.__version__,
-        description=DESCRIPTION,
+        description=DESCRIPTION.replace("{codes}", describe_codes()),
         lifespan=lifespan,
         docs_url=None,  # served below from local files (no CDN)
         redoc_url=None,
@@ -170,11 +108,12 @@ def create_app(settings: ApiSettings, *, encoder: Any = None) -> FastAPI:
         ],
     )
     app.state.settings = settings
-    _install_handlers(app)
+    install_handlers(app)
     app.include_router(router)
+    _document_uploads(app, settings)
 
     @app.get("/metrics", include_in_schema=True, tags=["service"], response_class=Response,
-             responses={200: {"content": {"text/plain": {}}}})  # fmt: skip
+             responses={200: {"content": {"text/plain": {}}}, **responses(401, 429)})  # fmt: skip
     def metrics_route(who: Caller) -> Response:
         """Prometheus text: requests and latency per route, index sizes and generations, reloads."""
         return Response(metrics.render(), media_type=metrics.content_type)
@@ -197,6 +136,38 @@ def create_app(settings: ApiSettings, *, encoder: Any = None) -> FastAPI:
     # outermost: request id, body cap (uploads + multipart overhead), metrics, security headers
     app.add_middleware(ObserveMiddleware, metrics=metrics, max_body=settings.max_upload_bytes + 64 * 1024)
     return app
+
+
+UPLOAD_ROUTES = ("/v1/search/image", "/v1/drafts")
+UPLOAD_TYPES = "image/png, image/jpeg, application/dicom"
+
+
+def _document_uploads(app: FastAPI, settings: ApiSettings) -> None:
+    """Make the multipart contract of the upload routes exact in OpenAPI, where FastAPI cannot say it:
+    ``file`` is a binary part of an accepted image type, exactly one of ``file`` / ``image_id`` is
+    sent (``oneOf``), and ``generator`` is one this server enables (``--generator``). A text
+    (non-file) ``file`` part is still read as "no file" (lenient input)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description,
+                               routes=app.routes, tags=app.openapi_tags)  # fmt: skip
+            for path in UPLOAD_ROUTES:
+                body = spec["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]
+                schema = spec["components"]["schemas"][body["schema"]["$ref"].rsplit("/", 1)[1]]
+                schema["properties"]["file"] = {
+                    "type": "string", "contentMediaType": "application/octet-stream", "minLength": 1, "title": "File",
+                    "description": f"Query image ({UPLOAD_TYPES}). Send this or `image_id`, not both.",
+                }  # fmt: skip
+                schema["oneOf"] = [{"required": ["file"]}, {"required": ["image_id"]}]
+                if "generator" in schema["properties"]:
+                    schema["properties"]["generator"]["enum"] = list(settings.draft_generators)
+                body["encoding"] = {"file": {"contentType": UPLOAD_TYPES}}
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _mount_docs(app: FastAPI) -> None:

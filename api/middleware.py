@@ -15,6 +15,8 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
+from medsearch.errors import INTERNAL, ImageTooLarge
+
 from .metrics import Metrics
 
 Scope = dict[str, Any]
@@ -98,7 +100,7 @@ class ObserveMiddleware:
             if status["started"]:
                 raise
             await _send_json(send_wrapper, 500, {
-                "code": "internal",
+                "code": INTERNAL,
                 "message": "internal server error",
                 "hint": "the server log has the details under this request_id",
                 "request_id": request_id,
@@ -122,7 +124,7 @@ def _content_length(scope: Scope) -> int | None:
 
 async def _too_large(send: Any, request_id: str, limit: int) -> None:
     await _send_json(send, 413, {
-        "code": "payload_too_large",
+        "code": ImageTooLarge.code,
         "message": f"request body is larger than the limit of {limit:,} bytes",
         "hint": "send a smaller image (downscale or crop it), or raise the server's --max-upload-mb",
         "request_id": request_id,

@@ -1,41 +1,33 @@
 """Routes under ``/v1``. Each one calls the library once and maps records to public schemas.
 
 Sync ``def`` handlers run in the server's thread pool: the encoders and SQLite calls block, and
-FAISS/torch release the GIL while they work.
+FAISS/torch release the GIL while they work. Audited routes take an ``Audit*`` dependency and note
+their fields on it; the dependency writes the line with the status the request ended with.
+Each route's ``responses`` lists every error status it can answer with.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import Response
+from starlette.datastructures import UploadFile as UploadedFile
 
 import medsearch
-from medsearch.errors import InvalidInput, MedsearchError
+from medsearch.errors import InvalidInput, NotFound
 from medsearch.records import Hit as HitRecord
 from medsearch.search import Filters as CoreFilters
 from medsearch.search import Searcher
 
 from . import schemas as S
-from .deps import Admin, ApiError, Caller, State
+from .deps import Admin, AuditCase, AuditDraft, AuditImage, AuditReindex, AuditText, Caller, State
+from .errors import responses
 from .uploads import read_upload
 
 router = APIRouter(prefix="/v1")
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": S.ErrorOut, "description": desc}
-    for code, desc in {
-        401: "No or invalid API key.",
-        404: "No such case or image.",
-        409: "The index is not built or does not match the catalog.",
-        413: "Upload larger than the limit, or an image that declares too many pixels.",
-        415: "Not a PNG, JPEG or DICOM image, or an image that cannot be decoded.",
-        422: "Invalid request fields.",
-        429: "Rate limit exceeded (see Retry-After).",
-    }.items()
-}
+MAX_ID = 2**63 - 1  # SQLite's largest integer: catalog ids are never beyond it
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -64,16 +56,12 @@ def _form_filters(modality, body_region, split, source, plane) -> S.Filters:
     return S.Filters(modality=modality, body_region=body_region, split=split, source=source, plane=plane)
 
 
-def _audit(state, request: Request, who, action: str, status: int, started: float, **fields: Any) -> None:
-    state.audit.write(
-        request_id=request.state.request_id, who=who.id, name=who.name,
-        client=request.client.host if request.client else None, action=action, status=status,
-        ms=round((time.perf_counter() - started) * 1000, 1), **fields,
-    )  # fmt: skip
+def _image_query(searcher: Searcher, state, file: UploadFile | str | None, image_id: int | None):
+    """(query for Searcher.similar, public description). The upload is never stored or logged.
 
-
-def _image_query(searcher: Searcher, state, file: UploadFile | None, image_id: int | None):
-    """(query for Searcher.similar, public description). The upload is never stored or logged."""
+    A ``file`` part that is not a file (a plain text field, e.g. empty) is treated as absent."""
+    if not isinstance(file, UploadedFile):  # starlette's class: what the form parser hands over
+        file = None
     if (file is None) == (image_id is None):
         raise InvalidInput("give exactly one of `file` (an upload) or `image_id`", hint="send one, not both")
     if image_id is not None:
@@ -89,11 +77,23 @@ def _image_query(searcher: Searcher, state, file: UploadFile | None, image_id: i
     return q, desc
 
 
-# Form fields shared by the two image endpoints (multipart).
-FileField = Annotated[UploadFile | None, File(description="Query image: PNG, JPEG or DICOM.")]
-ImageIdField = Annotated[int | None, Form(ge=1, description="Or: the id of a catalog image.")]
+# Form fields shared by the two image endpoints (multipart). ``file`` also accepts a plain text
+# part, which counts as no file (clients that always send the field, empty, keep working).
+FileField = Annotated[
+    UploadFile | str,
+    File(description="Query image: PNG, JPEG or DICOM. A text value (not a file) counts as absent."),
+]
+# Optional form fields are typed without ``| None``: multipart has no null, so the schema must not
+# offer one (a client sending the text "null" would be told it is valid, then get 422); absent = None.
+ImageIdField = Annotated[int, Form(ge=1, le=MAX_ID, description="Or: the id of a catalog image.")]
 KField = Annotated[int, Form(ge=1, le=100)]
-ListField = Annotated[list[str] | None, Form()]
+ListField = Annotated[list[str], Form()]
+
+# The error statuses each kind of route can answer with (documented in OpenAPI).
+_READ = (401, 429)
+_BODY = (400, 413, 422)
+_INDEX = (409,)
+_IMAGE_IN = (404, 415)
 
 
 # ---------------------------------------------------------------------------- routes
@@ -112,14 +112,14 @@ def health(state: State) -> S.HealthOut:
         status = "degraded"
     return S.HealthOut(
         status=status, version=medsearch.__version__, model=s.model_id if s else state.model_id(),
-        shared_space=bool(getattr(s.encoder, "shared_space", False)) if s else None, indexes=indexes,
+        shared_space=bool(s.encoder.shared_space) if s else None, indexes=indexes,
         catalog=state.catalog.counts(), auth_required=state.settings.auth_required,
         drafts_available=state.drafts_available,
         loaded_at=state.loaded_at, last_reload_error=state.last_reload_error,
     )  # fmt: skip
 
 
-@router.get("/facets", response_model=S.FacetsOut, tags=["search"], responses=_ERRORS)
+@router.get("/facets", response_model=S.FacetsOut, tags=["search"], responses=responses(*_READ))
 def facets(state: State, who: Caller) -> S.FacetsOut:
     """Values each filter accepts, with image counts (modality, body region, split, source, plane)."""
     cat = state.catalog
@@ -129,26 +129,20 @@ def facets(state: State, who: Caller) -> S.FacetsOut:
     })  # fmt: skip
 
 
-@router.post("/search/text", response_model=S.SearchResponse, tags=["search"], responses=_ERRORS)
-def search_text(body: S.TextSearchRequest, request: Request, state: State, who: Caller) -> S.SearchResponse:
+@router.post("/search/text", response_model=S.SearchResponse, tags=["search"],
+             responses=responses(*_BODY, *_READ, *_INDEX))  # fmt: skip
+def search_text(body: S.TextSearchRequest, state: State, audit: AuditText) -> S.SearchResponse:
     """Text -> images (one per case by default) or, with `target=reports`, cases by report text."""
     t0 = time.perf_counter()
-    status, hits = 500, []
-    try:
-        s = state.current()
-        f = _core_filters(body.filters)
-        if body.target == "reports":
-            hits = s.search_reports(body.query, k=body.k, filters=f)
-        else:
-            hits = s.search_text(body.query, k=body.k, filters=f, per_case=body.per_case, mode=body.mode)
-        status = 200
-    except MedsearchError as e:
-        status = e.http_status
-        raise
-    finally:
-        _audit(state, request, who, "search.text", status, t0, query=body.query[:300], k=body.k,
-               filters=body.filters.model_dump(exclude_none=True), mode=body.mode, target=body.target,
-               results=len(hits))  # fmt: skip
+    audit.note(query=body.query[:300], k=body.k, filters=body.filters.model_dump(exclude_none=True), mode=body.mode,
+               target=body.target, results=0)  # fmt: skip
+    s = state.current()
+    f = _core_filters(body.filters)
+    if body.target == "reports":
+        hits = s.search_reports(body.query, k=body.k, filters=f)
+    else:
+        hits = s.search_text(body.query, k=body.k, filters=f, per_case=body.per_case, mode=body.mode)
+    audit.note(results=len(hits))
     state.metrics.search_hits.labels(kind="text").observe(len(hits))
     return S.SearchResponse(
         hits=[hit_out(i, h) for i, h in enumerate(hits, 1)], count=len(hits), model=s.model_id,
@@ -156,39 +150,32 @@ def search_text(body: S.TextSearchRequest, request: Request, state: State, who: 
     )  # fmt: skip
 
 
-@router.post("/search/image", response_model=S.SearchResponse, tags=["search"], responses=_ERRORS)
+@router.post("/search/image", response_model=S.SearchResponse, tags=["search"],
+             responses=responses(*_BODY, *_READ, *_IMAGE_IN, *_INDEX))  # fmt: skip
 def search_image(
-    request: Request,
     state: State,
-    who: Caller,
-    file: FileField = None,
-    image_id: ImageIdField = None,
+    audit: AuditImage,
+    file: FileField = None,  # type: ignore[assignment]
+    image_id: ImageIdField = None,  # type: ignore[assignment]
     k: KField = 10,
-    modality: ListField = None,
-    body_region: ListField = None,
-    split: ListField = None,
-    source: ListField = None,
-    plane: ListField = None,
+    modality: ListField = None,  # type: ignore[assignment]
+    body_region: ListField = None,  # type: ignore[assignment]
+    split: ListField = None,  # type: ignore[assignment]
+    source: ListField = None,  # type: ignore[assignment]
+    plane: ListField = None,  # type: ignore[assignment]
     exclude_own_case: Annotated[bool, Form(description="Leave out the query image's own case.")] = False,
     per_case: Annotated[bool, Form(description="One hit per case.")] = True,
 ) -> S.SearchResponse:
     """Image -> similar images/cases. Send `file` (multipart upload) or `image_id` (a catalog image)."""
     t0 = time.perf_counter()
-    status, hits, desc = 500, [], None
     filters = _form_filters(modality, body_region, split, source, plane)
-    try:
-        s = state.current()
-        query, desc = _image_query(s, state, file, image_id)
-        hits = s.similar(query, k=k, filters=_core_filters(filters), per_case=per_case,
-                         exclude_same_case=exclude_own_case)  # fmt: skip
-        status = 200
-    except MedsearchError as e:
-        status = e.http_status
-        raise
-    finally:
-        _audit(state, request, who, "search.image", status, t0, image_id=image_id,
-               upload_sha256=desc.sha256 if desc else None, upload_bytes=desc.bytes if desc else None, k=k,
-               filters=filters.model_dump(exclude_none=True), results=len(hits))  # fmt: skip
+    audit.note(image_id=image_id, k=k, filters=filters.model_dump(exclude_none=True), results=0)
+    s = state.current()
+    query, desc = _image_query(s, state, file, image_id)
+    audit.note(upload_sha256=desc.sha256, upload_bytes=desc.bytes)
+    hits = s.similar(query, k=k, filters=_core_filters(filters), per_case=per_case,
+                     exclude_same_case=exclude_own_case)  # fmt: skip
+    audit.note(results=len(hits))
     state.metrics.search_hits.labels(kind="image").observe(len(hits))
     return S.SearchResponse(
         hits=[hit_out(i, h) for i, h in enumerate(hits, 1)], count=len(hits), model=s.model_id,
@@ -196,24 +183,17 @@ def search_image(
     )  # fmt: skip
 
 
-@router.get("/cases/{case_ref}", response_model=S.CaseOut, tags=["cases"], responses=_ERRORS)
+@router.get("/cases/{case_ref}", response_model=S.CaseOut, tags=["cases"], responses=responses(404, 422, *_READ))
 def get_case(
-    request: Request,
     state: State,
-    who: Caller,
+    audit: AuditCase,
     case_ref: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,200}$", description="Case id (or key, e.g. MPX1007).")],
 ) -> S.CaseOut:
     """A whole case: report sections, labels and all its images (with image and thumbnail URLs)."""
-    t0 = time.perf_counter()
-    status = 500
-    try:
-        cv = state.catalog.get_case(case_ref)
-        status = 200
-    except MedsearchError as e:
-        status = e.http_status
-        raise
-    finally:
-        _audit(state, request, who, "case.get", status, t0, case=case_ref)
+    audit.note(case=case_ref)
+    if case_ref.isdigit() and int(case_ref) > MAX_ID:
+        raise NotFound(f"no case {case_ref!r}", hint="use a case id or key from a search result")
+    cv = state.catalog.get_case(case_ref)
     images = []
     for im in cv.images:
         image_url, thumb = _urls(im["image_id"])
@@ -224,7 +204,11 @@ def get_case(
     )  # fmt: skip
 
 
-_PNG = {200: {"content": {"image/png": {}}, "description": "PNG image."}, **_ERRORS}
+_PNG = {
+    200: {"content": {"image/png": {}}, "description": "PNG image."},
+    304: {"description": "Not modified (the `If-None-Match` ETag matches)."},
+    **responses(404, 415, 422, *_READ),
+}
 
 
 def _png(request: Request, data: bytes, etag: str) -> Response:
@@ -239,7 +223,7 @@ def get_image(
     request: Request,
     state: State,
     who: Caller,
-    image_id: Annotated[int, Path(ge=1, description="Catalog image id (from a hit or a case).")],
+    image_id: Annotated[int, Path(ge=1, le=MAX_ID, description="Catalog image id (from a hit or a case).")],
     max_side: Annotated[int | None, Query(ge=64, le=8192, description="Shrink so the longer side fits.")] = None,
 ) -> Response:
     """The image as an 8-bit PNG (DICOM windowed for display). Served by catalog id only."""
@@ -252,7 +236,7 @@ def get_thumbnail(
     request: Request,
     state: State,
     who: Caller,
-    image_id: Annotated[int, Path(ge=1)],
+    image_id: Annotated[int, Path(ge=1, le=MAX_ID)],
     size: Annotated[int, Query(ge=32, le=512, description="Longer side in pixels.")] = 256,
 ) -> Response:
     """A small PNG for result grids (cached in memory)."""
@@ -261,58 +245,39 @@ def get_thumbnail(
 
 
 @router.post("/drafts", response_model=S.DraftOut, tags=["drafts"],
-             responses={**_ERRORS, 501: {"model": S.ErrorOut, "description": "Drafting is not installed."}})  # fmt: skip
+             responses=responses(*_BODY, *_READ, *_IMAGE_IN, *_INDEX, 501, 502, 503))  # fmt: skip
 def create_draft(
-    request: Request,
     state: State,
-    who: Caller,
-    file: FileField = None,
-    image_id: ImageIdField = None,
+    audit: AuditDraft,
+    file: FileField = None,  # type: ignore[assignment]
+    image_id: ImageIdField = None,  # type: ignore[assignment]
     generator: Annotated[
         str, Form(description="extractive (no LLM), or an LLM generator the server enables.")
     ] = "extractive",
 ) -> S.DraftOut:
-    """Image -> a draft report whose sentences cite the similar prior cases they come from."""
+    """Image -> a draft report whose sentences cite the similar prior cases they come from.
+
+    The body is what `medsearch draft --json` prints, plus case and thumbnail URLs."""
     from .drafts import run_draft
 
     t0 = time.perf_counter()
-    status, out, desc = 500, None, None
-    try:
-        s = state.current()
-        query, desc = _image_query(s, state, file, image_id)
-        out = run_draft(state, s, query, desc, generator)
-        status = 200
-    except MedsearchError as e:
-        status = e.http_status
-        raise
-    except ApiError as e:
-        status = e.status_code
-        raise
-    finally:
-        _audit(state, request, who, "draft", status, t0, image_id=image_id, generator=generator,
-               upload_sha256=desc.sha256 if desc else None,
-               results=len(out.sentences) if out else 0,
-               cited_cases=sorted({c.case_id for st in out.sentences for c in st.citations}) if out else [])  # fmt: skip
+    audit.note(image_id=image_id, generator=generator, results=0, cited_cases=[])
+    s = state.current()
+    query, desc = _image_query(s, state, file, image_id)
+    audit.note(upload_sha256=desc.sha256)
+    out = run_draft(state.settings, s, query, desc, generator)
+    audit.note(results=len(out.sentences),
+               cited_cases=sorted({c.case_id for st in out.sentences for c in st.citations}))  # fmt: skip
     out.took_ms = round((time.perf_counter() - t0) * 1000, 1)
     return out
 
 
-@router.post("/admin/reindex", response_model=S.ReloadOut, tags=["admin"], responses=_ERRORS)
-def reindex(request: Request, state: State, who: Admin) -> S.ReloadOut:
+@router.post("/admin/reindex", response_model=S.ReloadOut, tags=["admin"], responses=responses(403, *_READ, 409, 503))
+def reindex(state: State, who: Admin, audit: AuditReindex) -> S.ReloadOut:
     """Load the newest index generation (built by `medsearch index`) and swap it in atomically.
 
     Requests in flight finish on the generation they started with; if the new generation cannot
     be loaded whole (e.g. `medsearch index` is still writing), the old one keeps serving and this
     returns 409.
     """
-    t0 = time.perf_counter()
-    status = 500
-    try:
-        info = state.reload()
-        status = 200
-    except MedsearchError as e:
-        status = e.http_status
-        raise
-    finally:
-        _audit(state, request, who, "admin.reindex", status, t0)
-    return S.ReloadOut(swapped=True, **info)
+    return S.ReloadOut(swapped=True, **state.reload())

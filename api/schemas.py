@@ -45,8 +45,10 @@ class TextSearchRequest(BaseModel):
     query: str = Field(..., min_length=1, max_length=2000, examples=["ring-enhancing lesion with surrounding edema"])
     k: int = Field(10, ge=1, le=100, description="How many hits.")
     filters: Filters = Field(default_factory=Filters)
-    mode: Literal["auto", "hybrid", "image", "text"] = Field(
-        "auto", description="auto/hybrid: every space the model has; image: cross-modal only; text: reports/captions."
+    mode: Literal["auto", "hybrid", "image", "text", "bm25"] = Field(
+        "auto",
+        description="auto/hybrid: every space the model has, fused by RRF; image: cross-modal only; "
+        "text: report/caption vectors; bm25: report/caption words.",
     )
     per_case: bool = Field(True, description="One hit per case (its best image).")
     target: Literal["images", "reports"] = Field(
@@ -179,6 +181,7 @@ class ReloadOut(BaseModel):
     took_ms: float
 
 
+# ---- drafts: these mirror medsearch.rag.render.draft_to_dict field by field (plus URLs and took_ms)
 class Citation(BaseModel):
     """A citation ``[C<n>]`` of a draft sentence: the evidence case and its best supporting sentence."""
 
@@ -193,49 +196,70 @@ class Citation(BaseModel):
 
 class DraftSentence(BaseModel):
     section: str = Field(description="findings or impression")
-    text: str
-    citations: list[Citation]
+    text: str = Field(description="The sentence without citation markers.")
+    cites: list[str] = Field(description="Its citation markers, e.g. [\"C1\", \"C3\"].")
+    case_ids: list[int]
+    case_keys: list[str]
     support: float = Field(description="Best cosine to the cited evidence, in [0, 1]; 0 when uncited.")
     supported: bool
     flags: list[str] = Field(description="uncited, low_support, invalid_citation")
+    citations: list[Citation]
+
+
+class EvidenceSentence(BaseModel):
+    section: str
+    text: str
 
 
 class Evidence(BaseModel):
-    """A prior case the draft may cite."""
+    """A prior case the draft may cite, with the report sentences the generator was shown."""
 
-    cite: str
     n: int
     case_id: int
     case_key: str
     source: str
-    score: float
+    score: float = Field(description="Image-image cosine to the query (image-text for a case found by text).")
     image_id: int | None
     image_key: str | None
     matched: str
     modality_type: str | None
     body_region: str | None
+    category: str | None
     diagnosis: str | None
+    split: str | None
+    neutralised: int = Field(description="Instruction-like sentences dropped from this case.")
+    cite: str
+    sentences: list[EvidenceSentence]
     thumbnail_url: str | None
     case_url: str
 
 
 class DraftOut(BaseModel):
-    """A draft report: sentences, each citing the evidence cases it comes from."""
+    """A draft report: sentences, each citing the evidence cases it comes from.
 
+    The same JSON as `medsearch draft --json` (``medsearch.rag.render.draft_to_dict``), plus the
+    URL fields, ``took_ms`` and ``query_image``."""
+
+    query: str = Field(description="What was drafted for, e.g. `image 12` or `the query image` (never a path).")
     generator: str
     model: str
-    sentences: list[DraftSentence]
-    evidence: list[Evidence]
-    invalid_citations_removed: int = 0
     fallback_from: str | None = None
     fallback_reason: str | None = None
+    sentences: list[DraftSentence]
+    findings: str
+    impression: str
+    unsupported_sentences: int
+    invalid_citations_removed: int = 0
+    citations_total: int = 0
+    evidence: list[Evidence]
     timings: dict[str, float] = {}
     took_ms: float = 0.0
     query_image: QueryImage | None = None
 
 
 class ErrorBody(BaseModel):
-    code: str = Field(description="Machine-readable error name, e.g. NotFound, InvalidImage, rate_limited.")
+    code: str = Field(description="Machine-readable error code, the same in the CLI's --json errors: see the API "
+                      "description for the list (e.g. not_found, invalid_input, unauthorized, rate_limited).")
     message: str
     hint: str | None = None
     request_id: str | None = None

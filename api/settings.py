@@ -9,7 +9,10 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from medsearch.rag.config import LLMConfig
 
 AUTH_MODES = ("auto", "required", "off")
 
@@ -45,7 +48,7 @@ class ApiSettings:
     watch_seconds: float = 2.0  # poll index manifests and swap in a new generation; 0 = off
     thumbnail_cache: int = 1024  # thumbnails kept in memory (PNG bytes)
     draft_generators: tuple[str, ...] = ("extractive",)  # generators a client may ask for
-    llm: Any = None  # medsearch.rag.config.LLMConfig for LLM generators (server-side only)
+    llm: LLMConfig | None = None  # LLM generators' settings (server-side only); None: LLMConfig()
     draft_fallback: bool = False  # an LLM failure drafts with the extractive generator instead
 
     def __post_init__(self) -> None:

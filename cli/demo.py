@@ -7,8 +7,12 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
 
-from medsearch.errors import InvalidInput
+import typer
+
+from cli import output
+from cli.options import Device, Home, handle_errors, home_dir
 
 DEMO_DATASETS = ("medpix-2.0", "covid-chestxray")
 TEXT_QUERIES = (
@@ -26,6 +30,8 @@ def find_datasets(explicit: Path | None = None) -> Path:
     for c in candidates:
         if c and all((c / d).is_dir() for d in DEMO_DATASETS):
             return c
+    from medsearch.errors import InvalidInput
+
     raise InvalidInput(
         f"cannot find {' and '.join(DEMO_DATASETS)} (looked in {', '.join(str(c) for c in candidates if c)})",
         hint="pass --data FOLDER holding both dataset folders",
@@ -38,13 +44,23 @@ def _first_image(dataset: Path, split: str, modality: str) -> Path:
             r = json.loads(line)
             if r.get("split") == split and r.get("modality_type") == modality:
                 return dataset / r["file"]
+    from medsearch.errors import InvalidInput
+
     raise InvalidInput(f"no {split} {modality} image in {dataset}")
 
 
-def run_demo(home: Path, data: Path | None, *, device: str = "auto", echo: Callable[[str], None] = print) -> None:
-    from tqdm import tqdm
+@handle_errors
+def demo(
+    home: Home = None,  # type: ignore[assignment]
+    data: Annotated[Path | None, typer.Option(help="Folder with medpix-2.0 and covid-chestxray (default: ../shared/datasets).")] = None,
+    device: Device = "auto",
+) -> None:
+    """Ingest the shared datasets, index them and run example searches."""
+    run_demo(home_dir(home), data, device=device, echo=output.line)
 
-    from cli.main import _print_hits
+
+def run_demo(home: Path, data: Path | None, *, device: str = "auto", echo: Callable[[str], None] = output.line) -> None:
+    """Ingest both demo datasets into ``home``, train the lite model if it can, index, and query."""
     from indexer.embed import run_index
     from indexer.ingest import ingest_path
     from medsearch.catalog import Catalog
@@ -57,8 +73,8 @@ def run_demo(home: Path, data: Path | None, *, device: str = "auto", echo: Calla
     cat = Catalog.open(home / "catalog.db")
     t0 = time.perf_counter()
     for name in DEMO_DATASETS:
-        with tqdm(desc=f"ingest {name}", unit="item", dynamic_ncols=True) as bar:
-            s = ingest_path(cat, datasets / name, progress=lambda _: bar.update(1))
+        with output.Progress(unit="item") as progress:
+            s = ingest_path(cat, datasets / name, progress=progress.ticker(f"ingest {name}"))
         c = s.counts
         echo(
             f"  {name}: {c['cases_added']} cases, {c['images_added']} images added; "
@@ -82,11 +98,11 @@ def run_demo(home: Path, data: Path | None, *, device: str = "auto", echo: Calla
     for query, filt in TEXT_QUERIES:
         hits = searcher.search_text(query, k=5, filters=Filters(**filt))
         label = f'search "{query}"' + (f" --modality {filt['modality']}" if filt else "")
-        _print_hits(hits, label)
+        output.print_hits(hits, label)
         echo("")
     for dataset, modality in (("medpix-2.0", "CT"), ("covid-chestxray", "X-ray")):
         img = _first_image(datasets / dataset, "dev", modality)
         hits = searcher.similar(img, k=5, exclude_same_case=True)
-        _print_hits(hits, f"similar {img.name} (own case excluded)")
+        output.print_hits(hits, f"similar {img.name} (own case excluded)")
         echo("")
     echo(f"Try: medsearch search \"pleural effusion\" --home {home}    medsearch similar IMAGE --home {home}")

@@ -29,7 +29,7 @@ import numpy as np
 
 from .catalog import CaseRow, Catalog, ImageRow, TextRow
 from .config import ImagingConfig, Paths, SearchConfig
-from .errors import IndexInconsistent, IndexNotBuilt, InvalidInput, MedsearchError, NotFound
+from .errors import IndexInconsistent, IndexNotBuilt, InvalidInput, MedsearchError, NotFound, NotSupportedByModel
 from .records import Hit
 from .vectors import VectorIndex
 
@@ -184,7 +184,7 @@ class Searcher:
         enc = self.encoder
         shared = bool(enc.shared_space)
         if mode == "image" and not shared:
-            raise InvalidInput(
+            raise NotSupportedByModel(
                 f"model {self.model_id} has no shared image-text space, so text cannot search images directly",
                 hint="use --mode text, or train the cross-modal model with `medsearch train`",
             )

@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from medsearch.rag import Draft
+from medsearch.rag.render import draft_to_dict
 from medsearch.search import Filters, Searcher
 
 POISON = [
@@ -57,7 +58,7 @@ def check_draft(d: Draft, own_case_id: int | None = None, support_threshold: flo
     if own_case_id is not None:
         assert own_case_id not in ev_ids
         assert own_case_id not in d.cited_case_ids
-    json.dumps(d.to_dict())  # serialisable
+    json.dumps(draft_to_dict(d))  # serialisable
 
 
 def make_poisoned_homes(base: Path, indexed_home: Path, towers, searcher: Searcher) -> tuple[dict[str, Path], dict]:

@@ -160,7 +160,7 @@ def test_text_search_rejects_invalid_bodies(client, body, field):
     r = client.post("/v1/search/text", json=body)
     assert r.status_code == 422
     err = error_of(r)
-    assert err["code"] == "invalid_request" and field in json.dumps(err["details"])
+    assert err["code"] == "invalid_input" and field in json.dumps(err["details"])
 
 
 def test_text_search_rejects_non_json(client):
@@ -170,11 +170,19 @@ def test_text_search_rejects_non_json(client):
     assert r.status_code == 422
 
 
-def test_cross_modal_mode_is_a_clear_400_for_the_towers(client):
+def test_cross_modal_mode_is_a_clear_409_for_the_towers(client):
+    """A valid request the loaded model cannot serve: a conflict with the server's state, not bad input."""
     r = client.post("/v1/search/text", json={"query": "fracture", "mode": "image"})
-    assert r.status_code == 400
+    assert r.status_code == 409
     err = error_of(r)
-    assert err["code"] == "InvalidInput" and "shared" in err["message"] and err["hint"]
+    assert err["code"] == "not_supported_by_model" and "shared" in err["message"] and err["hint"]
+
+
+def test_bm25_mode_searches_report_words(client):
+    r = client.post("/v1/search/text", json={"query": "pneumonia", "k": 3, "mode": "bm25"})
+    assert r.status_code == 200, r.text
+    hits = r.json()["hits"]
+    assert hits and {h["matched"] for h in hits} == {"bm25"}
 
 
 # ---------------------------------------------------------------------------- image search
@@ -254,7 +262,7 @@ def test_oversized_upload_is_413(indexed_home, towers, tmp_path):
         big += big
     with TestClient(app) as c:
         r = c.post("/v1/search/image", files={"file": ("big.png", big, "image/png")})
-        assert r.status_code == 413 and error_of(r)["code"] == "payload_too_large"
+        assert r.status_code == 413 and error_of(r)["code"] == "too_large"
 
         def chunks():  # no Content-Length: the streamed byte count trips the cap
             for i in range(0, len(big), 16_384):
@@ -272,6 +280,7 @@ def test_oversized_upload_is_413(indexed_home, towers, tmp_path):
         ({"image_id": "1"}, {"file": ("a.png", png_bytes(), "image/png")}, 400),  # both
         ({"image_id": "99999999"}, None, 404),
         ({"image_id": "abc"}, None, 422),
+        ({"image_id": str(2**70)}, None, 422),
         ({"image_id": "1", "k": "0"}, None, 422),
     ],
 )
@@ -279,6 +288,19 @@ def test_image_search_argument_errors(client, data, files, status):
     r = client.post("/v1/search/image", data=data, files=files)
     assert r.status_code == status, r.text
     error_of(r)
+
+
+@pytest.mark.parametrize("value", ["", "not a file"])
+def test_a_text_file_field_counts_as_absent(client, catalog_rows, value):
+    """A multipart `file` part that is text, not a file, is no file (the schema says so): with an
+    image_id the answer is the image_id's; alone it is the usual "give exactly one" 400."""
+    data = {"image_id": str(catalog_rows["image_id"]), "k": "3"}
+    expected = client.post("/v1/search/image", data=data).json()["hits"]
+    r = client.post("/v1/search/image", data={**data, "file": value})
+    assert r.status_code == 200, r.text
+    assert [(h["image_id"], h["score"]) for h in r.json()["hits"]] == [(h["image_id"], h["score"]) for h in expected]
+    r = client.post("/v1/search/image", data={"file": value})
+    assert r.status_code == 400 and "exactly one" in error_of(r)["message"]
 
 
 # ---------------------------------------------------------------------------- cases and images
@@ -291,7 +313,8 @@ def test_case_by_id_and_key(client, catalog_rows):
     assert client.get(f"/v1/cases/{catalog_rows['case_key']}").json()["case_id"] == catalog_rows["case_id"]
 
 
-@pytest.mark.parametrize("ref, status", [("999999", 404), ("NOPE123", 404), ("a%20b", 422), ("..%2F..%2Fetc", 404)])
+@pytest.mark.parametrize("ref, status", [("999999", 404), ("NOPE123", 404), ("a%20b", 422), ("..%2F..%2Fetc", 404),
+                                         ("9" * 30, 404)])  # beyond SQLite's integers: not found, not a 500
 def test_case_errors(client, ref, status):
     r = client.get(f"/v1/cases/{ref}")
     assert r.status_code == status
@@ -316,7 +339,8 @@ def test_image_and_thumbnail_are_png_by_id(client, catalog_rows):
 @pytest.mark.parametrize(
     "url, status",
     [("/v1/images/99999999", 404), ("/v1/images/abc", 422), ("/v1/images/0", 422), ("/v1/images/1/thumbnail?size=9999", 422),
-     ("/v1/images/..%2F..%2Fetc%2Fpasswd", 404), ("/v1/images/1?max_side=1", 422)],
+     ("/v1/images/..%2F..%2Fetc%2Fpasswd", 404), ("/v1/images/1?max_side=1", 422),
+     ("/v1/images/171152974709840142143532966948634624", 422)],
 )  # fmt: skip
 def test_image_errors(client, url, status):
     r = client.get(url)
@@ -368,7 +392,7 @@ def test_draft_is_501_without_the_rag_module(client, monkeypatch):
     monkeypatch.setitem(sys.modules, "medsearch.rag", None)  # import medsearch.rag now raises ImportError
     r = client.post("/v1/drafts", data={"image_id": "1"})
     assert r.status_code == 501
-    assert error_of(r)["code"] == "not_implemented"
+    assert error_of(r)["code"] == "not_installed"
 
 
 # ---------------------------------------------------------------------------- auth
@@ -410,6 +434,20 @@ def test_auth_required_refuses_missing_and_bad_keys(secured, keys):
     for url in ("/v1/facets", "/v1/cases/1", "/v1/images/1/thumbnail", "/metrics"):
         assert secured.get(url).status_code == 401, url
     assert secured.get("/v1/health").status_code == 200  # liveness needs no key
+
+
+@pytest.mark.parametrize("headers, needle", [({"X-API-Key": ""}, "X-API-Key header is empty"),
+                                            ({"X-API-Key": "   "}, "X-API-Key header is empty"),
+                                            ({"Authorization": ""}, "not a Bearer token"),
+                                            ({"Authorization": "Bearer "}, "not a Bearer token")])  # fmt: skip
+def test_an_empty_key_header_is_an_invalid_key_not_anonymous(client, headers, needle):
+    """Even where anonymous reads are allowed (loopback), a key header that is there but empty is
+    refused: a client whose key variable is unset learns it instead of silently reading anonymously."""
+    assert client.get("/v1/facets").status_code == 200  # no header at all: anonymous read access
+    r = client.get("/v1/facets", headers=headers)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    err = error_of(r)
+    assert err["code"] == "unauthorized" and needle in err["message"] and "keys add" in err["hint"]
 
 
 def test_read_key_reads_by_bearer_or_header_but_cannot_reindex(secured, keys):
@@ -509,7 +547,7 @@ def test_home_without_index_answers_409_without_paths(tmp_path, towers):
         r = c.post("/v1/search/text", json={"query": "anything"})
         assert r.status_code == 409
         err = error_of(r)
-        assert err["code"] == "IndexNotBuilt" and "medsearch index" in err["hint"]
+        assert err["code"] == "index_not_built" and "medsearch index" in err["hint"]
         assert str(tmp_path) not in r.text and "/tmp" not in r.text
 
 
@@ -599,7 +637,7 @@ def test_failed_reload_keeps_serving_the_old_generation(indexed_home, towers, tm
             cat.put_vectors("towers", "text", [extra + 1], towers.encode_texts(["x"]))
         cat.close()
         r = c.post("/v1/admin/reindex", headers=admin)
-        assert r.status_code == 409 and error_of(r)["code"] == "IndexInconsistent"
+        assert r.status_code == 409 and error_of(r)["code"] == "index_inconsistent"
         h = c.get("/v1/health").json()
         assert h["status"] == "degraded" and h["indexes"]["text"]["generation"] == gen and h["last_reload_error"]
         assert c.post("/v1/search/text", json={"query": "lesion", "k": 2}, headers=admin).status_code == 200
@@ -629,6 +667,83 @@ def test_file_watch_picks_up_a_new_generation(indexed_home, towers, tmp_path):
         assert 'medsearch_index_reloads_total{result="ok"} 2.0' in c.get("/metrics").text
 
 
+# ---------------------------------------------------------------------------- routes in isolation
+def test_reindex_scope_with_the_principal_overridden(indexed_home, towers, tmp_path):
+    """The auth dependency replaced by a fixed caller: the route's own scope check and audit line."""
+    from api.deps import get_principal
+    from api.principal import Principal
+
+    app = create_app(settings_for(indexed_home, tmp_path), encoder=towers)
+    with TestClient(app) as c:
+        app.dependency_overrides[get_principal] = lambda: Principal("key:test0001", "reader", "read", False)
+        r = c.post("/v1/admin/reindex")
+        assert r.status_code == 403 and error_of(r)["code"] == "forbidden"
+        app.dependency_overrides[get_principal] = lambda: Principal("key:test0002", "ops", "admin", False)
+        r = c.post("/v1/admin/reindex")
+        assert r.status_code == 200 and r.json()["swapped"] is True
+        assert c.get("/v1/cases/NOPE123").status_code == 404
+        app.dependency_overrides.clear()
+    lines = [json.loads(x) for x in (tmp_path / "audit.log").read_text().splitlines()]
+    reindex = [x for x in lines if x["action"] == "admin.reindex"]
+    assert [(x["who"], x["status"]) for x in reindex] == [("key:test0002", 200)]  # refused before the route ran
+    case = [x for x in lines if x["action"] == "case.get"][-1]
+    assert case["status"] == 404 and case["case"] == "NOPE123" and case["name"] == "ops"
+
+
+def test_audit_records_the_status_an_error_ended_with(client, tmp_mod):
+    assert client.post("/v1/search/text", json={"query": "fracture", "mode": "image"}).status_code == 409
+    assert client.post("/v1/search/image", data={"image_id": "99999999"}).status_code == 404
+    lines = [json.loads(x) for x in (tmp_mod / "audit.log").read_text().splitlines()]
+    text = [x for x in lines if x["action"] == "search.text" and x.get("mode") == "image"][-1]
+    assert text["status"] == 409 and text["results"] == 0 and text["query"] == "fracture"
+    image = [x for x in lines if x["action"] == "search.image" and x.get("image_id") == 99999999][-1]
+    assert image["status"] == 404 and image["who"].startswith("anon:")
+
+
+def test_openapi_documents_every_error_status_with_core_codes(client):
+    from medsearch.errors import error_codes
+
+    spec = client.get("/openapi.json").json()
+    documented = {(m, p): set(op["responses"]) for p, ops in spec["paths"].items() for m, op in ops.items()}
+    must = {
+        ("post", "/v1/search/text"): {"400", "401", "409", "413", "422", "429"},
+        ("post", "/v1/search/image"): {"400", "401", "404", "409", "413", "415", "422", "429"},
+        ("post", "/v1/drafts"): {"400", "401", "404", "409", "413", "415", "422", "429", "501", "502", "503"},
+        ("get", "/v1/cases/{case_ref}"): {"401", "404", "422", "429"},
+        ("get", "/v1/images/{image_id}"): {"304", "401", "404", "415", "422", "429"},
+        ("post", "/v1/admin/reindex"): {"401", "403", "409", "429"},
+        ("get", "/metrics"): {"401", "429"},
+    }
+    for op, statuses in must.items():
+        assert statuses <= documented[op], (op, statuses - documented[op])
+    assert "bm25" in spec["components"]["schemas"]["TextSearchRequest"]["properties"]["mode"]["enum"]
+    for code in error_codes():
+        assert f"`{code}`" in spec["info"]["description"], code
+
+
+def test_api_draft_is_the_cli_draft_json_plus_urls(client, indexed_home, catalog_rows):
+    """One draft JSON shape: POST /v1/drafts = `medsearch draft --json` (draft_to_dict) + URL fields."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    iid = catalog_rows["image_id"]
+    api = client.post("/v1/drafts", data={"image_id": str(iid)}).json()
+    r = CliRunner().invoke(app, ["draft", str(iid), "--home", str(indexed_home), "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    cli = json.loads(r.stdout)
+    extra = {"took_ms", "query_image"}
+    assert set(api) == set(cli) | extra
+    for side in (api, cli):
+        side.pop("timings")
+    for e in api["evidence"]:
+        assert e.pop("case_url") == f"/v1/cases/{e['case_id']}" and e.pop("thumbnail_url").endswith("/thumbnail")
+    for sent in api["sentences"]:
+        for c in sent["citations"]:
+            assert c.pop("case_url") == f"/v1/cases/{c['case_id']}"
+    assert {k: v for k, v in api.items() if k not in extra} == cli
+
+
 # ---------------------------------------------------------------------------- CLI
 def test_cli_keys_and_serve_refusal(indexed_home, tmp_path):
     from typer.testing import CliRunner
@@ -649,7 +764,8 @@ def test_cli_keys_and_serve_refusal(indexed_home, tmp_path):
     assert r.exit_code == 0 and KeyStore(kf).verify(key) is None
     r = runner.invoke(app, ["serve", "--host", "0.0.0.0", "--home", str(indexed_home), "--keys-file", str(kf)])
     assert r.exit_code == 2 and "keys add" in r.output
-    assert "--max-upload-mb" in runner.invoke(app, ["serve", "--help"]).output
+    help_text = runner.invoke(app, ["serve", "--help"]).output
+    assert "--max-upload-mb" in help_text and "--repeat-penalty" in help_text  # the shared LLM option block
 
 
 def test_api_imports_the_core_only():

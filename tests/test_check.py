@@ -211,7 +211,7 @@ def test_api_refuses_an_inconsistent_index_and_names_check(home, towers, tmp_pat
         r = c.post("/v1/search/text", json={"query": "lung opacity", "k": 3})
         assert r.status_code == 409, r.text
         err = r.json()["error"]
-        assert err["code"] == "IndexInconsistent" and "medsearch check" in err["hint"]
+        assert err["code"] == "index_inconsistent" and "medsearch check" in err["hint"]
         assert str(home) not in r.text  # no server path leaks
 
 

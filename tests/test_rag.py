@@ -27,6 +27,7 @@ from medsearch.rag.generators.extractive import ExtractiveConfig, is_negated, se
 from medsearch.rag.grounding import ground, parse_generation
 from medsearch.rag.guard import is_instruction_like, neutralise, scrub
 from medsearch.rag.prompt import build_messages
+from medsearch.rag.render import draft_to_markdown
 from medsearch.search import Filters, Searcher
 from medsearch.text import ABBREVIATIONS, split_sentences
 
@@ -179,7 +180,7 @@ def test_extractive_draft_cites_retrieved_cases_never_own(searcher):
     scores = [e.score for e in d.evidence]
     assert scores == sorted(scores, reverse=True)
     assert 3 <= len(d.evidence) <= 8
-    md = d.to_markdown()
+    md = draft_to_markdown(d)
     assert "## FINDINGS" in md and "[C" in md and "| C1 |" in md
     assert d.invalid_citations_removed == 0 and d.raw_text is None
 

@@ -22,6 +22,7 @@ from rag_helpers import POISON, check_draft, make_poisoned_homes, medpix_image
 
 from medsearch.errors import GenerationError, LLMUnavailable
 from medsearch.rag import DraftConfig, Drafter, LLMConfig
+from medsearch.rag.render import draft_to_dict
 from medsearch.search import Searcher
 
 pytestmark = pytest.mark.llm
@@ -165,7 +166,7 @@ def test_llama_cpp_with_poisoned_evidence_never_sees_the_payload(searcher, gguf,
     assert "POISON1" in [e.case_key for e in d.evidence]
     assert all("PWNED" not in x.text for x in d.sentences)
     assert d.raw_text is None or "PWNED" not in d.raw_text
-    assert POISON[0] not in str(d.to_dict())
+    assert POISON[0] not in str(draft_to_dict(d))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
     drafter = Drafter(searcher, "extractive")            # or a Generator instance
     draft = drafter.draft("scan.png")                     # Draft: sentences, citations, support
-    print(draft.to_markdown())
+    print(draft_to_markdown(draft))                       # medsearch.rag.render
 
 Every sentence keeps only citations to retrieved evidence cases (others are removed and
 counted) and gets a support score; a draft with no validly cited sentence is refused with

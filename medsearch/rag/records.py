@@ -1,6 +1,7 @@
 """Frozen records of a draft: evidence cases, cited sentences and the draft itself.
 
-A ``Draft`` is what ``Drafter.draft`` returns and what the shells render (JSON/markdown).
+A ``Draft`` is what ``Drafter.draft`` returns; ``medsearch.rag.render`` turns it into the one
+JSON shape both shells return (``draft_to_dict``) and markdown (``draft_to_markdown``).
 Citations are written ``[C<n>]`` in generated text; ``n`` is the 1-based position of the
 evidence case in ``Draft.evidence``. Records keep case ids and keys so a citation survives
 renumbering.
@@ -9,7 +10,6 @@ renumbering.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,6 @@ class EvidenceCase:
     sentences: tuple[EvidenceSentence, ...] = ()
     neutralised: int = 0  # sentences dropped as instruction-like
 
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "sentences"}
-        d["cite"] = f"C{self.n}"
-        d["sentences"] = [{"section": s.section, "text": s.text} for s in self.sentences]
-        return d
-
 
 @dataclass(frozen=True)
 class Citation:
@@ -57,9 +51,6 @@ class Citation:
     case_key: str
     similarity: float  # cosine between the draft sentence and ``evidence``, clipped to [0, 1]
     evidence: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"cite": f"C{self.n}", **{k: getattr(self, k) for k in self.__dataclass_fields__}}
 
 
 @dataclass(frozen=True)
@@ -76,19 +67,6 @@ class DraftSentence:
     @property
     def case_ids(self) -> tuple[int, ...]:
         return tuple(c.case_id for c in self.citations)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "section": self.section,
-            "text": self.text,
-            "cites": [f"C{c.n}" for c in self.citations],
-            "case_ids": list(self.case_ids),
-            "case_keys": [c.case_key for c in self.citations],
-            "support": round(self.support, 4),
-            "supported": self.supported,
-            "flags": list(self.flags),
-            "citations": [c.to_dict() for c in self.citations],
-        }
 
 
 @dataclass(frozen=True)
@@ -125,13 +103,3 @@ class Draft:
             for c in s.citations:
                 seen.setdefault(c.case_id, None)
         return list(seen)
-
-    def to_dict(self) -> dict[str, Any]:
-        from medsearch.rag.render import draft_to_dict
-
-        return draft_to_dict(self)
-
-    def to_markdown(self) -> str:
-        from medsearch.rag.render import draft_to_markdown
-
-        return draft_to_markdown(self)

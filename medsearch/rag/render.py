@@ -1,12 +1,45 @@
-"""Draft renderers: a JSON-ready dict and markdown with [C<n>] citations and an evidence table."""
+"""Draft renderers: the one JSON shape of a draft, and markdown with [C<n>] citations.
+
+``draft_to_dict`` is what ``medsearch draft --json`` prints and what ``POST /v1/drafts`` returns
+(the API adds only URLs and its own timing); ``api/schemas.py: DraftOut`` mirrors it field by field.
+"""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
-from medsearch.rag.records import Draft
+from medsearch.rag.records import Citation, Draft, DraftSentence, EvidenceCase
 
 SECTION_TITLES = {"findings": "FINDINGS", "impression": "IMPRESSION"}
+
+
+def citation_to_dict(c: Citation) -> dict[str, Any]:
+    """A citation: its ``C<n>`` marker, the case and the evidence sentence that supports it best."""
+    return {"cite": f"C{c.n}", **{f.name: getattr(c, f.name) for f in fields(c)}}
+
+
+def sentence_to_dict(s: DraftSentence) -> dict[str, Any]:
+    """A draft sentence with its citations, support score and flags."""
+    return {
+        "section": s.section,
+        "text": s.text,
+        "cites": [f"C{c.n}" for c in s.citations],
+        "case_ids": list(s.case_ids),
+        "case_keys": [c.case_key for c in s.citations],
+        "support": round(s.support, 4),
+        "supported": s.supported,
+        "flags": list(s.flags),
+        "citations": [citation_to_dict(c) for c in s.citations],
+    }
+
+
+def evidence_to_dict(e: EvidenceCase) -> dict[str, Any]:
+    """An evidence case (what ``[C<n>]`` points at) with the report sentences shown to the generator."""
+    d = {f.name: getattr(e, f.name) for f in fields(e) if f.name != "sentences"}
+    d["cite"] = f"C{e.n}"
+    d["sentences"] = [{"section": x.section, "text": x.text} for x in e.sentences]
+    return d
 
 
 def draft_to_dict(d: Draft) -> dict[str, Any]:
@@ -17,13 +50,13 @@ def draft_to_dict(d: Draft) -> dict[str, Any]:
         "model": d.model,
         "fallback_from": d.fallback_from,
         "fallback_reason": d.fallback_reason,
-        "sentences": [s.to_dict() for s in d.sentences],
+        "sentences": [sentence_to_dict(s) for s in d.sentences],
         "findings": d.text("findings"),
         "impression": d.text("impression"),
         "unsupported_sentences": d.unsupported,
         "invalid_citations_removed": d.invalid_citations_removed,
         "citations_total": d.citations_total,
-        "evidence": [e.to_dict() for e in d.evidence],
+        "evidence": [evidence_to_dict(e) for e in d.evidence],
         "timings": d.timings,
     }
 

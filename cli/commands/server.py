@@ -1,0 +1,103 @@
+"""Service commands: ``serve`` (the HTTP API and web page) and ``keys add|list|revoke``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from cli import output
+from cli.options import Device, Home, JsonOut, Model, draft_options, handle_errors, home_dir
+
+if TYPE_CHECKING:
+    from medsearch.rag.config import DraftConfig
+
+KeysFile = Annotated[Path | None, typer.Option(help="Keys file (default: HOME/api_keys.json).")]
+
+
+@handle_errors
+@draft_options
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind. Beyond loopback (e.g. 0.0.0.0) API keys are required.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+    home: Home = None,  # type: ignore[assignment]
+    model: Model = None,
+    device: Device = "auto",
+    auth: Annotated[str, typer.Option(help="auto (keys required beyond loopback), required, off (loopback only).")] = "auto",
+    keys_file: Annotated[Path | None, typer.Option(help="Hashed API keys file (default: HOME/api_keys.json).")] = None,
+    rate_limit: Annotated[float, typer.Option(min=0, help="Requests per minute per key (or per address without a key); 0 = none.")] = 600,
+    max_upload_mb: Annotated[float, typer.Option(min=0.01, help="Largest accepted upload in MiB.")] = 20,
+    cors_origin: Annotated[list[str] | None, typer.Option("--cors-origin", help="Allow this browser origin (repeatable); CORS is off without it.")] = None,
+    audit_log: Annotated[Path | None, typer.Option(help="Audit log file, JSON lines (default: HOME/audit.log; '-' = server log).")] = None,
+    watch: Annotated[float, typer.Option(min=0, help="Seconds between checks for a new index generation; 0 = off.")] = 2.0,
+    generator: Annotated[list[str] | None, typer.Option("--generator", "-g", help="Draft generator clients may use (repeatable): extractive (default), openai, llama-cpp, transformers.")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    *,
+    draft: DraftConfig,
+) -> None:
+    """Start the HTTP API and the web page (FastAPI on uvicorn). OpenAPI docs at /docs.
+
+    LLM settings (--base-url, --gguf, ...) are the server's: clients only pick a generator from --generator.
+    """
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import ApiSettings
+
+    if auth not in ("auto", "required", "off"):
+        raise typer.BadParameter("use auto, required or off", param_hint="--auth")
+    settings = ApiSettings(
+        home=home_dir(home), model=model, device=device, host=host, port=port, auth=auth, keys_file=keys_file,
+        rate_per_minute=rate_limit, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        cors_origins=tuple(cors_origin or ()), audit_log=audit_log, watch_seconds=watch,
+        draft_generators=tuple(generator or ("extractive",)), draft_fallback=draft.fallback, llm=draft.llm,
+    )  # fmt: skip
+    application = create_app(settings)  # checks the catalog and the keys before binding
+    keys = "required" if settings.auth_required else "optional (read access without a key)"
+    output.line(f"medsearch on http://{host}:{port}  (web page /, docs /docs)  keys: {keys}")
+    uvicorn.run(application, host=host, port=port, log_level=log_level, proxy_headers=False, server_header=False)
+
+
+def _key_store(home: Path | None, keys_file: Path | None):
+    from api.keys import KeyStore
+
+    return KeyStore(keys_file or home_dir(home) / "api_keys.json")
+
+
+@handle_errors
+def keys_add(
+    scope: Annotated[str, typer.Option(help="read (search, cases, images, drafts) or admin (also reindex).")] = "read",
+    name: Annotated[str, typer.Option(help="A label for audit logs, e.g. the client's name.")] = "",
+    home: Home = None,  # type: ignore[assignment]
+    keys_file: KeysFile = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Create an API key and print it once (only its hash is stored)."""
+    info, key = _key_store(home, keys_file).add(scope=scope, name=name)
+    if json_out:
+        output.print_json({**info.public(), "key": key})
+        return
+    output.line(key)
+    output.line(f"created {info.scope} key {info.id} ({info.name}); it is shown only now", err=True)
+
+
+@handle_errors
+def keys_list(home: Home = None, keys_file: KeysFile = None, json_out: JsonOut = False) -> None:  # type: ignore[assignment]
+    """List keys (id, name, scope, created, revoked); never the keys themselves."""
+    keys = _key_store(home, keys_file).keys()
+    if json_out:
+        output.print_json([k.public() for k in keys])
+    else:
+        output.print_keys(keys)
+
+
+@handle_errors
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (8 hex characters, from `medsearch keys list`).")],
+    home: Home = None,  # type: ignore[assignment]
+    keys_file: KeysFile = None,
+) -> None:
+    """Revoke a key; a running server refuses it from its next request."""
+    info = _key_store(home, keys_file).revoke(key_id)
+    output.line(f"revoked {info.id} ({info.name})")
