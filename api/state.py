@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from medsearch.audit import AuditLog as ChainedAuditLog
 from medsearch.catalog import Catalog
 from medsearch.config import ImagingConfig, Paths
 from medsearch.errors import IndexInconsistent, IndexNotBuilt, MedsearchError
@@ -141,7 +142,7 @@ class AppState:
         self.catalog = Catalog.open(self.paths.catalog, create=False)
         self.keys = KeyStore(settings.keys_path)
         self.limiter = RateLimiter(settings.rate_per_minute, settings.rate_burst)
-        self.audit = AuditLog(settings.audit_path)
+        self.audit = ChainedAuditLog(settings.audit_path)  # hash-chained, rotates by size (medsearch.audit)
         self.metrics = metrics or Metrics()
         self.thumbs = ThumbnailCache(settings.thumbnail_cache)
         self.imaging = ImagingConfig()

@@ -775,9 +775,13 @@ def serve(
     timeout: LlmTimeout = 120.0,
     max_tokens: MaxTokens = 220,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM): serve https.")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="Private key (PEM) of --ssl-certfile.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow plain http beyond loopback (only behind a TLS proxy).")] = False,
 ) -> None:
     """Start the HTTP API and the web page (FastAPI on uvicorn). OpenAPI docs at /docs.
 
+    Beyond loopback it needs TLS (--ssl-certfile/--ssl-keyfile) unless --insecure is given.
     LLM settings (--base-url, --gguf, ...) are the server's: clients only pick a generator from --generator.
     """
     import uvicorn
@@ -787,6 +791,7 @@ def serve(
 
     if auth not in ("auto", "required", "off"):
         raise typer.BadParameter("use auto, required or off", param_hint="--auth")
+    tls = _tls_options(host, ssl_certfile, ssl_keyfile, insecure)
     settings = ApiSettings(
         home=_home(home), model=model, device=device, host=host, port=port, auth=auth, keys_file=keys_file,
         rate_per_minute=rate_limit, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
@@ -796,8 +801,30 @@ def serve(
     )  # fmt: skip
     application = create_app(settings)  # checks the catalog and the keys before binding
     keys = "required" if settings.auth_required else "optional (read access without a key)"
-    typer.echo(f"medsearch on http://{host}:{port}  (web page /, docs /docs)  keys: {keys}")
-    uvicorn.run(application, host=host, port=port, log_level=log_level, proxy_headers=False, server_header=False)
+    typer.echo(f"medsearch on {'https' if tls else 'http'}://{host}:{port}  (web page /, docs /docs)  keys: {keys}")
+    uvicorn.run(application, host=host, port=port, log_level=log_level, proxy_headers=False, server_header=False, **tls)
+
+
+def _tls_options(host: str, certfile: Path | None, keyfile: Path | None, insecure: bool) -> dict[str, str]:
+    """uvicorn's TLS arguments after checking the pair loads; plain http beyond loopback only with --insecure."""
+    import ssl
+
+    from api.settings import is_loopback
+    from medsearch.errors import InvalidInput
+
+    if (certfile is None) != (keyfile is None):
+        raise InvalidInput("TLS needs both --ssl-certfile and --ssl-keyfile", hint="give both PEM files, or neither")
+    if certfile is None or keyfile is None:
+        if not is_loopback(host) and not insecure:
+            raise InvalidInput(f"refusing to serve plain http on {host}, beyond loopback",
+                               hint="give --ssl-certfile F --ssl-keyfile K, or --insecure behind a TLS-terminating proxy")  # fmt: skip
+        return {}
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(certfile), str(keyfile))
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidInput(f"cannot load the TLS certificate {certfile.name} with key {keyfile.name}: {e}",
+                           hint="give a PEM certificate chain and its unencrypted PEM private key") from e  # fmt: skip
+    return {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)}
 
 
 keys_app = typer.Typer(help="Create, list and revoke API keys (stored hashed in HOME/api_keys.json).", no_args_is_help=True)
@@ -854,6 +881,98 @@ def keys_revoke(
     """Revoke a key; a running server refuses it from its next request."""
     info = _key_store(home, keys_file).revoke(key_id)
     typer.echo(f"revoked {info.id} ({info.name})")
+
+
+@keys_app.command("rotate")
+@handle_errors
+def keys_rotate(
+    key_id: Annotated[str, typer.Argument(help="The key's id (from `medsearch keys list`).")],
+    overlap: Annotated[str, typer.Option(help="How long the old secret keeps working: 90s, 15m, 24h, 7d; 0 = not at all.")] = "24h",
+    home: Home = None,  # type: ignore[assignment]
+    keys_file: KeysFile = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Give a key a new secret (same id, name, scope) and print it once; the old one works for --overlap."""
+    from api.keys import parse_duration
+
+    info, key = _key_store(home, keys_file).rotate(key_id, overlap=parse_duration(overlap))
+    if json_out:
+        _print_json({**info.public(), "key": key})
+        return
+    typer.echo(key)
+    until = f"until {info.previous_expires_at}" if info.previous_expires_at else "no longer"
+    typer.echo(f"rotated {info.id} ({info.name}); the old secret works {until}; the new one is shown only now", err=True)
+
+
+audit_app = typer.Typer(help="The hash-chained audit log of the API (HOME/audit.log).", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+@handle_errors
+def audit_verify(
+    path: Annotated[Path | None, typer.Argument(help="Log file or its folder (default: HOME/audit.log).")] = None,
+    home: Home = None,  # type: ignore[assignment]
+    json_out: JsonOut = False,
+) -> None:
+    """Check the hash chain; name the first line changed, removed or reordered (exit 1 then)."""
+    from medsearch.audit import verify
+
+    v = verify(path or _home(home) / "audit.log")
+    if json_out:
+        _print_json(v.to_dict())
+    elif v.ok:
+        typer.echo(f"intact: {v.records} records in {len(v.files)} files; head seq {v.head_seq} sha256 {v.head_hash}")
+        for n in v.notes:
+            typer.echo(f"note: {n}")
+    else:
+        _err(f"broken: {v.problem.message}")
+        typer.echo(f"verified up to seq {v.head_seq} ({v.records} records before the break)")
+    if not v.ok:
+        raise typer.Exit(1)
+
+
+@app.command("backup")
+@handle_errors
+def backup_cmd(
+    dest: Annotated[Path, typer.Argument(help="New folder for the backup (must not exist, or be empty).")],
+    home: Home = None,  # type: ignore[assignment]
+    no_audit: Annotated[bool, typer.Option("--no-audit", help="Leave the audit log out.")] = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Consistent copy of a home while it is served and written: catalog, served index generation, models, keys."""
+    from medsearch.backup import backup
+
+    out = backup(_home(home), dest, audit=not no_audit)
+    if json_out:
+        _print_json(out)
+        return
+    gens = ", ".join(f"{m} {'/'.join(f'{s} {g}' for s, g in sp.items())}" for m, sp in out["generations"].items())
+    typer.echo(f"backup {out['backup']}: {out['files']} files, {out['bytes'] / 1e6:.1f} MB in {out['seconds']:.1f} s"
+               f"; generations: {gens or 'none'}")  # fmt: skip
+    for r in out["repaired"]:
+        typer.echo(f"rebuilt in the copy: {r}")
+
+
+@app.command("restore")
+@handle_errors
+def restore_cmd(
+    src: Annotated[Path, typer.Argument(help="A folder written by `medsearch backup`.")],
+    home: Home = None,  # type: ignore[assignment]
+    force: Annotated[bool, typer.Option("--force", help="Move an existing home aside (HOME.before-restore-TIME) and restore.")] = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Restore a backup into --home after checking every file's checksum; refuses a corrupt backup."""
+    from medsearch.backup import restore
+
+    out = restore(src, _home(home), force=force)
+    if json_out:
+        _print_json(out)
+        return
+    typer.echo(f"restored {out['files']} files ({out['bytes'] / 1e6:.1f} MB) into {out['home']} in {out['seconds']:.1f} s;"
+               f" check: {'consistent' if out['check']['ok'] else 'inconsistent'}")  # fmt: skip
+    if out["moved_aside"]:
+        typer.echo(f"the previous home is kept at {out['moved_aside']}; restart a running server")
 
 
 def main() -> None:  # pragma: no cover
