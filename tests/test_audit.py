@@ -54,7 +54,7 @@ def test_chain_is_intact_and_runs_through_rotated_files(rotated):
     assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1)) and v.records == len(recs)
     assert recs[0]["prev"] == GENESIS and recs[0]["event"] == "audit.start"
     assert sum(1 for r in recs if r.get("action") == "search.text") == 60
-    for older, newer in zip(files, files[1:]):  # each new file starts with the last hash of the old one
+    for older, newer in zip(files[:-1], files[1:], strict=True):  # each new file starts with the last hash of the old one
         first = json.loads(lines_of(newer)[0])
         assert first["event"] == "audit.start" and first["continues"] == older.name
         assert first["prev"] == line_hash(lines_of(older)[-1].rstrip(b"\n"))
