@@ -108,6 +108,15 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
     return rec
 
 
+def _is_legacy(raw: bytes) -> bool:
+    """A JSON object line with no chain fields: written by medsearch before the log was chained."""
+    try:
+        rec = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(rec, dict) and "seq" not in rec and "prev" not in rec and "ts" in rec
+
+
 class AuditLog:
     """Append records to a hash-chained log. ``path=None``: records go to the ``medsearch.audit`` logger.
 
@@ -244,7 +253,12 @@ class AuditLog:
                 with open(self.path, "r+b") as f:
                     f.truncate(end)
                 self._pending.append({"event": "audit.recovered", "dropped_bytes": stamp[1] - end})
-            if raw is not None:
+            legacy = raw is not None and _parse(raw) is None and _is_legacy(raw)
+            if legacy:  # a log from before the chain: kept as it is, beside the new chain
+                aside = self.path.with_name(f"{self.path.name}.unchained-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
+                os.replace(self.path, aside)
+                self._pending.append({"event": "audit.unchained_log_kept", "file": aside.name})
+            elif raw is not None:
                 self._continue_from(raw, self.path)
                 self._stamp = (stamp[0], end)
                 return

@@ -259,3 +259,18 @@ def test_api_audit_lines_form_a_chain(small_home, towers, tmp_path):
     _rewrite(log, lines)
     v = verify(log)
     assert v.problem.kind == "changed" and v.problem.line == at + 1
+
+
+def test_a_log_from_before_the_chain_is_kept_aside(tmp_path):
+    path = tmp_path / "audit.log"
+    old = '{"ts":"2026-11-30T10:00:00+00:00","action":"search.text","query":"old"}\n'
+    path.write_text(old * 3)
+    log = AuditLog(path)
+    log.write(action="search.text", query="new")
+    log.close()
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("audit.log.unchained-")]
+    assert len(kept) == 1 and kept[0].read_text() == old * 3  # byte for byte
+    v = verify(path)
+    assert v.ok and v.files == ["audit.log"], v
+    recs = [json.loads(x) for x in lines_of(path)]
+    assert recs[1] == {**recs[1], "event": "audit.unchained_log_kept", "file": kept[0].name}
