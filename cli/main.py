@@ -827,7 +827,7 @@ def _tls_options(host: str, certfile: Path | None, keyfile: Path | None, insecur
     return {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)}
 
 
-keys_app = typer.Typer(help="Create, list and revoke API keys (stored hashed in HOME/api_keys.json).", no_args_is_help=True)
+keys_app = typer.Typer(help="Create, list, rotate and revoke API keys (stored hashed in HOME/api_keys.json).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 KeysFile = Annotated[Path | None, typer.Option(help="Keys file (default: HOME/api_keys.json).")]
 
