@@ -212,7 +212,7 @@ class AuditLog:
         self._close_fd()
         os.replace(self.path, target)
         self._stamp = None
-        self._write_line(self._encode(self._seq + 1, self._prev, {"event": "audit.start", "continues": target.name}))
+        self._write_line(self._encode(self._seq + 1, self._prev, {"action": "audit.start", "continues": target.name}))
 
     def _write_head(self) -> None:
         assert self.path is not None
@@ -252,12 +252,12 @@ class AuditLog:
             if end < stamp[1]:  # a line cut short by a crash: never part of the chain
                 with open(self.path, "r+b") as f:
                     f.truncate(end)
-                self._pending.append({"event": "audit.recovered", "dropped_bytes": stamp[1] - end})
+                self._pending.append({"action": "audit.recovered", "dropped_bytes": stamp[1] - end})
             legacy = raw is not None and _parse(raw) is None and _is_legacy(raw)
             if legacy:  # a log from before the chain: kept as it is, beside the new chain
                 aside = self.path.with_name(f"{self.path.name}.unchained-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
                 os.replace(self.path, aside)
-                self._pending.append({"event": "audit.unchained_log_kept", "file": aside.name})
+                self._pending.append({"action": "audit.unchained_log_kept", "file": aside.name})
             elif raw is not None:
                 self._continue_from(raw, self.path)
                 self._stamp = (stamp[0], end)
@@ -271,7 +271,7 @@ class AuditLog:
             self._seq, self._prev = 0, GENESIS
         self._stamp = None
         self._write_line(self._encode(self._seq + 1, self._prev, {
-            "event": "audit.start", "continues": rotated[-1].name if raw is not None else None}))  # fmt: skip
+            "action": "audit.start", "continues": rotated[-1].name if raw is not None else None}))  # fmt: skip
 
     def _continue_from(self, raw: bytes, where: Path) -> None:
         rec = _parse(raw)

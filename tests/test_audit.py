@@ -52,11 +52,11 @@ def test_chain_is_intact_and_runs_through_rotated_files(rotated):
     assert v.ok and v.problem is None and v.notes == []
     recs = [json.loads(x) for f in files for x in lines_of(f)]
     assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1)) and v.records == len(recs)
-    assert recs[0]["prev"] == GENESIS and recs[0]["event"] == "audit.start"
+    assert recs[0]["prev"] == GENESIS and recs[0]["action"] == "audit.start"
     assert sum(1 for r in recs if r.get("action") == "search.text") == 60
     for older, newer in zip(files[:-1], files[1:], strict=True):  # each new file starts with the last hash of the old one
         first = json.loads(lines_of(newer)[0])
-        assert first["event"] == "audit.start" and first["continues"] == older.name
+        assert first["action"] == "audit.start" and first["continues"] == older.name
         assert first["prev"] == line_hash(lines_of(older)[-1].rstrip(b"\n"))
     for f in files:
         assert f.stat().st_size <= 1500
@@ -182,7 +182,7 @@ def test_torn_last_line_is_dropped_and_noted(tmp_path):
     v = verify(path)
     assert v.ok, v.problem
     recs = [json.loads(x) for x in lines_of(path)]
-    assert recs[-2]["event"] == "audit.recovered" and recs[-2]["dropped_bytes"] == 32 and recs[-1]["action"] == "next"
+    assert recs[-2]["action"] == "audit.recovered" and recs[-2]["dropped_bytes"] == 32 and recs[-1]["action"] == "next"
 
 
 def test_damaged_last_line_refuses_to_append(tmp_path):
@@ -273,4 +273,4 @@ def test_a_log_from_before_the_chain_is_kept_aside(tmp_path):
     v = verify(path)
     assert v.ok and v.files == ["audit.log"], v
     recs = [json.loads(x) for x in lines_of(path)]
-    assert recs[1] == {**recs[1], "event": "audit.unchained_log_kept", "file": kept[0].name}
+    assert recs[1] == {**recs[1], "action": "audit.unchained_log_kept", "file": kept[0].name}
