@@ -791,7 +791,6 @@ def serve(
 
     if auth not in ("auto", "required", "off"):
         raise typer.BadParameter("use auto, required or off", param_hint="--auth")
-    tls = _tls_options(host, ssl_certfile, ssl_keyfile, insecure)
     settings = ApiSettings(
         home=_home(home), model=model, device=device, host=host, port=port, auth=auth, keys_file=keys_file,
         rate_per_minute=rate_limit, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
@@ -800,6 +799,7 @@ def serve(
         llm=_draft_config("extractive", gguf, base_url, llm_model, api_key, model_dir, fallback, timeout, max_tokens).llm,
     )  # fmt: skip
     application = create_app(settings)  # checks the catalog and the keys before binding
+    tls = _tls_options(host, ssl_certfile, ssl_keyfile, insecure)  # then TLS, still before binding
     keys = "required" if settings.auth_required else "optional (read access without a key)"
     typer.echo(f"medsearch on {'https' if tls else 'http'}://{host}:{port}  (web page /, docs /docs)  keys: {keys}")
     uvicorn.run(application, host=host, port=port, log_level=log_level, proxy_headers=False, server_header=False, **tls)

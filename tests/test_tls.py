@@ -108,19 +108,28 @@ def test_https_health_with_the_test_certificate(server, cert):
         httpx.get(f"{base}/v1/health", timeout=5)
 
 
-def test_plain_http_beyond_loopback_is_refused(home, cert):
-    r = runner.invoke(app, ["serve", "--home", str(home), "--host", "0.0.0.0", "--port", str(free_port())])
+def test_plain_http_beyond_loopback_is_refused(home, cert, tmp_path):
+    keys = tmp_path / "keys.json"
+    KeyStore(keys).add("admin", "ops")  # keys are there: the refusal below is about TLS
+    r = runner.invoke(app, ["serve", "--home", str(home), "--host", "0.0.0.0", "--port", str(free_port()),
+                            "--keys-file", str(keys)])  # fmt: skip
     assert r.exit_code == 2 and "refusing to serve plain http on 0.0.0.0" in r.output, r.output
     assert "--ssl-certfile" in r.output and "--insecure" in r.output
-    # --insecure passes the TLS guard; the next guard (keys beyond loopback) stops it before binding
-    keys = home.parent / "no-keys.json"
-    r = runner.invoke(app, ["serve", "--home", str(home), "--host", "0.0.0.0", "--insecure", "--keys-file", str(keys)])
-    assert r.exit_code == 2 and "API keys are required" in r.output and "plain http" not in r.output, r.output
+    r = runner.invoke(app, ["serve", "--home", str(home), "--host", "::", "--keys-file", str(keys)])
+    assert r.exit_code == 2 and "refusing to serve plain http on ::" in r.output, r.output
+    from cli.main import _tls_options
+
+    assert _tls_options("0.0.0.0", None, None, True) == {}  # --insecure: plain http allowed (a TLS proxy in front)
+    assert _tls_options("127.0.0.1", None, None, False) == {}  # loopback needs no TLS
+    assert _tls_options("0.0.0.0", cert[0], cert[1], False) == {"ssl_certfile": str(cert[0]),
+                                                                 "ssl_keyfile": str(cert[1])}  # fmt: skip
     r = runner.invoke(app, ["serve", "--home", str(home), "--ssl-certfile", str(cert[0])])
     assert r.exit_code == 2 and "both --ssl-certfile and --ssl-keyfile" in r.output
-    bad = home.parent / "bad.pem"
+    bad = tmp_path / "bad.pem"
     bad.write_text("not a key\n")
     r = runner.invoke(app, ["serve", "--home", str(home), "--ssl-certfile", str(cert[0]), "--ssl-keyfile", str(bad)])
+    assert r.exit_code == 2 and "cannot load the TLS certificate" in r.output, r.output
+    r = runner.invoke(app, ["serve", "--home", str(home), "--ssl-certfile", str(bad), "--ssl-keyfile", str(cert[1])])
     assert r.exit_code == 2 and "cannot load the TLS certificate" in r.output, r.output
 
 
