@@ -190,6 +190,8 @@ def test_cli_rotate(tmp_path):
     assert store.verify(out["key"]) and store.verify(first["key"]) is None  # no overlap: the old one is gone now
     r = runner.invoke(app, ["keys", "rotate", first["id"], "--keys-file", str(keys), "--overlap", "2h"])
     assert r.exit_code == 0 and r.output.splitlines()[0].startswith(f"msk_{first['id']}_")
+    r = runner.invoke(app, ["keys", "list", "--keys-file", str(keys)])
+    assert "rotated" in r.output and "old secret until" in r.output, r.output
     r = runner.invoke(app, ["keys", "rotate", first["id"], "--keys-file", str(keys), "--overlap", "soon"])
     assert r.exit_code == 2 and "cannot read the duration" in r.output
 
