@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medsearch.audit import AuditLog
 from medsearch.catalog import Catalog, now
 from medsearch.config import ImagingConfig, Paths
 from medsearch.errors import IndexInconsistent, IndexNotBuilt, MedsearchError
 from medsearch.search import Searcher
 
 from . import images
-from .audit import AuditLog
 from .drafts import available as drafts_available
 from .keys import KeyStore
 from .metrics import Metrics
@@ -44,7 +44,7 @@ class AppState:
         self.catalog = Catalog.open(self.paths.catalog, create=False)
         self.keys = KeyStore(settings.keys_path)
         self.limiter = RateLimiter(settings.rate_per_minute, settings.rate_burst)
-        self.audit = AuditLog(settings.audit_path)
+        self.audit = AuditLog(settings.audit_path)  # hash-chained, rotates by size (medsearch.audit)
         self.metrics = metrics or Metrics()
         self.thumbs = images.ThumbnailCache(settings.thumbnail_cache)
         self.imaging = ImagingConfig()

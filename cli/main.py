@@ -14,7 +14,7 @@ import sys
 import typer
 
 from cli import demo as demo_cmd
-from cli.commands import archive, evaluate, query, server
+from cli.commands import admin, archive, evaluate, query, server
 
 app = typer.Typer(
     name="medsearch",
@@ -38,11 +38,18 @@ eval_app.command("drafts")(evaluate.eval_drafts)
 
 app.command()(server.serve)
 
-keys_app = typer.Typer(help="Create, list and revoke API keys (stored hashed in HOME/api_keys.json).", no_args_is_help=True)
+keys_app = typer.Typer(help="Create, list, rotate and revoke API keys (stored hashed in HOME/api_keys.json).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 keys_app.command("add")(server.keys_add)
 keys_app.command("list")(server.keys_list)
+keys_app.command("rotate")(server.keys_rotate)
 keys_app.command("revoke")(server.keys_revoke)
+
+app.command("backup")(admin.backup_cmd)
+app.command("restore")(admin.restore_cmd)
+audit_app = typer.Typer(help="The hash-chained audit log of the API (HOME/audit.log).", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+audit_app.command("verify")(admin.audit_verify)
 
 
 def main() -> None:  # pragma: no cover

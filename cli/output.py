@@ -88,6 +88,8 @@ def print_keys(keys: Iterable[Any]) -> None:
         typer.echo("no keys; create one with `medsearch keys add --scope admin`")
     for k in keys:
         state = f"revoked {k.revoked_at}" if k.revoked_at else "active"
+        if k.active and k.rotated_at:
+            state += f", rotated {k.rotated_at}" + (f" (old secret until {k.previous_expires_at})" if k.previous_expires_at else "")
         typer.echo(f"{k.id}  {k.scope:<5}  {k.name:<24} created {k.created_at}  {state}")
 
 

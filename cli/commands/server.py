@@ -1,4 +1,4 @@
-"""Service commands: ``serve`` (the HTTP API and web page) and ``keys add|list|revoke``."""
+"""Service commands: ``serve`` (the HTTP API and web page, TLS) and ``keys add|list|rotate|revoke``."""
 
 from __future__ import annotations
 
@@ -33,11 +33,15 @@ def serve(
     watch: Annotated[float, typer.Option(min=0, help="Seconds between checks for a new index generation; 0 = off.")] = 2.0,
     generator: Annotated[list[str] | None, typer.Option("--generator", "-g", help="Draft generator clients may use (repeatable): extractive (default), openai, llama-cpp, transformers.")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM): serve https.")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="Private key (PEM) of --ssl-certfile.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow plain http beyond loopback (only behind a TLS proxy).")] = False,
     *,
     draft: DraftConfig,
 ) -> None:
     """Start the HTTP API and the web page (FastAPI on uvicorn). OpenAPI docs at /docs.
 
+    Beyond loopback it needs TLS (--ssl-certfile/--ssl-keyfile) unless --insecure is given.
     LLM settings (--base-url, --gguf, ...) are the server's: clients only pick a generator from --generator.
     """
     import uvicorn
@@ -54,9 +58,32 @@ def serve(
         draft_generators=tuple(generator or ("extractive",)), draft_fallback=draft.fallback, llm=draft.llm,
     )  # fmt: skip
     application = create_app(settings)  # checks the catalog and the keys before binding
+    tls = _tls_options(host, ssl_certfile, ssl_keyfile, insecure)  # then TLS, still before binding
     keys = "required" if settings.auth_required else "optional (read access without a key)"
-    output.line(f"medsearch on http://{host}:{port}  (web page /, docs /docs)  keys: {keys}")
-    uvicorn.run(application, host=host, port=port, log_level=log_level, proxy_headers=False, server_header=False)
+    output.line(f"medsearch on {'https' if tls else 'http'}://{host}:{port}  (web page /, docs /docs)  keys: {keys}")
+    uvicorn.run(application, host=host, port=port, log_level=log_level, proxy_headers=False, server_header=False, **tls)
+
+
+def _tls_options(host: str, certfile: Path | None, keyfile: Path | None, insecure: bool) -> dict[str, str]:
+    """uvicorn's TLS arguments after checking the pair loads; plain http beyond loopback only with --insecure."""
+    import ssl
+
+    from api.settings import is_loopback
+    from medsearch.errors import InvalidInput
+
+    if (certfile is None) != (keyfile is None):
+        raise InvalidInput("TLS needs both --ssl-certfile and --ssl-keyfile", hint="give both PEM files, or neither")
+    if certfile is None or keyfile is None:
+        if not is_loopback(host) and not insecure:
+            raise InvalidInput(f"refusing to serve plain http on {host}, beyond loopback",
+                               hint="give --ssl-certfile F --ssl-keyfile K, or --insecure behind a TLS-terminating proxy")  # fmt: skip
+        return {}
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(certfile), str(keyfile))
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidInput(f"cannot load the TLS certificate {certfile.name} with key {keyfile.name}: {e}",
+                           hint="give a PEM certificate chain and its unencrypted PEM private key") from e  # fmt: skip
+    return {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)}
 
 
 def _key_store(home: Path | None, keys_file: Path | None):
@@ -101,3 +128,23 @@ def keys_revoke(
     """Revoke a key; a running server refuses it from its next request."""
     info = _key_store(home, keys_file).revoke(key_id)
     output.line(f"revoked {info.id} ({info.name})")
+
+
+@handle_errors
+def keys_rotate(
+    key_id: Annotated[str, typer.Argument(help="The key's id (from `medsearch keys list`).")],
+    overlap: Annotated[str, typer.Option(help="How long the old secret keeps working: 90s, 15m, 24h, 7d; 0 = not at all.")] = "24h",
+    home: Home = None,  # type: ignore[assignment]
+    keys_file: KeysFile = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Give a key a new secret (same id, name, scope) and print it once; the old one works for --overlap."""
+    from api.keys import parse_duration
+
+    info, key = _key_store(home, keys_file).rotate(key_id, overlap=parse_duration(overlap))
+    if json_out:
+        output.print_json({**info.public(), "key": key})
+        return
+    output.line(key)
+    until = f"until {info.previous_expires_at}" if info.previous_expires_at else "no longer"
+    output.line(f"rotated {info.id} ({info.name}); the old secret works {until}; the new one is shown only now", err=True)
