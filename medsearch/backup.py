@@ -41,19 +41,13 @@ from typing import Any
 from .catalog import Catalog
 from .catalog.snapshot import snapshot
 from .config import Paths
-from .errors import InvalidInput, MedsearchError, NotFound, StorageError
+from .errors import BackupCorrupt, InvalidInput, MedsearchError, NotFound, StorageError
 from .vectors import save_lock
 
 FORMAT = "medsearch-backup"
 FORMAT_VERSION = 1
 MANIFEST = "backup.json"
 _BLOCK = 1 << 20
-
-
-class BackupCorrupt(InvalidInput):
-    """A backup whose manifest or files do not match their checksums: it is not restored."""
-
-    http_status = 422
 
 
 def _now() -> str:

@@ -153,6 +153,13 @@ class LLMUnavailable(GenerationError):
     code = "llm_unavailable"
 
 
+class BackupCorrupt(InvalidInput):
+    """A backup whose manifest or files do not match their checksums: it is not restored."""
+
+    http_status = 422
+    code = "backup_corrupt"
+
+
 def error_codes() -> dict[str, tuple[int, str]]:
     """Every error code with its HTTP status and meaning (the vocabulary both shells use)."""
     out: dict[str, tuple[int, str]] = {}

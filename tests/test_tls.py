@@ -117,7 +117,7 @@ def test_plain_http_beyond_loopback_is_refused(home, cert, tmp_path):
     assert "--ssl-certfile" in r.output and "--insecure" in r.output
     r = runner.invoke(app, ["serve", "--home", str(home), "--host", "::", "--keys-file", str(keys)])
     assert r.exit_code == 2 and "refusing to serve plain http on ::" in r.output, r.output
-    from cli.main import _tls_options
+    from cli.commands.server import _tls_options
 
     assert _tls_options("0.0.0.0", None, None, True) == {}  # --insecure: plain http allowed (a TLS proxy in front)
     assert _tls_options("127.0.0.1", None, None, False) == {}  # loopback needs no TLS
