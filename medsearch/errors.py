@@ -90,3 +90,9 @@ class LLMUnavailable(GenerationError):
     """An LLM endpoint that cannot be reached, times out, or refuses the request."""
 
     http_status = 503
+
+
+class RemoteUnavailable(MedsearchError):
+    """A PACS or DICOMweb server that cannot be reached, times out, or answers with an error."""
+
+    http_status = 502
