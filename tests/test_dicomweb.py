@@ -11,12 +11,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from orthanc import OrthancServer, available
+from pacs_data import ct_series, planted_strings, write_series
 from pydicom.uid import generate_uid
 
 from medsearch.catalog import Catalog
 from medsearch.errors import RemoteUnavailable
-from orthanc import OrthancServer, available
-from pacs_data import ct_series, planted_strings, write_series
 
 pytestmark = [pytest.mark.pacs, pytest.mark.slow]
 
@@ -96,8 +96,9 @@ def test_sync_pulls_selected_slices_whole_studies_and_no_identifiers(orthanc, tm
 
 
 def test_unreachable_pacs_names_the_url_and_stores_nothing(tmp_path):
-    from indexer.sources.dicomweb import DicomwebConfig, sync_dicomweb
     from orthanc import free_port
+
+    from indexer.sources.dicomweb import DicomwebConfig, sync_dicomweb
 
     home = tmp_path / "home"
     home.mkdir()

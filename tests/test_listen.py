@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from orthanc import free_port
+from pacs_data import ct_series, planted_strings, write_series
 from pydicom.uid import generate_uid
 
 from medsearch.catalog import Catalog
-from orthanc import free_port
-from pacs_data import ct_series, planted_strings, write_series
 
 pytestmark = [pytest.mark.pacs, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
