@@ -22,9 +22,11 @@ Method (recorded in the catalog by ``deid_method()``):
   Dates" option). ``date_shift_days=`` overrides the derived shift with a fixed one.
 * **Pixels are not cleaned.** Burned-in annotations are not removed; ``burned_in_annotation``
   is reported so callers can skip such images.
-* **Report text:** ``scrub_text`` is an opt-in, regex-based scrubber (names after titles,
-  labelled IDs, dates, phones, emails, long digit runs, ages over 89). It reduces, but cannot
-  guarantee the absence of, PHI in free text.
+* **Report text:** ``scrub_text`` / ``scrub_sections`` are a regex-based scrubber (names after
+  titles, before credentials, after labels and in PN form; labelled and MRN-like ids; dates; phones;
+  emails; addresses; ages over 89; plus the names and ids the caller knows from the header or the
+  RIS row). Report text from DICOM SR and RIS exports goes through it by default; sidecar text when
+  asked. It reduces, but cannot guarantee the absence of, PHI in free text.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Iterable, Iterator, MutableSequence
+from collections.abc import Iterable, Iterator, Mapping, MutableSequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidInput
@@ -240,76 +242,231 @@ def assert_no_phi(meta: dict[str, Any], ds: Dataset | None = None) -> None:
 
 
 # ---------------------------------------------------------------------------- report text
+# Each rule: (pattern, token, kind, need) - ``need``: what a text must contain for the rule to be tried
+# ("digit", "@", "^" or "" for always). Where the pattern has a group named "phi", only that group is
+# replaced (labels, titles and credentials around it are kept); otherwise the whole match is.
 _MONTH = (
     r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|"
     r"Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)"
 )
-_NAME_WORD = r"(?:[A-Z][a-zA-Z'\u2019-]+|[A-Z]\.)"
-_SCRUB_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"), "[EMAIL]"),
+_NAME_WORD = r"(?:(?<!\[)[A-Z][a-zA-Z'\u2019-]+|[A-Z]\.)"
+_NAME = rf"{_NAME_WORD}(?:\s+{_NAME_WORD}){{0,2}}"  # rules start it after a non-word: a scan stays linear
+_NOT_TITLE = r"(?!(?:Dr|Drs|Mr|Mrs|Ms|Miss|Mx|Prof|Doctor|Professor|Nurse)\b)"
+_ID_LABEL = (
+    r"MRN|MR\s?#|MR no\.?|med(?:ical)? rec(?:ord)?(?: number| no\.?| #)?|accession(?: number| no\.?| #)?|"
+    r"acc(?:\.|ession)?\s?(?:no\.?|#)|patient (?:id|no\.?|number|#)|pt\.? id|hospital (?:number|no\.?)|"
+    r"NHS (?:number|no\.?)|SSN|encounter(?: number| no\.?| #| id)?|visit (?:number|no\.?|#|id)|"
+    r"order (?:number|no\.?|#|id)|requisition(?: number| no\.?| #)?|FIN|CSN|chart (?:number|no\.?|#)|"
+    r"study id|exam (?:number|no\.?|#)|unit (?:number|no\.?)|id(?=\s*[:#])"
+)
+_STREET = (
+    r"Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Court|Ct|Place|Pl|Way|Terrace|Parkway|Pkwy|"
+    r"Highway|Hwy|Square|Sq|Crescent|Close"
+)
+_SCRUB_RULES: tuple[tuple[re.Pattern[str], str, str, str], ...] = (
+    (re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)+"), "[EMAIL]", "email", "@"),  # from a token start: linear
     # labelled identifiers: keep the label, replace a value that holds a digit
     (
-        re.compile(
-            r"(?i)\b((?:MRN|MR#|medical record(?: number| no\.?)?|accession(?: number| no\.?| #)?|"
-            r"patient id|hospital (?:number|no\.?)|NHS (?:number|no\.?)|SSN)\s*[:#]?\s*)"
-            r"(?=[A-Z0-9-]*\d)[A-Z0-9][A-Z0-9-]{2,}"
-        ),
-        r"\1[ID]",
+        re.compile(rf"(?i)\b(?:{_ID_LABEL})\s*[:#]?\s*(?P<phi>(?=[A-Z0-9-]*\d)[A-Z0-9][A-Z0-9-]{{2,}})"),
+        "[ID]",
+        "id",
+        "digit",
     ),
-    (re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), "[ID]"),  # SSN
-    # dates: ISO, numeric D/M/Y or M/D/Y, and with month names
-    (re.compile(r"\b\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b"), "[DATE]"),
-    (re.compile(r"\b\d{1,2}[-/.]\d{1,2}[-/.](?:\d{4}|\d{2})\b"), "[DATE]"),
-    (re.compile(rf"\b{_MONTH}\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}}\b"), "[DATE]"),
-    (re.compile(rf"\b\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTH}\.?,?\s+\d{{4}}\b"), "[DATE]"),
-    (re.compile(rf"\b{_MONTH}\.?\s+\d{{4}}\b"), "[DATE]"),
-    # phone numbers: (555) 123-4567, 555-123-4567, +44 20 7946 0958
-    (re.compile(r"(?<![\w+])(?:\+?1[\s.-]?)?\(?\d{3}\)?[\s.-]\d{3}[\s.-]\d{4}\b"), "[PHONE]"),
-    (re.compile(r"(?<!\w)\+\d{1,3}(?:[\s.-]?\d{2,4}){2,4}\b"), "[PHONE]"),
-    # MRN-like runs of 6+ digits
-    (re.compile(r"\b\d{6,}\b"), "[ID]"),
-    # ages over 89 (HIPAA Safe Harbor): "92-year-old", "95 yo"
-    (re.compile(r"\b(?:9\d|1[0-4]\d)(?=[- ]?(?:years?|yrs?)[- ]old\b|\s*(?:yo|y/o|y\.o\.)(?!\w))"), "[AGE 90+]"),
-    # names after titles: keep the title
+    (re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), "[ID]", "id", "digit"),  # SSN
+    # dates: ISO, numeric D/M/Y or M/D/Y, DICOM YYYYMMDD, and with month names (with or without a year)
+    (re.compile(r"\b\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b"), "[DATE]", "date", "digit"),
+    (re.compile(r"\b\d{1,2}[-/.]\d{1,2}[-/.](?:\d{4}|\d{2})\b"), "[DATE]", "date", "digit"),
+    (re.compile(r"\b(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\b"), "[DATE]", "date", "digit"),
+    (re.compile(rf"\b{_MONTH}\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}}\b"), "[DATE]", "date", "digit"),
+    (re.compile(rf"\b\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTH}\.?,?\s+\d{{4}}\b"), "[DATE]", "date", "digit"),
     (
-        re.compile(rf"\b((?:Dr|Drs|Mr|Mrs|Ms|Miss|Mx|Prof|Doctor|Professor|Nurse)\.?\s+){_NAME_WORD}(?:\s+{_NAME_WORD}){{0,2}}"),
-        r"\1[NAME]",
+        re.compile(rf"\b\d{{1,2}}[-/ ]{_MONTH}[-/ ]\d{{2,4}}\b|\b{_MONTH}[-/]\d{{1,2}}[-/]\d{{2,4}}\b"),
+        "[DATE]",
+        "date",
+        "digit",
     ),
-    (re.compile(rf"(?i:\b(patient name|name)\s*:\s*){_NAME_WORD}(?:\s+{_NAME_WORD}){{0,2}}"), r"\1: [NAME]"),
-)  # fmt: skip
+    (re.compile(rf"\b{_MONTH}\.?\s+\d{{4}}\b"), "[DATE]", "date", "digit"),
+    (
+        re.compile(rf"\b{_MONTH}\.?\s+\d{{1,2}}(?:st|nd|rd|th)?\b(?!\s*(?:mm|cm|%|x\b|-?year))"),
+        "[DATE]",
+        "date",
+        "digit",
+    ),
+    (re.compile(rf"\b\d{{1,2}}(?:st|nd|rd|th)\s+(?:of\s+)?{_MONTH}\b"), "[DATE]", "date", "digit"),
+    # phone numbers: (555) 123-4567, 555-123-4567, +44 20 7946 0958, 123-4567, "pager 4-5678", "ext. 2345"
+    (re.compile(r"(?<![\w+])(?:\+?1[\s.-]?)?\(?\d{3}\)?[\s.-]\d{3}[\s.-]\d{4}\b"), "[PHONE]", "phone", "digit"),
+    (re.compile(r"(?<!\w)\+\d{1,3}(?:[\s.-]?\d{2,4}){2,4}\b"), "[PHONE]", "phone", "digit"),
+    (re.compile(r"(?<![\w-])\d{3}-\d{4}\b(?!-)"), "[PHONE]", "phone", "digit"),
+    (
+        re.compile(
+            r"(?i)\b(?:tel|telephone|phone|ph|fax|pager|pgr|beeper|bleep|ext|extension|cell|mobile)\.?\s*[:#]?\s*"
+            r"(?P<phi>\d(?:[\s.-]?\d){3,})\b"
+        ),
+        "[PHONE]",
+        "phone",
+        "digit",
+    ),  # fmt: skip
+    # addresses: "12 Elm Street, Apt 4B", "Springfield, IL 62704", "PO Box 123", UK postcodes
+    (
+        re.compile(
+            rf"\b\d{{1,5}}[A-Z]?\s+(?:[A-Z][a-z]+\.?\s+){{1,3}}(?:{_STREET})\b"
+            r"(?:,?\s*(?:Apt|Apartment|Suite|Ste|Unit|Flat)\.?\s*#?\s*\w+)?"
+        ),
+        "[ADDRESS]",
+        "address",
+        "digit",
+    ),  # fmt: skip
+    (
+        re.compile(r"\b[A-Z][a-z]+(?:\s[A-Z][a-z]+)?,\s*(?:[A-Z]{2}|[A-Z][a-z]+)\s+\d{5}(?:-\d{4})?\b"),
+        "[ADDRESS]",
+        "address",
+        "digit",
+    ),
+    (re.compile(r"(?i)\bP\.?\s?O\.?\s+Box\s+\d+\b"), "[ADDRESS]", "address", "digit"),
+    (re.compile(r"\b[A-Z]{1,2}\d[A-Z\d]?\s+\d[A-Z]{2}\b"), "[ADDRESS]", "address", "digit"),
+    # alphanumeric ids: "RAD20230042", "A123456", "RAD-2023-00042"; then MRN-like runs of 6+ digits
+    (re.compile(r"(?<!\[)\b[A-Z]{1,5}(?:[-#]?\d){5,}[A-Z]?\b"), "[ID]", "id", "digit"),
+    (re.compile(r"\b\d{6,}\b"), "[ID]", "id", "digit"),
+    # ages over 89 (HIPAA Safe Harbor): "92-year-old", "95 yo", "aged 93"
+    (
+        re.compile(r"\b(?:9\d|1[0-4]\d)(?=[- ]?(?:years?|yrs?)[- ]old\b|\s*(?:yo|y/o|y\.o\.)(?!\w))"),
+        "[AGE 90+]",
+        "age_over_89",
+        "digit",
+    ),  # fmt: skip
+    (re.compile(r"(?i)(?<!\[)\bage[d]?\s*:?\s*(?P<phi>9\d|1[0-4]\d)\b"), "[AGE 90+]", "age_over_89", "digit"),
+    # names: after titles, in DICOM PN form (SMITH^JOHN), before credentials (John Smith, MD), after labels
+    (
+        re.compile(
+            rf"\b(?:(?:Dr|Drs|Mr|Mrs|Ms|Miss|Mx|Prof|Doctor|Professor|Nurse)\.?|DR\.|PROF\.)\s+(?P<phi>{_NAME})"
+        ),
+        "[NAME]",
+        "name",
+        "",
+    ),  # fmt: skip
+    (re.compile(r"(?<![\w'\u2019\[-])[A-Z][A-Za-z'\u2019-]+\^[A-Za-z'\u2019^ .-]*[A-Za-z.]"), "[NAME]", "name", "^"),
+    (
+        re.compile(
+            rf"(?<![\w'\u2019\[-]){_NOT_TITLE}(?P<phi>{_NAME}),?\s+(?:(?:MD|DO|PhD|MBBS|FRCR|FRCPC?|RN|NP|PA-C)\b|M\.D\.|D\.O\.|Ph\.D\.)"
+        ),
+        "[NAME]",
+        "name",
+        "",
+    ),  # fmt: skip
+    (
+        re.compile(
+            r"(?i:\b(?:patient name|name|patient|pt|radiologist|attending|resident|fellow|technologist|"
+            r"referring (?:physician|doctor)|ordering (?:physician|doctor)|physician|cc)\s*:\s*|"
+            r"\b(?:(?:electronically )?signed|dictated|reported|read|reviewed|interpreted|transcribed|verified|"
+            r"approved|discussed with|called to|communicated to)\s+by\s*:?\s*|\bdiscussed with\s+)"
+            rf"{_NOT_TITLE}(?P<phi>[A-Z][a-zA-Z'\u2019-]+,\s+{_NAME_WORD}|{_NAME})"
+        ),
+        "[NAME]",
+        "name",
+        "",
+    ),  # fmt: skip
+)
+_DIGIT = re.compile(r"\d")
 
 
-def scrub_text(text: str, known_names: Iterable[str] = ()) -> str:
-    """Replace likely PHI in report text with tokens: [NAME], [DATE], [PHONE], [EMAIL], [ID], [AGE 90+].
+def _rules(text: str) -> list[tuple[re.Pattern[str], str, str, str]]:
+    """The rules that can match ``text`` (a cheap pre-check: most need a digit, e-mails an "@", PN names a "^")."""
+    has = {"": True, "digit": _DIGIT.search(text) is not None, "@": "@" in text, "^": "^" in text}
+    return [r for r in _SCRUB_RULES if has[r[3]]]
 
-    Regex-based and opt-in; ``known_names`` (e.g. the header's PatientName, ``^``-separated
-    components allowed) are replaced wherever they occur. Bare years are kept.
+
+_TITLE_WORDS = {"dr", "drs", "mr", "mrs", "ms", "miss", "mx", "prof", "md", "phd", "do", "rn", "jr", "sr", "ii", "iii"}
+
+
+def _span(m: re.Match[str]) -> tuple[int, int]:
+    return m.span("phi") if "phi" in m.re.groupindex else m.span()
+
+
+def _replace(pattern: re.Pattern[str], token: str, text: str) -> tuple[str, int]:
+    def sub(m: re.Match[str]) -> str:
+        s, e = _span(m)
+        return m.string[m.start() : s] + token + m.string[e : m.end()]
+
+    return pattern.subn(sub, text)
+
+
+def _known_parts(names: Iterable[str]) -> list[str]:
+    """Name components worth replacing: PN components (``^``, ``=``) and comma parts, titles left out, longest first."""
+    parts: set[str] = set()
+    for name in names:
+        for part in re.split(r"[\^,=]", str(name)):
+            p = " ".join(part.split())
+            if len(p) >= 2 and p.lower().strip(".") not in _TITLE_WORDS:
+                parts.add(p)
+    return sorted(parts, key=lambda p: (-len(p), p))
+
+
+def _scrub(text: str, known_names: Iterable[str] = (), known_ids: Iterable[str] = ()) -> tuple[str, int]:
+    out, n = text, 0
+    for value in sorted(
+        {" ".join(str(v).split()) for v in known_ids if len(str(v).strip()) >= 3}, key=len, reverse=True
+    ):
+        out, k = re.subn(rf"(?<!\w){re.escape(value)}(?!\w)", "[ID]", out, flags=re.I)
+        n += k
+    for pattern, token, _, _ in _rules(out):
+        out, k = _replace(pattern, token, out)
+        n += k
+    for part in _known_parts(known_names):
+        out, k = re.subn(rf"(?<![\w\[]){re.escape(part)}(?![\w\]])", "[NAME]", out, flags=re.I)
+        n += k
+    return out, n
+
+
+def scrub_text(text: str, known_names: Iterable[str] = (), *, known_ids: Iterable[str] = ()) -> str:
+    """Replace likely PHI in report text with tokens: [NAME], [DATE], [PHONE], [EMAIL], [ID], [ADDRESS], [AGE 90+].
+
+    Regex-based; ``known_names`` (e.g. the header's PatientName and physicians, ``^``-separated
+    components allowed) are replaced by [NAME] and ``known_ids`` (PatientID, AccessionNumber) by
+    [ID] wherever they occur. Bare years are kept. See ``scrub_sections`` for the list of rules.
     """
-    out = text
-    for pattern, repl in _SCRUB_RULES:
-        out = pattern.sub(repl, out)
-    for name in known_names:
-        for part in {p.strip() for p in re.split(r"[\^,]", str(name)) if len(p.strip()) >= 2}:
-            out = re.sub(rf"(?<!\w){re.escape(part)}(?!\w)", "[NAME]", out, flags=re.I)
-    return out
+    return _scrub(text, known_names, known_ids)[0]
 
 
-_KINDS = {"[EMAIL]": "email", "[ID]": "id", "[DATE]": "date", "[PHONE]": "phone", "[AGE 90+]": "age_over_89",
-          "[NAME]": "name"}  # fmt: skip
+def scrub_sections(
+    sections: Mapping[str, str], *, known_names: Iterable[str] = (), known_ids: Iterable[str] = ()
+) -> tuple[dict[str, str], int]:
+    """Scrub every section of a report; return (new sections, number of spans replaced).
+
+    What it redacts (token in brackets; labels, titles and credentials around a value are kept):
+    e-mail addresses [EMAIL]; labelled ids (MRN, medical record, accession/Acc #, patient/visit/
+    encounter/order/requisition/chart/exam numbers, FIN, CSN, NHS, SSN, "ID:") and SSNs, alphanumeric
+    ids with 5+ digits ("RAD20230042") and runs of 6+ digits [ID]; dates - ISO, D/M/Y and M/D/Y,
+    YYYYMMDD, with month names with or without a year ("14-Mar-2023", "March 14th") [DATE]; phone,
+    fax and pager numbers, 7-digit local numbers, extensions [PHONE]; street addresses, "City, ST
+    ZIP", PO boxes, UK postcodes [ADDRESS]; ages over 89 [AGE 90+]; names after a title (Dr., Mrs.,
+    Prof., ...), before a credential ("John Smith, MD"), in DICOM PN form ("SMITH^JOHN"), and after a
+    label ("Radiologist:", "Patient:", "signed by", "dictated by", "discussed with") [NAME]; and the
+    ``known_names`` [NAME] / ``known_ids`` [ID] wherever they occur. Bare years, measurements,
+    vertebral levels and clinical text are kept. It reduces, but cannot guarantee the absence of,
+    PHI in free text (a name with no title, label or header record gets through).
+    """
+    names, ids = list(known_names), list(known_ids)
+    out: dict[str, str] = {}
+    total = 0
+    for key, text in sections.items():
+        if not text:
+            continue
+        out[key], n = _scrub(text, names, ids)
+        total += n
+    return out, total
 
 
 def find_phi(text: str) -> list[tuple[str, int, int]]:
     """(kind, start, end) of each span ``scrub_text`` would replace (labels and titles kept out), in order.
 
-    Kinds: email, id, date, phone, age_over_89, name. Overlaps go to the rule that ``scrub_text`` runs first.
+    Kinds: email, id, date, phone, address, age_over_89, name. Overlaps go to the rule that ``scrub_text`` runs first.
     """
     spans: list[tuple[str, int, int]] = []
-    for pattern, repl in _SCRUB_RULES:
-        kind = next(v for k, v in _KINDS.items() if k in repl)
+    for pattern, _, kind, _ in _rules(text):
         for m in pattern.finditer(text):
-            start = m.end(1) if repl.startswith("\\1") else m.start()
-            if start < m.end() and not any(s < m.end() and start < e for _, s, e in spans):
-                spans.append((kind, start, m.end()))
+            start, end = _span(m)
+            if start < end and not any(s < end and start < e for _, s, e in spans):
+                spans.append((kind, start, end))
     return sorted(spans, key=lambda s: s[1])
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from .catalog import Catalog
 from .deid import DATE_MODES, PHI_TAGS, deid_method, find_phi
 
-KINDS = ("name", "date", "phone", "email", "id", "age_over_89", "dicom_phi_key", "dicom_uid")
+KINDS = ("name", "date", "phone", "email", "id", "address", "age_over_89", "dicom_phi_key", "dicom_uid")
 _PHI_KEYS = {k.lower() for k in PHI_TAGS}
 _UID = re.compile(r"(?<![\w.])[12](?:\.(?:0|[1-9]\d{0,38})){3,}(?![\w.])")
 _MASKED = re.compile(r"[\sX\-.,:]*X{2,}[\sX\-.,:]*")  # XXXX: already de-identified by the data set
@@ -77,9 +77,15 @@ def redact(text: str, spans: list[tuple[str, int, int]], target: tuple[str, int,
 
 
 def audit_phi(catalog: Catalog, *, examples: int = 3) -> dict[str, Any]:
-    """Scan the catalog; return {'scanned', 'findings', 'kinds': {kind: {count, where, examples}}}."""
+    """Scan the catalog; return {'scanned', 'findings', 'kinds': {kind: {count, where, examples}}, 'report_sources'}.
+
+    ``report_sources``: {"sr"|"ris": {"cases": n, "scrubbed": m}} - cases whose report text came from a
+    DICOM SR or a RIS export, and how many of them went through the text scrubber (``--no-deid-text``
+    leaves it out).
+    """
     kinds: dict[str, dict[str, Any]] = {k: {"count": 0, "where": {}, "examples": []} for k in KINDS}
     scanned = {"cases": 0, "images": 0, "labels": 0, "chars": 0}
+    report_sources: dict[str, dict[str, int]] = {}
 
     def hit(kind: str, field: str, where: str, example: str) -> None:
         k = kinds[kind]
@@ -118,6 +124,7 @@ def audit_phi(catalog: Catalog, *, examples: int = 3) -> dict[str, Any]:
         for name, text in json.loads(sections or "{}").items():
             text_field(text, f"cases.sections.{name}", where)
         json_field(meta, "cases.meta", where)
+        count_report_source(report_sources, json.loads(meta or "{}"))
     for iid, key, path, caption, meta in db.execute("SELECT id, key, path, caption, meta FROM images ORDER BY id"):
         scanned["images"] += 1
         where = f"image {iid}"
@@ -130,7 +137,20 @@ def audit_phi(catalog: Catalog, *, examples: int = 3) -> dict[str, Any]:
         text_field(value, f"labels.{name}", f"image {image_id}" if image_id else f"case {case_id}")
     for k in kinds.values():  # fields by count, most first
         k["where"] = dict(sorted(k["where"].items(), key=lambda kv: (-kv[1], kv[0])))
-    return {"scanned": scanned, "findings": sum(k["count"] for k in kinds.values()), "kinds": kinds}
+    findings = sum(k["count"] for k in kinds.values())
+    return {"scanned": scanned, "findings": findings, "kinds": kinds, "report_sources": report_sources}
+
+
+def count_report_source(counts: dict[str, dict[str, int]], meta: dict[str, Any]) -> None:
+    """Add a case to ``{source: {cases, scrubbed}}`` by its meta ``report_source`` ("sr", "ris") and ``report_scrubbed``.
+
+    Cases whose report came from a sidecar or dataset carry no ``report_source`` and are not counted.
+    """
+    source = meta.get("report_source")
+    if isinstance(source, str) and source:
+        c = counts.setdefault(source, {"cases": 0, "scrubbed": 0})
+        c["cases"] += 1
+        c["scrubbed"] += meta.get("report_scrubbed") is True
 
 
 def _walk(obj: Any, path: str = "") -> Iterator[tuple[str, str | None, Any]]:

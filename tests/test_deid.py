@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from pathlib import Path
 
 import pydicom
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.datadict import tag_for_keyword
 
@@ -16,9 +19,11 @@ from medsearch.deid import (
     PHI_TAGS,
     assert_no_phi,
     deid_method,
+    find_phi,
     patient_date_shift,
     pseudonym,
     safe_metadata,
+    scrub_sections,
     scrub_text,
 )
 from medsearch.errors import InvalidInput
@@ -185,3 +190,95 @@ def test_scrub_text_known_names_and_plain_text():
     assert "atson" not in out.lower() and out.count("[NAME]") == 2
     clean = "No acute intracranial abnormality. Mild mucosal thickening in the maxillary sinuses."
     assert scrub_text(clean) == clean
+
+
+# Planted identifiers the scrubber must catch: (text, identifier that must go, token that must appear).
+PLANTED = [
+    ("Electronically signed by: Petra Lindqvist, MD on 2023-03-14.", "Lindqvist", "signed by: [NAME], MD"),
+    ("Dictated by Alan Jones. Transcribed by: Okafor, Chidi", "Jones", "Dictated by [NAME]"),
+    ("Transcribed by: Okafor, Chidi", "Chidi", "Transcribed by: [NAME]"),
+    ("Radiologist: Priya Patel", "Patel", "Radiologist: [NAME]"),
+    ("Findings discussed with Maria Garcia by phone.", "Garcia", "discussed with [NAME]"),
+    ("Jonathan Smithers, M.D. reviewed.", "Smithers", "[NAME], M.D."),
+    ("Patient: SMITHERS^JONATHAN^Q", "SMITHERS", "Patient: [NAME]"),
+    ("Image labelled SMITHERS^JONATHAN in the corner.", "JONATHAN", "labelled [NAME]"),
+    ("DR. JANE DOE reviewed the study.", "DOE", "DR. [NAME]"),
+    ("Prof Ian Malcolm agreed.", "Malcolm", "Prof [NAME]"),
+    ("Acc# RAD20230042 and Accession No. A-99812.", "99812", "Acc# [ID]"),
+    ("Encounter #E5512; Visit no. V778812; FIN: 44556; CSN 9988776.", "44556", "FIN: [ID]"),
+    ("Medical record no. 778899 and Med Rec # Z123.", "Z123", "[ID]"),
+    ("Order RAD-2023-00042 placed.", "00042", "[ID]"),
+    ("Study of 14-Mar-2023 and of March 14th.", "14-Mar-2023", "[DATE]"),
+    ("Compared with the 20230314 exam.", "20230314", "[DATE]"),
+    ("Seen on the 3rd of June.", "3rd of June", "[DATE]"),
+    ("Call pager 4-5678 or ext. 2345.", "5678", "pager [PHONE]"),
+    ("Results called to 555-0199.", "555-0199", "[PHONE]"),
+    ("Lives at 221B Baker Street, Apt 4.", "Baker", "[ADDRESS]"),
+    ("Home: Springfield, IL 62704.", "62704", "[ADDRESS]"),
+    ("Mail to PO Box 1234 or London NW1 6XE.", "6XE", "[ADDRESS]"),
+    ("Aged 93, a nonagenarian; age: 97.", "97", "[AGE 90+]"),
+]
+CLINICAL_TEXT = [
+    "MS plaques in the periventricular white matter. MR Brain without contrast. DR Chest PA.",
+    "T2 hyperintense lesion at L4-5 and C5-6, 3 x 4 cm, BI-RADS 4, series 3 image 45, BP 120/80.",
+    "Nodule may 5 mm larger. Compared with study from 2019. Follow-up in 6 months.",
+    "Findings: No acute cardiopulmonary process. Impression: Normal. Clinical History: cough.",
+    "Lungs: clear. Heart: normal size. No pneumothorax. Dr. gave no history.",
+    "Gleason 3+4, PSA 6.2 ng/mL, T1-weighted images, 1.5 T scanner, 5th metatarsal fracture.",
+]
+
+
+@pytest.mark.parametrize(("text", "phi", "token"), PLANTED)
+def test_scrub_text_catches_planted_identifiers(text, phi, token):
+    out = scrub_text(text)
+    assert phi not in out and token in out, out
+    assert find_phi(out) == []  # scrubbed text is a fixed point: nothing left that looks like PHI
+    assert scrub_text(out) == out
+
+
+@pytest.mark.parametrize("text", CLINICAL_TEXT)
+def test_scrub_text_keeps_clinical_text(text):
+    assert scrub_text(text) == text and find_phi(text) == []
+
+
+def test_scrub_sections_counts_and_uses_known_identifiers():
+    sections = {
+        "findings": "Smithers seen; SMITHERS agreed. Mass in the liver. Ref PID7734521.",
+        "impression": "Dr. Jonathan Smithers reviewed it on 03/14/2023.",
+        "history": "",
+    }
+    out, n = scrub_sections(sections, known_names=["Smithers^Jonathan^^Dr^MD", "Springfield General"],
+                            known_ids=["PID7734521", "x"])  # fmt: skip
+    assert out == {
+        "findings": "[NAME] seen; [NAME] agreed. Mass in the liver. Ref [ID].",
+        "impression": "Dr. [NAME] reviewed it on [DATE].",
+    }  # empty sections dropped; the title and suffix components of the name leave "Dr." alone
+    assert n == 5  # two known names, one known id, a name after a title, a date
+    assert scrub_sections({}, known_names=["A^B"]) == ({}, 0)
+    assert scrub_sections({"findings": "Clear lungs."}) == ({"findings": "Clear lungs."}, 0)
+    assert scrub_text("Seen in Springfield General today.", ["Springfield General"]) == "Seen in [NAME] today."
+
+
+def test_find_phi_kinds_cover_the_new_rules():
+    kinds = {k for text, _, _ in PLANTED for k, _, _ in find_phi(text)}
+    assert kinds == {"name", "id", "date", "phone", "address", "age_over_89"}
+    text = "Dictated by Alan Jones at 221B Baker Street."
+    assert [(k, text[s:e]) for k, s, e in find_phi(text)] == [("name", "Alan Jones"), ("address", "221B Baker Street")]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from([t for t, _, _ in PLANTED] + CLINICAL_TEXT + [REPORT]), min_size=1, max_size=6),
+       st.sampled_from([" ", "\n", " and ", ", "]))  # fmt: skip
+def test_scrubbed_text_is_a_fixed_point(parts, sep):
+    """Whatever the fragments and how they are joined: nothing PHI-like is left, and scrubbing again changes nothing."""
+    out = scrub_text(sep.join(parts))
+    assert find_phi(out) == [] and scrub_text(out) == out
+
+
+@pytest.mark.parametrize("unit", ["a", "9", "x.", "A-", "a@", "A^", "9-", "Ab "])
+def test_scrub_text_is_linear_on_hostile_text(unit):
+    """One 100k-character token: a backtracking rule takes minutes (the e-mail rule once took 20 s for 50k)."""
+    text = unit * (100_000 // len(unit))
+    t0 = time.perf_counter()
+    scrub_text(text)
+    assert time.perf_counter() - t0 < 10, "a scrub rule backtracks quadratically"

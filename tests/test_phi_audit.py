@@ -26,9 +26,9 @@ runner = CliRunner()
 
 REPORT = (
     "Seen by Dr. John Smithers on 03/14/2019 and again on March 3, 2020. Call (555) 123-4567 or "
-    "john.smithers@example.org. MRN: 12345678. A 93-year-old man with a 3.5 cm nodule."
+    "john.smithers@example.org. MRN: 12345678. A 93-year-old man from 12 Elm Street with a 3.5 cm nodule."
 )
-RAW = ["John", "Smithers", "03/14/2019", "March 3", "555", "4567", "john.smithers", "12345678", "93-year",
+RAW = ["John", "Smithers", "Elm", "03/14/2019", "March 3", "555", "4567", "john.smithers", "12345678", "93-year",
        "Doe", "Jane", "5962", "20040119"]  # fmt: skip
 CLEAN = "Bilateral patchy opacities in 2004; a 3.5 cm nodule at T12. No effusion. Compare 1.2.3 mm."
 
@@ -74,7 +74,7 @@ def test_cli_reports_by_kind_and_exits_1(tmp_path):
     _synthetic(cat)
     cat.close()
     r = runner.invoke(app, ["audit-phi", "--home", str(home)])
-    assert r.exit_code == 1 and re.search(r"^name\s+1\s", r.output, re.M) and "PHI-like spans" in r.output
+    assert r.exit_code == 1 and re.search(r"^name\s+2\s", r.output, re.M) and "PHI-like spans" in r.output
     for raw in RAW:
         assert raw not in r.output, raw
     r = runner.invoke(app, ["audit-phi", "--home", str(home), "--json", "--examples", "0"])
@@ -135,3 +135,12 @@ def test_shared_covid_dataset_is_scanned_whole(tmp_path, covid_dir):
     n_labels = cat.db.execute("SELECT count(*) FROM labels").fetchone()[0]
     assert (rep["scanned"]["cases"], rep["scanned"]["images"], rep["scanned"]["labels"]) == (41, 50, n_labels)
     assert rep["scanned"]["chars"] > 10_000
+
+
+def test_report_sources_are_counted():
+    """Cases whose report came from an SR or a RIS export, and how many were scrubbed (meta written by the ingest)."""
+    cat = Catalog.open(None)
+    for key, meta in (("a", {"report_source": "sr", "report_scrubbed": True}), ("b", {"report_source": "ris"}),
+                      ("c", {"report_source": "ris", "report_scrubbed": True}), ("d", {})):  # fmt: skip
+        cat.upsert_case(CaseRecord(source="s", key=key, sections={"findings": "Clear."}, meta=meta))
+    assert audit_phi(cat)["report_sources"] == {"sr": {"cases": 1, "scrubbed": 1}, "ris": {"cases": 2, "scrubbed": 1}}
