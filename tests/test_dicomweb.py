@@ -92,6 +92,26 @@ def test_sync_pulls_selected_slices_whole_studies_and_no_identifiers(orthanc, tm
     # --slices all adds the 12 slices of the first series that were left out
     s4 = sync_dicomweb(cat, home, DicomwebConfig(url=url, slices=None))
     assert s4.images_added == 12 and cat.counts()["images"] == 25
+
+    # the report arrives as an SR in the PACS: the study gets its sections, scrubbed; the SR gets no vector
+    from sr_fixtures import CLINICAL, PLANTED_WORDS, enhanced_sr
+
+    sr = enhanced_sr(study_uid)
+    sr.PatientID, sr.StudyDate = series[0].PatientID, series[0].StudyDate  # same patient and study in the PACS
+    import io
+
+    buf = io.BytesIO()
+    sr.save_as(buf, enforce_file_format=True)
+    orthanc.upload(buf.getvalue())
+    s5 = sync_dicomweb(cat, home, DicomwebConfig(url=url, slices=None))
+    assert (s5.studies_synced, s5.reports_added, s5.images_added) == (1, 1, 0)
+    case = cat.get_case(cat.db.execute("SELECT id FROM cases").fetchone()[0])
+    report = " ".join(case.sections.values())
+    assert "spiculated mass" in case.sections.get("findings", "") and case.sections.get("impression")
+    assert sum(c in report for c in CLINICAL) >= 5
+    for w in PLANTED_WORDS:
+        assert w not in report, f"{w!r} reached the report text"
+    assert cat.counts()["images"] == 25
     cat.close()
 
 

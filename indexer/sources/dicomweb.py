@@ -41,7 +41,8 @@ from medsearch.config import ImagingConfig
 from medsearch.deid import pseudonym
 from medsearch.errors import InvalidInput, RemoteUnavailable
 
-from .instances import SR_CLASSES, StudyItems, add_instance, display_dir
+from .instances import StudyItems, add_instance, display_dir
+from .sr import TEXT_SR_CLASSES
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom import Dataset
@@ -318,7 +319,7 @@ def _fetch_study(
         if not meta:
             continue
         series_key = pseudonym(series_uid, catalog.salt, "SeriesInstanceUID")
-        sr = [i for i, m in enumerate(meta) if value(m, "SOPClassUID") in SR_CLASSES or value(m, "Modality") == "SR"]
+        sr = [i for i, m in enumerate(meta) if value(m, "SOPClassUID") in TEXT_SR_CLASSES or value(m, "Modality") == "SR"]
         images = [i for i in range(len(meta)) if i not in set(sr)]
         picked: list[int] = list(sr)
         if images:

@@ -30,13 +30,6 @@ from medsearch.records import CaseRecord, ImageRecord, Skipped
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom import Dataset
 
-# SOP classes of the text SR family (Basic, Enhanced, Comprehensive, Comprehensive 3D).
-SR_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.88.11", "1.2.840.10008.5.1.4.1.1.88.22",
-    "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34",
-}  # fmt: skip
-
-
 @dataclass
 class StudyItems:
     """What one study contributes: its case, its images and the inputs that were refused."""
@@ -69,7 +62,9 @@ def display_dir(home: Path, source: str) -> Path:
 
 def is_sr(ds: Dataset) -> bool:
     """True for a text SR document (by SOP Class UID, or Modality SR)."""
-    return str(ds.get("SOPClassUID") or "") in SR_CLASSES or str(ds.get("Modality") or "").upper() == "SR"
+    from indexer.sources.sr import is_sr as _is_sr
+
+    return _is_sr(ds)
 
 
 def study_key_of(ds: Dataset, salt: str) -> str | None:
@@ -87,12 +82,14 @@ def add_instance(
     name: str,
     dates: str = "remove",
     allow_burned_in: bool = False,
+    deid_text: bool = True,
     config: ImagingConfig = ImagingConfig(),
 ) -> None:
     """Turn one in-memory instance into items of ``study`` (rendering and storing its display PNG).
 
     ``name`` labels the instance in skip reasons (a pseudonymous key or a position, never a UID).
-    A refused instance becomes a ``Skipped``; nothing is raised for bad input.
+    A refused instance becomes a ``Skipped``; nothing is raised for bad input. SR text goes through
+    the report scrubber (``medsearch.deid.scrub_sections``) unless ``deid_text`` is False.
     """
     from indexer.dicom import LATERALITY, MODALITY_TYPES, NON_IMAGE_MODALITIES, _body_region, _plane, _study_date
 
@@ -117,7 +114,7 @@ def add_instance(
 
         study.case = replace(study.case, labels={**study.case.labels, "modality_type": modality_type})
     if is_sr(ds):
-        _add_sr(study, ds, name)
+        _add_sr(study, ds, name, deid_text)
         return
     if modality in NON_IMAGE_MODALITIES:
         study.skipped.append(Skipped(name, f"Modality {modality} is not a viewable image"))
@@ -166,18 +163,23 @@ def render_png(ds: Dataset, name: str, config: ImagingConfig = ImagingConfig()) 
     return buf.getvalue(), frame
 
 
-def _add_sr(study: StudyItems, ds: Dataset, name: str) -> None:
+def _add_sr(study: StudyItems, ds: Dataset, name: str, deid_text: bool) -> None:
+    from dataclasses import replace
+
+    from indexer.sources.sr import sr_report
+
     try:
-        from indexer.sources.sr import sr_report
-    except ImportError:  # pragma: no cover - the SR parser ships with the package
-        study.skipped.append(Skipped(name, "SR document: no SR parser installed"))
-        return
-    try:
-        report = sr_report(ds)
+        report = sr_report(ds, name=name)
+        sections, redactions = report.scrubbed() if deid_text else (report.sections, 0)
     except MedsearchError as e:
-        study.skipped.append(Skipped(name, f"SR document not understood ({e.message})"))
+        study.skipped.append(Skipped(name, f"SR document not understood ({e.message.removeprefix(name + ': ')})"))
         return
-    for section, text in report.sections.items():
+    if study.case is not None and sections:
+        meta = {**study.case.meta, "report_source": "sr", "report_scrubbed": bool(deid_text)}
+        if redactions:
+            meta["report_redactions"] = int(meta.get("report_redactions", 0)) + redactions
+        study.case = replace(study.case, meta=meta)
+    for section, text in sections.items():
         if text.strip():
             prev = study.sections.get(section)
             study.sections[section] = f"{prev}\n{text}" if prev else text
