@@ -52,6 +52,7 @@ class ListenConfig:
     index_every: float = 30.0  # seconds between ingest+index rounds
     source: str | None = None  # catalog source name; default "listen-<ae title>"
     max_pdu: int = 0  # 0 = unlimited
+    link_back: bool = False  # keep pseudonym -> Study Instance UID in HOME/private/links.db (admin viewer links)
 
 
 @dataclass
@@ -124,6 +125,12 @@ class Listener:
         self._server: Any = None
         self._loop: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._links = None
+        if config.link_back:
+            from medsearch.catalog.links import LinkStore
+
+            self._links = LinkStore.open(self.home, create=True)
+            self._links_lock = threading.Lock()
 
     # ------------------------------------------------------------------ SCP
     def start(self) -> Listener:
@@ -187,6 +194,9 @@ class Listener:
             self.stats.refuse("out of resources")
             log.error("C-STORE refused: cannot write the spool (disk full?)")
             return OUT_OF_RESOURCES
+        if self._links is not None:
+            with self._links_lock:
+                self._links.put(self.source, items.case.key, str(ds.StudyInstanceUID))
         self.stats.spooled += 1
         return SUCCESS
 
@@ -257,6 +267,9 @@ class Listener:
             self._loop.join(timeout=60)
         if drain:
             self.ingest_round()
+        if self._links is not None:
+            self._links.close()
+            self._links = None
 
     def __enter__(self) -> Listener:
         return self.start()

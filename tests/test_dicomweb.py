@@ -113,6 +113,30 @@ def test_sync_pulls_selected_slices_whole_studies_and_no_identifiers(orthanc, tm
         assert w not in report, f"{w!r} reached the report text"
     assert cat.counts()["images"] == 25
     cat.close()
+    assert not (home / "private").exists()  # the link back is off by default
+
+
+def test_link_back_maps_pseudonyms_to_uids_in_a_private_file(orthanc, tmp_path):
+    from indexer.sources.dicomweb import DicomwebConfig, sync_dicomweb
+    from medsearch.catalog.links import LinkStore, link_status, viewer_url
+
+    study_uid = generate_uid()
+    push(orthanc, write_series(ct_series(3, study_uid=study_uid, series_uid=generate_uid()), tmp_path / "s"))
+    home = tmp_path / "home"
+    home.mkdir()
+    cat = Catalog.open(home / "catalog.db")
+    cfg = DicomwebConfig(url=f"dicomweb+{orthanc.dicomweb}", slices=2, link_back=True, source="pacs")
+    sync_dicomweb(cat, home, cfg)
+    key = cat.db.execute("SELECT key FROM cases WHERE key IN (SELECT key FROM cases)").fetchall()
+    cat.close()
+    store = LinkStore.open(home)
+    keys = [k for (k,) in key if store.uid("pacs", k) == study_uid]
+    assert len(keys) == 1
+    assert (home / "private" / "links.db").stat().st_mode & 0o077 == 0
+    assert study_uid not in (home / "catalog.db").read_bytes().decode("latin-1")
+    store.close()
+    assert link_status(home)["exists"] is True and link_status(home)["studies"] >= 1
+    assert viewer_url("https://pacs/viewer?StudyInstanceUIDs={uid}", "1.2.3") == "https://pacs/viewer?StudyInstanceUIDs=1.2.3"
 
 
 def test_unreachable_pacs_names_the_url_and_stores_nothing(tmp_path):

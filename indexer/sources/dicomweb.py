@@ -74,6 +74,7 @@ class DicomwebConfig:
     backoff: float = 0.5  # seconds; doubles per retry
     page: int = 100  # studies per QIDO page
     source: str | None = None
+    link_back: bool = False  # keep pseudonym -> Study Instance UID in HOME/private/links.db (admin viewer links)
 
 
 @dataclass
@@ -276,6 +277,11 @@ def sync_dicomweb(
     slices_mode = "all" if config.slices is None else str(config.slices)
     out_dir = display_dir(home, source)
     newest = catalog.get_meta(mark) or ""
+    links = None
+    if config.link_back:
+        from medsearch.catalog.links import LinkStore
+
+        links = LinkStore.open(home, create=True)
     for study in client.studies(since, config.modalities):
         summary.studies_seen += 1
         uid = value(study, "StudyInstanceUID")
@@ -294,6 +300,8 @@ def sync_dicomweb(
         except BaseException:
             _remove_unreferenced(items)
             raise
+        if links is not None:
+            links.put(source, study_key, uid)
         summary.studies_synced += 1
         summary.images_added += s.images_added + s.images_updated
         summary.reports_added += int(bool(items.sections))
@@ -303,6 +311,8 @@ def sync_dicomweb(
             catalog.set_meta(mark, newest)
         if progress:
             progress("study", 1)
+    if links is not None:
+        links.close()
     summary.seconds = time.perf_counter() - t0
     return summary
 
