@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from conftest import MEDPIX
+
+MEDPIX = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "medpix-2.0"
 
 PLANTED = {
     "PatientName": "Doe^Janet^Q",
@@ -35,7 +36,7 @@ PRIVATE_TEXT = "PRIVATE-Janet-Doe-88412731"
 NESTED_NAME = "Nested^Nora"
 
 
-def ct_pixels(n: int) -> list[np.ndarray]:
+def ct_pixels(n: int, size: int = 128) -> list[np.ndarray]:
     """``n`` real CT images from medpix-2.0 as 2-D uint8 arrays (cycled when there are fewer)."""
     from PIL import Image
 
@@ -47,7 +48,7 @@ def ct_pixels(n: int) -> list[np.ndarray]:
                 files.append(MEDPIX / rec["file"])
             if len(files) >= min(n, 40):
                 break
-    return [np.asarray(Image.open(files[i % len(files)]).convert("L").resize((128, 128))) for i in range(n)]
+    return [np.asarray(Image.open(files[i % len(files)]).convert("L").resize((size, size))) for i in range(n)]
 
 
 def ct_series(
@@ -62,6 +63,7 @@ def ct_series(
     z0: float = -100.0,
     spacing: float = 2.5,
     shuffle_numbers: bool = True,
+    size: int = 128,
 ) -> list:
     """A CT series of ``n_slices`` pydicom Datasets with geometry, rescale, window and planted PHI.
 
@@ -76,7 +78,7 @@ def ct_series(
     rng = np.random.default_rng(series_number)
     numbers = rng.permutation(n_slices) + 1 if shuffle_numbers else np.arange(n_slices) + 1
     out = []
-    for i, px in enumerate(ct_pixels(n_slices)):
+    for i, px in enumerate(ct_pixels(n_slices, size)):
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
