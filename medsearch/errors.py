@@ -160,6 +160,13 @@ class BackupCorrupt(InvalidInput):
     code = "backup_corrupt"
 
 
+class RemoteUnavailable(MedsearchError):
+    """A PACS or DICOMweb server that cannot be reached, times out, or answers with an error."""
+
+    http_status = 502
+    code = "remote_unavailable"
+
+
 def error_codes() -> dict[str, tuple[int, str]]:
     """Every error code with its HTTP status and meaning (the vocabulary both shells use)."""
     out: dict[str, tuple[int, str]] = {}

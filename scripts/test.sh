@@ -10,8 +10,16 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 MEDSEARCH_EXTRAS=${MEDSEARCH_EXTRAS:-dev,llm,ray} bash scripts/setup.sh
 # Browser tests (marker `browser`) drive Debian's Chromium through Playwright; Playwright's own
 # browser download is never used. Installed only where it is missing and we may (root or CI).
-if [ ! -x /usr/bin/chromium ] && { [ "$(id -u)" = 0 ] || [ -n "${CI:-}" ]; }; then
+# PACS tests (marker `pacs`) start Debian's Orthanc with its DICOMweb plugin and push with dcmtk.
+need=()
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/sbin/Orthanc ] || need+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+command -v storescu >/dev/null || need+=(dcmtk)
+if [ ${#need[@]} -gt 0 ] && { [ "$(id -u)" = 0 ] || [ -n "${CI:-}" ]; }; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+  # Debian starts an Orthanc service on port 8042/4242 where an init system runs; the tests start their own.
+  $SUDO service orthanc stop >/dev/null 2>&1 || true
 fi
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,221 @@
+"""PACS benchmark: DICOMweb sync from a real Orthanc and the C-STORE listener, side by side with baselines.
+
+    python benchmarks/pacs_bench.py [--slices 300] [--studies 1000] [--size 512] [--out benchmarks/results/pacs_bench.md]
+
+1. Sync of one CT study of --slices slices (real medpix pixels, --size px) at ``--slices 8`` against
+   ``--slices all``: instances fetched, seconds to sync, seconds to embed with the towers (model
+   loaded before the clock starts), vectors and catalog bytes; instances/s end to end.
+2. Listener: the same study pushed with dcmtk's storescu to ``medsearch listen`` (de-identify,
+   render, spool) and, as the baseline, to dcmtk's own storescp (writes the files as they come);
+   instances/s received, and seconds from the end of the push to searchable (indexed) with
+   --index-every 5.
+3. Peak RSS of a sync of 100 and of --studies one-slice studies (each in a fresh process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from common import load_avg  # noqa: E402
+
+
+def _dicom_bytes(ds) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _home(root: Path, name: str) -> Path:
+    from medsearch.catalog import Catalog
+
+    h = root / name
+    h.mkdir()
+    Catalog.open(h / "catalog.db").close()
+    return h
+
+
+def bench_sync(orthanc, root: Path, towers, slices: int | None) -> dict:
+    from indexer.embed import run_index
+    from indexer.sources.dicomweb import DicomwebConfig, sync_dicomweb
+    from medsearch.catalog import Catalog
+    from medsearch.config import EmbedConfig, Paths
+
+    home = _home(root, f"sync-{slices or 'all'}")
+    cat = Catalog.open(home / "catalog.db")
+    t0 = time.perf_counter()
+    s = sync_dicomweb(cat, home, DicomwebConfig(url=f"dicomweb+{orthanc.dicomweb}", slices=slices))
+    t1 = time.perf_counter()
+    e = run_index(cat, towers, Paths(home), config=EmbedConfig(batch_size=32, workers=0), progress=False)
+    t2 = time.perf_counter()
+    vectors = cat.count_vectors(towers.model_id, "image")
+    cat.close()
+    nbytes = sum(p.stat().st_size for p in home.rglob("catalog.db*"))
+    images = sum(p.stat().st_size for p in (home / "images").rglob("*.png"))
+    return {"slices": "all" if slices is None else slices, "fetched": s.instances_fetched, "sync_s": t1 - t0,
+            "embed_s": t2 - t1, "total_s": t2 - t0, "vectors": vectors, "catalog_bytes": nbytes,
+            "display_bytes": images, "inst_per_s": s.instances_fetched / (t2 - t0), "embedded": e.images_embedded}
+
+
+def bench_listener(root: Path, files: list[Path], towers) -> dict:
+    from orthanc import free_port
+
+    from indexer.embed import run_index
+    from indexer.listen import ListenConfig, Listener
+    from medsearch.catalog import Catalog
+    from medsearch.config import EmbedConfig, Paths
+
+    home = _home(root, "listen")
+    done: list[float] = []
+
+    def index(cat):
+        run_index(cat, towers, Paths(home), config=EmbedConfig(batch_size=32, workers=0), progress=False)
+        if cat.count_vectors(towers.model_id, "image") >= len(files):
+            done.append(time.perf_counter())
+
+    lis = Listener(home, ListenConfig(port=free_port(), index_every=5), index=index).start()
+    try:
+        t0 = time.perf_counter()
+        subprocess.run(["storescu", "-aec", "MEDSEARCH", "127.0.0.1", str(lis.port), *map(str, files)], check=True,
+                       capture_output=True)  # fmt: skip
+        t1 = time.perf_counter()
+        spooled = lis.stats.spooled
+        deadline = time.monotonic() + 300
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        lis.stop(drain=False)
+    cat = Catalog.open(home / "catalog.db", readonly=True)
+    n = cat.counts()["images"]
+    cat.close()
+    return {"received": spooled, "push_s": t1 - t0, "inst_per_s": spooled / (t1 - t0),
+            "to_searchable_s": (done[0] - t1) if done else None, "catalogued": n}
+
+
+def bench_storescp(root: Path, files: list[Path]) -> dict:
+    from orthanc import free_port
+
+    out = root / "storescp"
+    out.mkdir()
+    port = free_port()
+    p = subprocess.Popen(["storescp", "-aet", "BASE", "-od", str(out), str(port)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        for _ in range(100):
+            if subprocess.run(["echoscu", "-aec", "BASE", "127.0.0.1", str(port)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        t0 = time.perf_counter()
+        subprocess.run(["storescu", "-aec", "BASE", "127.0.0.1", str(port), *map(str, files)], check=True,
+                       capture_output=True)  # fmt: skip
+        dt = time.perf_counter() - t0
+    finally:
+        p.terminate()
+        p.wait()
+    return {"received": len(list(out.iterdir())), "push_s": dt, "inst_per_s": len(files) / dt}
+
+
+RSS_CHILD = """
+import json, resource, sys
+from pathlib import Path
+from indexer.sources.dicomweb import DicomwebConfig, sync_dicomweb
+from medsearch.catalog import Catalog
+home = Path(sys.argv[1]); home.mkdir()
+cat = Catalog.open(home / "catalog.db")
+mods = tuple(sys.argv[3].split(",")) if sys.argv[3] else ()
+s = sync_dicomweb(cat, home, DicomwebConfig(url=sys.argv[2], slices=8, modalities=mods))
+cat.close()
+print(json.dumps({"studies": s.studies_synced, "seconds": s.seconds,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def bench_rss(orthanc, root: Path, name: str, modalities: str) -> dict:
+    """Peak RSS of a fresh process that syncs the studies matching ``modalities`` ("" = all) into a fresh home."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", RSS_CHILD, str(root / f"rss-{name}"), f"dicomweb+{orthanc.dicomweb}",
+                        modalities], env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--studies", type=int, default=1000)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    from orthanc import OrthancServer
+    from pacs_data import ct_series, write_series
+    from pydicom.uid import generate_uid
+
+    from medsearch.encoders.registry import load_encoder
+
+    root = Path(tempfile.mkdtemp(prefix="pacs-bench-"))
+    lines = [f"# PACS benchmark\n\n`python benchmarks/pacs_bench.py --slices {args.slices} --studies {args.studies} "
+             f"--size {args.size}`; load before: {load_avg()}\n"]  # fmt: skip
+    try:
+        towers = load_encoder("towers", device="cpu")
+        study = ct_series(args.slices, study_uid=generate_uid(), series_uid=generate_uid(), size=args.size)
+        files = write_series(study, root / "study")
+        with OrthancServer(root / "orthanc") as o:
+            for ds in study:
+                o.upload(_dicom_bytes(ds))
+            rows = [bench_sync(o, root, towers, 8), bench_sync(o, root, towers, None)]
+        lines.append(f"## Sync of one {args.slices}-slice CT study ({args.size} px) from Orthanc on loopback, towers on CPU\n")
+        lines.append("| --slices | instances fetched | sync s | embed s | total s | vectors | catalog bytes | display PNG bytes | instances/s end to end |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            lines.append(f"| {r['slices']} | {r['fetched']} | {r['sync_s']:.2f} | {r['embed_s']:.2f} | {r['total_s']:.2f} | "
+                         f"{r['vectors']} | {r['catalog_bytes']:,} | {r['display_bytes']:,} | {r['inst_per_s']:.1f} |")
+        lis = bench_listener(root, files, towers)
+        base = bench_storescp(root, files)
+        lines.append(f"\n## C-STORE receive of the same {args.slices} instances (dcmtk storescu, one association)\n")
+        lines.append("| receiver | instances | push s | instances/s | end of push -> searchable s (--index-every 5) |")
+        lines.append("| --- | --- | --- | --- | --- |")
+        lines.append(f"| medsearch listen (de-identify, render, spool) | {lis['received']} | {lis['push_s']:.2f} | "
+                     f"{lis['inst_per_s']:.0f} | {lis['to_searchable_s']:.1f} |" if lis["to_searchable_s"] is not None
+                     else f"| medsearch listen | {lis['received']} | {lis['push_s']:.2f} | {lis['inst_per_s']:.0f} | not reached |")
+        lines.append(f"| baseline: dcmtk storescp (writes files) | {base['received']} | {base['push_s']:.2f} | "
+                     f"{base['inst_per_s']:.0f} | - |")
+        # RSS: args.studies one-slice studies, the first 100 of them MR so a modality filter syncs exactly 100
+        with OrthancServer(root / "orthanc-many") as o:
+            for i in range(args.studies):
+                ds = ct_series(1, study_uid=generate_uid(), series_uid=generate_uid(), size=64,
+                               patient={"PatientID": f"P{i:05d}"})[0]  # fmt: skip
+                if i < 100:
+                    ds.Modality = "MR"
+                o.upload(_dicom_bytes(ds))
+            small = bench_rss(o, root, "100", "MR")  # the first 100 studies are MR: exactly 100 synced
+            big = bench_rss(o, root, "all", "")
+        lines.append("\n## Peak RSS of a sync (fresh process each, 64 px one-slice studies, QIDO pages of 100)\n")
+        lines.append("| studies synced | seconds | studies/s | peak RSS MB |")
+        lines.append("| --- | --- | --- | --- |")
+        for r in (small, big):
+            lines.append(f"| {r['studies']} | {r['seconds']:.1f} | {r['studies'] / r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+        lines.append(f"\nPeak RSS grows {100 * (big['peak_rss_mb'] / small['peak_rss_mb'] - 1):+.1f}% from "
+                     f"{small['studies']} to {big['studies']} studies. Load after: {load_avg()}.")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""A DICOM C-STORE receiver (SCP, with C-ECHO) that modalities or the PACS push to.
+
+    medsearch listen [--host 127.0.0.1] [--port 11112] [--ae-title MEDSEARCH] [--index-every 30]
+
+    C-STORE ─► decode ─► de-identify + render in memory ─► spool entry (fsync, rename) ─► status 0x0000
+                                                             │ every --index-every seconds:
+                                                             └► ingest (one transaction) ─► delete entries ─► index
+
+What each C-STORE gets back:
+    0x0000  success: the instance is de-identified and durably spooled (it survives a SIGKILL)
+    0x0122  refused, SOP class not supported: a storage object that is neither an image nor a text SR
+    0xC000  error, cannot understand: a data set that does not decode, has no pixels or no UIDs
+    0xA700  refused, out of resources: the spool cannot be written (disk full)
+
+The spool (``HOME/spool/<ae-title>/``) holds one JSON entry per received instance: the
+de-identified catalog items (pseudonymous keys, whitelisted header fields) and, for an image,
+the path of its display PNG in ``HOME/images/``; never a UID, a name or the original file. An
+entry is written to a temp file, fsynced and renamed, and the PNG is in place before the entry
+names it, so after a SIGKILL a restarted listener replays exactly the entries that were
+acknowledged: ingest is idempotent by key and content hash, so nothing is lost or doubled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medsearch.catalog import Catalog
+from medsearch.config import ImagingConfig, Paths
+from medsearch.fileio import write_atomic
+from medsearch.records import CaseRecord, ImageRecord
+
+from .sources.instances import StudyItems, add_instance, display_dir
+
+log = logging.getLogger("medsearch.listen")
+
+SUCCESS, UNSUPPORTED, CANNOT_UNDERSTAND, OUT_OF_RESOURCES = 0x0000, 0x0122, 0xC000, 0xA700
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 11112
+    ae_title: str = "MEDSEARCH"
+    index_every: float = 30.0  # seconds between ingest+index rounds
+    source: str | None = None  # catalog source name; default "listen-<ae title>"
+    max_pdu: int = 0  # 0 = unlimited
+    link_back: bool = False  # keep pseudonym -> Study Instance UID in HOME/private/links.db (admin viewer links)
+
+
+@dataclass
+class ListenStats:
+    received: int = 0
+    spooled: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    ingested: int = 0
+    rounds: int = 0
+    last_round_seconds: float = 0.0
+    last_indexed_at: float | None = None
+
+    def refuse(self, why: str) -> None:
+        self.refused[why] = self.refused.get(why, 0) + 1
+
+
+class Spool:
+    """Crash-safe queue of de-identified instances, one JSON file each, named by instance key."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(".*.tmp"):  # a write killed before its rename was never acknowledged
+            stale.unlink(missing_ok=True)
+
+    def put(self, key: str, items: StudyItems) -> None:
+        entry = {"case": asdict(items.case) if items.case else None,
+                 "images": [asdict(i) for i in items.images], "sections": items.sections}  # fmt: skip
+        data = json.dumps(entry, separators=(",", ":")).encode()
+        write_atomic(self.folder / f"{key}.json", lambda f: f.write(data))
+
+    def entries(self) -> list[Path]:
+        return sorted(self.folder.glob("*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+    @staticmethod
+    def load(path: Path) -> StudyItems:
+        d = json.loads(path.read_text())
+        return StudyItems(case=CaseRecord(**d["case"]) if d["case"] else None,
+                          images=[ImageRecord(**i) for i in d["images"]], sections=d.get("sections") or {})  # fmt: skip
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.folder.glob("*.json"))
+
+
+class Listener:
+    """The SCP and its ingest loop. ``start()`` returns once the port is bound; ``stop()`` drains."""
+
+    def __init__(
+        self,
+        home: Path,
+        config: ListenConfig = ListenConfig(),
+        *,
+        index: Callable[[Catalog], Any] | None = None,
+        imaging: ImagingConfig = ImagingConfig(),
+    ) -> None:
+        self.home = Path(home)
+        self.paths = Paths(self.home)
+        self.config = config
+        self.source = config.source or f"listen-{config.ae_title.strip().lower()}"
+        self.index = index
+        self.imaging = imaging
+        self.stats = ListenStats()
+        self.spool = Spool(self.home / "spool" / _safe(config.ae_title))
+        self.out_dir = display_dir(self.home, self.source)
+        cat = Catalog.open(self.paths.catalog)
+        self.salt = cat.salt
+        cat.close()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._server: Any = None
+        self._loop: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._links = None
+        if config.link_back:
+            from medsearch.catalog.links import LinkStore
+
+            self._links = LinkStore.open(self.home, create=True)
+            self._links_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ SCP
+    def start(self) -> Listener:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(ae_title=self.config.ae_title)
+        ae.maximum_pdu_size = self.config.max_pdu
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
+        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        self._loop = threading.Thread(target=self._run_loop, name="medsearch-listen-ingest", daemon=True)
+        self._loop.start()
+        log.info("listening on %s:%d as %s; spool %s", self.config.host, self.port, self.config.ae_title,
+                 self.spool.folder)  # fmt: skip
+        return self
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server else self.config.port
+
+    def _on_store(self, event: Any) -> int:
+        self.stats.received += 1
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+        except Exception:  # the data set does not decode
+            self.stats.refuse("cannot understand")
+            log.warning("C-STORE refused: data set does not decode")
+            return CANNOT_UNDERSTAND
+        from .sources.instances import is_sr
+
+        sop_class = str(ds.get("SOPClassUID") or "")
+        if not is_sr(ds) and "PixelData" not in ds and "FloatPixelData" not in ds:
+            why = "unsupported SOP class" if sop_class else "cannot understand"
+            self.stats.refuse(why)
+            log.warning("C-STORE refused (%s): SOP class %s", why, _sop_name(sop_class))
+            return UNSUPPORTED if sop_class else CANNOT_UNDERSTAND
+        items = StudyItems()
+        name = f"{self.source}:#{ds.get('InstanceNumber', '?')}"
+        try:
+            add_instance(items, ds, source=self.source, salt=self.salt, out_dir=self.out_dir, name=name,
+                         config=self.imaging)  # fmt: skip
+        except OSError:
+            self.stats.refuse("out of resources")
+            log.error("C-STORE refused: cannot write the display image (disk full?)")
+            return OUT_OF_RESOURCES
+        if items.case is None or (not items.images and not items.sections):
+            self.stats.refuse("cannot understand")
+            why = items.skipped[0].reason if items.skipped else "nothing usable"
+            log.warning("C-STORE refused (cannot understand): %s", why)
+            return CANNOT_UNDERSTAND
+        key = items.images[0].key if items.images else _instance_key(ds, self.salt)
+        try:
+            self.spool.put(key, items)
+        except OSError:
+            for im in items.images:
+                Path(im.path).unlink(missing_ok=True)
+            self.stats.refuse("out of resources")
+            log.error("C-STORE refused: cannot write the spool (disk full?)")
+            return OUT_OF_RESOURCES
+        if self._links is not None:
+            with self._links_lock:
+                self._links.put(self.source, items.case.key, str(ds.StudyInstanceUID))
+        self.stats.spooled += 1
+        return SUCCESS
+
+    # ------------------------------------------------------------------ ingest loop
+    def _run_loop(self) -> None:
+        next_round = 0.0  # replay a spool left by a killed listener at once
+        while not self._stop.is_set():
+            wait = max(0.0, next_round - time.monotonic())
+            self._wake.wait(wait)
+            self._wake.clear()
+            try:
+                self.ingest_round()
+            except Exception:  # keep receiving; the entries stay in the spool for the next round
+                log.exception("ingest round failed; its entries stay spooled")
+            next_round = time.monotonic() + self.config.index_every
+
+    def ingest_round(self) -> int:
+        """Ingest every spooled entry in one transaction, delete them, then index. Returns entries ingested."""
+        from indexer.ingest import ingest_items
+
+        with self._lock:
+            t0 = time.perf_counter()
+            entries = self.spool.entries()
+            if not entries:
+                return 0
+            studies: dict[str, StudyItems] = {}
+            for p in entries:
+                try:
+                    it = Spool.load(p)
+                except (ValueError, TypeError, KeyError):
+                    log.error("spool entry %s is unreadable; moved aside", p.name)
+                    p.rename(p.with_suffix(".bad"))
+                    continue
+                s = studies.setdefault(it.case.key, StudyItems(case=it.case)) if it.case else None
+                if s is not None:
+                    s.images.extend(it.images)
+                    for k, v in it.sections.items():
+                        s.sections[k] = f"{s.sections[k]}\n{v}" if k in s.sections and v not in s.sections[k] else v
+            cat = Catalog.open(self.paths.catalog)
+            try:
+                with cat.atomic():
+                    for st in studies.values():
+                        items = st.items()
+                        if st.sections:  # keep report text already stored for the study
+                            items[0] = _merge_sections(cat, items[0])
+                        ingest_items(cat, items, path=f"listen:{self.config.ae_title}", layout="c-store",
+                                     imaging=self.imaging, chunk=1 << 30)  # fmt: skip
+                for p in entries:
+                    p.unlink(missing_ok=True)
+                if self.index is not None:
+                    self.index(cat)
+                    self.stats.last_indexed_at = time.time()
+            finally:
+                cat.close()
+            self.stats.ingested += len(entries)
+            self.stats.rounds += 1
+            self.stats.last_round_seconds = time.perf_counter() - t0
+            log.info("ingested %d spooled instances in %.2f s", len(entries), self.stats.last_round_seconds)
+            return len(entries)
+
+    def stop(self, drain: bool = True) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self._stop.set()
+        self._wake.set()
+        if self._loop is not None:
+            self._loop.join(timeout=60)
+        if drain:
+            self.ingest_round()
+        if self._links is not None:
+            self._links.close()
+            self._links = None
+
+    def __enter__(self) -> Listener:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _merge_sections(cat: Catalog, case: CaseRecord) -> CaseRecord:
+    from dataclasses import replace
+
+    from medsearch.errors import NotFound
+
+    try:
+        have = cat.get_case(f"{case.source}:{case.key}").sections
+    except NotFound:
+        return case
+    return replace(case, sections={**have, **case.sections})
+
+
+def _instance_key(ds: Any, salt: str) -> str:
+    from medsearch.deid import safe_metadata
+
+    return str(safe_metadata(ds, salt).get("instance_key") or "sr")
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name.strip()) or "_"
+
+
+def _sop_name(uid: str) -> str:
+    try:
+        from pydicom.uid import UID
+
+        return UID(uid).name or uid
+    except Exception:
+        return uid
+
+
+# Every transfer syntax pydicom can decode (compressed ones need the `dicom` extra's decoders).
+ALL_TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.5",
+]  # fmt: skip
+
+
+def serve_forever(listener: Listener, *, on_tick: Callable[[ListenStats], None] | None = None) -> None:
+    """Run until SIGINT/SIGTERM, then stop receiving and ingest what is spooled."""
+    import signal
+
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    listener.start()
+    try:
+        while not done.wait(5.0):
+            if on_tick:
+                on_tick(listener.stats)
+    finally:
+        listener.stop()
+    os.sync()

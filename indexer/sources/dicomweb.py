@@ -1,0 +1,366 @@
+"""Pull studies from a PACS over DICOMweb (QIDO-RS to find, WADO-RS to fetch, STOW-RS to send back).
+
+    medsearch ingest dicomweb+http://HOST:PORT/dicom-web [--since YYYYMMDD] [--modality CT]... [--slices N]
+
+Per study, in this order and without touching pixels until the last step:
+
+1. QIDO-RS lists studies (StudyDate >= since, ModalitiesInStudy), paged. A study whose instance
+   count and slice setting match its ``sync_state`` row is skipped with no further request.
+2. QIDO-RS lists its series; WADO-RS series *metadata* gives each instance's SOP class,
+   position and number. Slices are chosen from that metadata (``select_slices``): N spread over
+   the series' extent along its normal, or all of them; instances the catalog already holds are
+   not fetched again; SR documents of the study are always fetched (they become its report).
+3. WADO-RS fetches just those instances into memory; each is de-identified and rendered to a
+   display PNG (``indexer.sources.instances``), and the whole study is stored in one transaction
+   together with its sync record: a study goes in whole or not at all.
+
+Re-running adds only what is new: the high-water mark ``dicomweb:<source>:since`` (the newest
+StudyDate synced) bounds the QIDO query, and the catalog's keys and sync records skip the rest;
+a killed sync resumes at the first study that was not committed. A study that gained a series
+since its last sync has a new instance count, so its new series is fetched. Studies older than
+the high-water mark that change later need ``--since`` to be looked at again.
+
+Errors: an unreachable, slow or failing server raises ``RemoteUnavailable`` naming the URL and
+the remedy after retries with exponential backoff (connection errors, 429, 5xx). Credentials
+(``--token`` / ``MEDSEARCH_DICOMWEB_TOKEN`` bearer, or ``user:password@`` in the URL for basic
+auth) are never logged or stored; neither are UIDs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from medsearch.catalog import Catalog, now
+from medsearch.catalog.pacs import existing_image_keys, set_sync_state, sync_state
+from medsearch.config import ImagingConfig
+from medsearch.deid import pseudonym
+from medsearch.errors import InvalidInput, RemoteUnavailable
+
+from .instances import StudyItems, add_instance, display_dir
+from .sr import TEXT_SR_CLASSES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pydicom import Dataset
+
+SCHEMES = ("dicomweb+http://", "dicomweb+https://")
+_TAG = {  # DICOM JSON tags read from QIDO / metadata answers
+    "StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E", "SOPInstanceUID": "00080018",
+    "SOPClassUID": "00080016", "Modality": "00080060", "StudyDate": "00080020",
+    "NumberOfStudyRelatedInstances": "00201208", "ImagePositionPatient": "00200032",
+    "ImageOrientationPatient": "00200037", "InstanceNumber": "00200013",
+}  # fmt: skip
+
+
+def is_dicomweb(path: str) -> bool:
+    return str(path).startswith(SCHEMES)
+
+
+@dataclass(frozen=True)
+class DicomwebConfig:
+    """What to pull and how: the URL as given (``dicomweb+http(s)://...``), filters, slices, retries."""
+
+    url: str
+    since: str | None = None  # YYYYMMDD; default: the source's high-water mark
+    modalities: tuple[str, ...] = ()
+    slices: int | None = 8  # None = all
+    token: str | None = None
+    timeout: float = 30.0
+    retries: int = 4
+    backoff: float = 0.5  # seconds; doubles per retry
+    page: int = 100  # studies per QIDO page
+    source: str | None = None
+    link_back: bool = False  # keep pseudonym -> Study Instance UID in HOME/private/links.db (admin viewer links)
+
+
+@dataclass
+class SyncSummary:
+    """Counts of one sync; ``skipped`` names inputs by pseudonymous key or position, never by UID."""
+
+    url: str
+    source: str
+    studies_seen: int = 0
+    studies_synced: int = 0
+    studies_unchanged: int = 0
+    instances_listed: int = 0
+    instances_fetched: int = 0
+    images_added: int = 0
+    reports_added: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def counts(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("skipped", "notes", "url")} | {"skipped": len(self.skipped)}
+
+
+def http_url(url: str) -> tuple[str, str | None, str | None]:
+    """``dicomweb+http://user:pw@host:port/root`` -> (``http://host:port/root``, user, password)."""
+    if not is_dicomweb(url):
+        raise InvalidInput(f"{url!r} is not a DICOMweb source", hint="write dicomweb+http://HOST:PORT/dicom-web")
+    parts = urlsplit(url.removeprefix("dicomweb+"))
+    if not parts.hostname:
+        raise InvalidInput(f"{redact(url)} names no host", hint="write dicomweb+http://HOST:PORT/dicom-web")
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", "")), parts.username, parts.password
+
+
+def redact(url: str) -> str:
+    """The URL without credentials, for messages and logs."""
+    parts = urlsplit(url.removeprefix("dicomweb+"))
+    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def default_source(url: str) -> str:
+    """A stable source name for a PACS: ``pacs-HOST-PORT``."""
+    parts = urlsplit(url.removeprefix("dicomweb+"))
+    return f"pacs-{parts.hostname}-{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+class DicomwebClient:
+    """QIDO/WADO/STOW over one HTTP session with retries and backoff; errors name the URL and a remedy."""
+
+    def __init__(self, config: DicomwebConfig) -> None:
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
+
+        self.config = config
+        self.base, user, password = http_url(config.url)
+        self.shown = redact(config.url)
+        session = requests.Session()
+        retry = Retry(total=config.retries, connect=config.retries, read=config.retries, status=config.retries,
+                      backoff_factor=config.backoff, status_forcelist=(429, 500, 502, 503, 504),
+                      allowed_methods=None, raise_on_status=False)  # fmt: skip
+        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=8)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        if config.token:
+            session.headers["Authorization"] = f"Bearer {config.token}"
+        elif user is not None:
+            session.auth = (user, password or "")
+        self.client = DICOMwebClient(self.base, session=session, timeout=config.timeout)
+
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one DICOMweb call, turning transport and HTTP failures into ``RemoteUnavailable``."""
+        import requests
+
+        try:
+            return fn(*args, **kwargs)
+        except requests.HTTPError as e:
+            status = e.response.status_code if e.response is not None else "?"
+            hint = {401: "pass --token (or MEDSEARCH_DICOMWEB_TOKEN) or user:password@ in the URL",
+                    403: "the credentials are not allowed to read this server",
+                    404: "check the DICOMweb root in the URL (e.g. /dicom-web)"}.get(status, "check the server's log; retry later")  # fmt: skip
+            raise RemoteUnavailable(f"{self.shown}: {what} answered HTTP {status}", hint=hint) from None
+        except (requests.ConnectionError, requests.Timeout) as e:
+            kind = "timed out" if isinstance(e, requests.Timeout) else "cannot be reached"
+            raise RemoteUnavailable(
+                f"{self.shown}: {what} {kind} after {self.config.retries} retries",
+                hint="check that the PACS is up and the host/port are right; --timeout for a slow server",
+            ) from None
+        except requests.RequestException as e:
+            raise RemoteUnavailable(f"{self.shown}: {what} failed ({type(e).__name__})", hint="retry later") from None
+
+    def studies(self, since: str | None, modalities: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """QIDO-RS studies, paged; one query per modality (ModalitiesInStudy matches one value)."""
+        fields = ["StudyInstanceUID", "StudyDate", "NumberOfStudyRelatedInstances", "ModalitiesInStudy"]
+        seen: set[str] = set()
+        for modality in list(modalities) or [None]:
+            filters: dict[str, Any] = {}
+            if since:
+                filters["StudyDate"] = f"{since}-"
+            if modality:
+                filters["ModalitiesInStudy"] = modality
+            offset = 0
+            while True:
+                page = self.call("QIDO-RS /studies", self.client.search_for_studies, search_filters=filters,
+                                 fields=fields, limit=self.config.page, offset=offset)  # fmt: skip
+                for s in page:
+                    uid = value(s, "StudyInstanceUID")
+                    if uid and uid not in seen:
+                        seen.add(uid)
+                        yield s
+                if len(page) < self.config.page:
+                    break
+                offset += len(page)
+
+    def series(self, study_uid: str) -> list[dict[str, Any]]:
+        return self.call("QIDO-RS /series", self.client.search_for_series, study_uid)
+
+    def series_metadata(self, study_uid: str, series_uid: str) -> list[dict[str, Any]]:
+        return self.call("WADO-RS series metadata", self.client.retrieve_series_metadata, study_uid, series_uid)
+
+    def instance(self, study_uid: str, series_uid: str, sop_uid: str) -> Dataset:
+        return self.call("WADO-RS instance", self.client.retrieve_instance, study_uid, series_uid, sop_uid)
+
+    def whole_series(self, study_uid: str, series_uid: str) -> list[Dataset]:
+        return self.call("WADO-RS series", self.client.retrieve_series, study_uid, series_uid)
+
+    def store(self, datasets: Sequence[Dataset]) -> Any:
+        return self.call("STOW-RS", self.client.store_instances, list(datasets))
+
+
+def value(obj: dict[str, Any], keyword: str) -> Any:
+    """First value of a DICOM JSON attribute (by keyword), or None."""
+    v = obj.get(_TAG[keyword], {}).get("Value")
+    return v[0] if v else None
+
+
+def values(obj: dict[str, Any], keyword: str) -> list[Any] | None:
+    v = obj.get(_TAG[keyword], {}).get("Value")
+    return list(v) if v else None
+
+
+def select_slices(meta: Sequence[dict[str, Any]], n: int | None) -> tuple[list[int], bool]:
+    """Indices into ``meta`` of the slices to fetch, and whether geometry ordered them.
+
+    Slices are ordered by position along the series normal (row x column direction cosines of
+    ImageOrientationPatient, dotted with ImagePositionPatient); without usable geometry, by
+    InstanceNumber. ``n`` slices spread evenly over that order (both ends included), or all.
+    """
+    order, by_geometry = order_slices(meta)
+    if n is None or len(order) <= n:
+        return order, by_geometry
+    if n <= 1:
+        return [order[len(order) // 2]], by_geometry
+    picks = sorted({round(i * (len(order) - 1) / (n - 1)) for i in range(n)})
+    return [order[i] for i in picks], by_geometry
+
+
+def order_slices(meta: Sequence[dict[str, Any]]) -> tuple[list[int], bool]:
+    """Indices of ``meta`` in slice order: by position along the normal, else by InstanceNumber."""
+    keys: list[float] = []
+    iop0 = values(meta[0], "ImageOrientationPatient") if meta else None
+    ok = iop0 is not None and len(iop0) == 6
+    if ok:
+        r, c = [float(x) for x in iop0[:3]], [float(x) for x in iop0[3:]]
+        normal = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+        for m in meta:
+            ipp, iop = values(m, "ImagePositionPatient"), values(m, "ImageOrientationPatient")
+            if not ipp or len(ipp) != 3 or not iop or any(abs(float(a) - float(b)) > 1e-3 for a, b in zip(iop, iop0, strict=True)):
+                ok = False
+                break
+            keys.append(sum(float(p) * q for p, q in zip(ipp, normal, strict=True)))
+        ok = ok and len(set(round(k, 3) for k in keys)) == len(keys)  # two slices at one position: not a stack
+    if ok:
+        return sorted(range(len(meta)), key=lambda i: keys[i]), True
+    nums = [value(m, "InstanceNumber") for m in meta]
+    return sorted(range(len(meta)), key=lambda i: (nums[i] is None, int(nums[i] or 0), i)), False
+
+
+def sync_dicomweb(
+    catalog: Catalog,
+    home: Path,
+    config: DicomwebConfig,
+    *,
+    imaging: ImagingConfig = ImagingConfig(),
+    progress: Callable[[str, int], None] | None = None,
+    client: DicomwebClient | None = None,
+) -> SyncSummary:
+    """Sync new studies, series and instances from a DICOMweb server into the catalog (see module doc)."""
+    from indexer.ingest import ingest_items
+
+    t0 = time.perf_counter()
+    source = config.source or default_source(config.url)
+    client = client or DicomwebClient(config)
+    summary = SyncSummary(url=client.shown, source=source)
+    mark = f"dicomweb:{source}:since"
+    since = config.since or catalog.get_meta(mark)
+    slices_mode = "all" if config.slices is None else str(config.slices)
+    out_dir = display_dir(home, source)
+    newest = catalog.get_meta(mark) or ""
+    links = None
+    if config.link_back:
+        from medsearch.catalog.links import LinkStore
+
+        links = LinkStore.open(home, create=True)
+    for study in client.studies(since, config.modalities):
+        summary.studies_seen += 1
+        uid = value(study, "StudyInstanceUID")
+        n_instances = int(value(study, "NumberOfStudyRelatedInstances") or 0)
+        study_key = pseudonym(uid, catalog.salt, "StudyInstanceUID")
+        if sync_state(catalog, source, study_key) == (n_instances, slices_mode):
+            summary.studies_unchanged += 1
+            newest = max(newest, str(value(study, "StudyDate") or ""))
+            continue
+        items = _fetch_study(client, catalog, uid, study_key, source, config, out_dir, imaging, summary)
+        try:
+            with catalog.atomic():
+                s = ingest_items(catalog, items.items(), path=client.shown, layout="dicomweb", imaging=imaging,
+                                 chunk=1 << 30)  # fmt: skip
+                set_sync_state(catalog, source, study_key, n_instances, slices_mode, now())
+        except BaseException:
+            _remove_unreferenced(items)
+            raise
+        if links is not None:
+            links.put(source, study_key, uid)
+        summary.studies_synced += 1
+        summary.images_added += s.images_added + s.images_updated
+        summary.reports_added += int(bool(items.sections))
+        summary.skipped.extend((x.item, x.reason) for x in s.skipped)
+        newest = max(newest, str(value(study, "StudyDate") or ""))
+        if newest:
+            catalog.set_meta(mark, newest)
+        if progress:
+            progress("study", 1)
+    if links is not None:
+        links.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _fetch_study(
+    client: DicomwebClient, catalog: Catalog, study_uid: str, study_key: str, source: str,
+    config: DicomwebConfig, out_dir: Path, imaging: ImagingConfig, summary: SyncSummary,
+) -> StudyItems:  # fmt: skip
+    items = StudyItems()
+    for series in client.series(study_uid):
+        series_uid = value(series, "SeriesInstanceUID")
+        meta = client.series_metadata(study_uid, series_uid)
+        summary.instances_listed += len(meta)
+        if not meta:
+            continue
+        series_key = pseudonym(series_uid, catalog.salt, "SeriesInstanceUID")
+        sr = [i for i, m in enumerate(meta) if value(m, "SOPClassUID") in TEXT_SR_CLASSES or value(m, "Modality") == "SR"]
+        images = [i for i in range(len(meta)) if i not in set(sr)]
+        picked: list[int] = list(sr)
+        if images:
+            sub = [meta[i] for i in images]
+            chosen, by_geometry = select_slices(sub, config.slices)
+            picked += [images[i] for i in chosen]
+            if not by_geometry and len(sub) > 1:
+                summary.notes.append(f"series {series_key[:12]}: no consistent geometry, slices in InstanceNumber order")
+        keys = {i: pseudonym(value(meta[i], "SOPInstanceUID"), catalog.salt, "SOPInstanceUID") for i in picked}
+        have = existing_image_keys(catalog, source, keys.values())
+        todo = [i for i in picked if keys[i] not in have or i in sr]
+        if config.slices is None and len(todo) == len(meta) and len(todo) > 1:
+            datasets = client.whole_series(study_uid, series_uid)
+        else:
+            datasets = [client.instance(study_uid, series_uid, value(meta[i], "SOPInstanceUID")) for i in todo]
+        for ds in datasets:
+            summary.instances_fetched += 1
+            name = f"{source}:{study_key[:12]}/{series_key[:12]}#{ds.get('InstanceNumber', '?')}"
+            add_instance(items, ds, source=source, salt=catalog.salt, out_dir=out_dir, name=name, config=imaging)
+    return items  # no case record when nothing new was fetched: the study is complete in the catalog
+
+
+def _remove_unreferenced(items: StudyItems) -> None:
+    """After a failed store, delete the display PNGs this study wrote (the catalog has none of them)."""
+    for im in items.images:
+        Path(im.path).unlink(missing_ok=True)
+
+
+def stow(url: str, datasets: Sequence[Dataset], *, token: str | None = None, timeout: float = 30.0) -> int:
+    """Send datasets to a PACS over STOW-RS; returns how many were sent."""
+    client = DicomwebClient(DicomwebConfig(url=url if is_dicomweb(url) else f"dicomweb+{url}", token=token,
+                                           timeout=timeout))  # fmt: skip
+    client.store(datasets)
+    return len(datasets)

@@ -1,0 +1,205 @@
+"""DICOM instances held in memory (pulled over DICOMweb, pushed over C-STORE) -> catalog items.
+
+A PACS instance never touches the disk as it arrived. Its header goes through the same
+whitelist as a DICOM tree (``medsearch.deid.safe_metadata``: pseudonymous study/series/instance
+keys, no names, IDs or descriptions), and its pixels are rendered once, in memory, into a
+de-identified 8-bit display image (VOI LUT / window, MONOCHROME1 inverted) that the home keeps
+under ``HOME/images/<source>/<study_key>/<instance_key>.png``. That PNG is what the embedding
+stage reads and what the API serves; the original file and its header are gone with the process.
+
+    Dataset ─► safe_metadata ─► CaseRecord (one per study) + ImageRecord(path = display PNG)
+            └► dicom_to_uint8 ─► PNG bytes ─► write_atomic
+
+SR documents are not images: they yield report sections for their study (``indexer.sources.sr``).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medsearch.config import ImagingConfig
+from medsearch.deid import deid_method, safe_metadata
+from medsearch.errors import InvalidInput, MedsearchError
+from medsearch.fileio import write_atomic
+from medsearch.records import CaseRecord, ImageRecord, Skipped
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pydicom import Dataset
+
+@dataclass
+class StudyItems:
+    """What one study contributes: its case, its images and the inputs that were refused."""
+
+    case: CaseRecord | None = None
+    images: list[ImageRecord] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    sections: dict[str, str] = field(default_factory=dict)
+
+    def items(self) -> list[CaseRecord | ImageRecord | Skipped]:
+        """The case first (with its report sections), then images and skips: ``ingest_items`` order."""
+        out: list[CaseRecord | ImageRecord | Skipped] = []
+        if self.case is not None:
+            case = self.case
+            if self.sections:
+                from dataclasses import replace
+
+                case = replace(case, sections={**case.sections, **self.sections})
+            out.append(case)
+        out.extend(self.images)
+        out.extend(self.skipped)
+        return out
+
+
+def display_dir(home: Path, source: str) -> Path:
+    """Where the de-identified display images of a PACS source live in the home."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in source) or "_"
+    return Path(home) / "images" / safe
+
+
+def is_sr(ds: Dataset) -> bool:
+    """True for a text SR document (by SOP Class UID, or Modality SR)."""
+    from indexer.sources.sr import is_sr as _is_sr
+
+    return _is_sr(ds)
+
+
+def study_key_of(ds: Dataset, salt: str) -> str | None:
+    """The pseudonymous study key a DICOM tree ingest would give this instance's study."""
+    return safe_metadata(ds, salt).get("study_key")
+
+
+def add_instance(
+    study: StudyItems,
+    ds: Dataset,
+    *,
+    source: str,
+    salt: str,
+    out_dir: Path,
+    name: str,
+    dates: str = "remove",
+    allow_burned_in: bool = False,
+    deid_text: bool = True,
+    config: ImagingConfig = ImagingConfig(),
+) -> None:
+    """Turn one in-memory instance into items of ``study`` (rendering and storing its display PNG).
+
+    ``name`` labels the instance in skip reasons (a pseudonymous key or a position, never a UID).
+    A refused instance becomes a ``Skipped``; nothing is raised for bad input. SR text goes through
+    the report scrubber (``medsearch.deid.scrub_sections``) unless ``deid_text`` is False.
+    """
+    from indexer.dicom import LATERALITY, MODALITY_TYPES, NON_IMAGE_MODALITIES, _body_region, _plane, _study_date
+
+    try:
+        meta = safe_metadata(ds, salt, dates=dates)
+    except Exception as e:  # a malformed header value
+        study.skipped.append(Skipped(name, f"unreadable DICOM header value ({type(e).__name__})"))
+        return
+    study_key, instance_key = meta.get("study_key"), meta.get("instance_key")
+    if not study_key or not instance_key:
+        study.skipped.append(Skipped(name, "no StudyInstanceUID or SOPInstanceUID in the header"))
+        return
+    modality = str(ds.get("Modality") or "").strip().upper()
+    modality_type = MODALITY_TYPES.get(modality, modality or None)
+    body_region = _body_region(meta.get("body_part"))
+    if study.case is None:
+        labels = {k: v for k, v in (("modality_type", modality_type), ("body_region", body_region)) if v}
+        study.case = CaseRecord(source=source, key=study_key, patient_key=meta.get("patient_key"), labels=labels,
+                                meta={"format": "dicom", "deid": deid_method(dates), "origin": "pacs"})  # fmt: skip
+    elif not study.case.labels.get("modality_type") and modality_type and modality not in NON_IMAGE_MODALITIES:
+        from dataclasses import replace
+
+        study.case = replace(study.case, labels={**study.case.labels, "modality_type": modality_type})
+    if is_sr(ds):
+        _add_sr(study, ds, name, deid_text)
+        return
+    if modality in NON_IMAGE_MODALITIES:
+        study.skipped.append(Skipped(name, f"Modality {modality} is not a viewable image"))
+        return
+    if not allow_burned_in and str(ds.get("BurnedInAnnotation") or "").strip().upper() == "YES":
+        study.skipped.append(Skipped(name, "BurnedInAnnotation is YES: the pixels may show patient details"))
+        return
+    try:
+        png, frame = render_png(ds, name, config)
+    except MedsearchError as e:
+        study.skipped.append(Skipped(name, e.message.removeprefix(f"{name}: ")))
+        return
+    path = out_dir / study_key / f"{instance_key}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: f.write(png))
+    if (pos := _position(ds)) is not None:
+        meta["position"] = pos
+    if (n := _int(ds.get("InstanceNumber"))) is not None:
+        meta["instance_number"] = n
+    meta["rendered"] = {"frame": frame, "format": "png"}
+    study.images.append(ImageRecord(
+        source=source, key=instance_key, case_key=study_key, path=str(path), frame=None,
+        modality_type=modality_type, modality=modality or None, plane=_plane(meta), body_region=body_region,
+        location=meta["body_part"].title() if meta.get("body_part") else None,
+        laterality=LATERALITY.get(meta.get("laterality", "")), study_date=_study_date(meta), meta=meta,
+    ))  # fmt: skip
+
+
+def render_png(ds: Dataset, name: str, config: ImagingConfig = ImagingConfig()) -> tuple[bytes, int | None]:
+    """The display image of one instance (middle frame of a multi-frame one) as PNG bytes, and that frame."""
+    from PIL import Image
+
+    from medsearch.imaging import dicom_to_uint8, require_dicom_decoder, validate_dicom_header
+
+    n_frames = validate_dicom_header(ds, name, config)
+    require_dicom_decoder(ds, name)
+    frame = n_frames // 2 if n_frames > 1 else None
+    try:
+        arr = dicom_to_uint8(ds, frame, config, name=name)
+    except MedsearchError:
+        raise
+    except Exception as e:  # pixel data that does not decode
+        raise InvalidInput(f"{name}: pixel data does not decode ({type(e).__name__})", hint="check the sender") from e
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue(), frame
+
+
+def _add_sr(study: StudyItems, ds: Dataset, name: str, deid_text: bool) -> None:
+    from dataclasses import replace
+
+    from indexer.sources.sr import sr_report
+
+    try:
+        report = sr_report(ds, name=name)
+        sections, redactions = report.scrubbed() if deid_text else (report.sections, 0)
+    except MedsearchError as e:
+        study.skipped.append(Skipped(name, f"SR document not understood ({e.message.removeprefix(name + ': ')})"))
+        return
+    if study.case is not None and sections:
+        meta = {**study.case.meta, "report_source": "sr", "report_scrubbed": bool(deid_text)}
+        if redactions:
+            meta["report_redactions"] = int(meta.get("report_redactions", 0)) + redactions
+        study.case = replace(study.case, meta=meta)
+    for section, text in sections.items():
+        if text.strip():
+            prev = study.sections.get(section)
+            study.sections[section] = f"{prev}\n{text}" if prev else text
+
+
+def _position(ds: Dataset) -> list[float] | None:
+    v = ds.get("ImagePositionPatient")
+    try:
+        return [round(float(x), 3) for x in v] if v is not None and len(v) == 3 else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _int(v: Any) -> int | None:
+    try:
+        return int(v) if v not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def iter_items(studies: Iterable[StudyItems]) -> Iterable[CaseRecord | ImageRecord | Skipped]:
+    for s in studies:
+        yield from s.items()

@@ -1,0 +1,168 @@
+"""Pull from a real Orthanc over DICOMweb: studies pushed with dcmtk's storescu come back over QIDO/WADO.
+
+Marked ``pacs``: it starts Debian's Orthanc (with the DICOMweb plugin) on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+from orthanc import OrthancServer, available
+from pacs_data import ct_series, planted_strings, write_series
+from pydicom.uid import generate_uid
+
+from medsearch.catalog import Catalog
+from medsearch.errors import RemoteUnavailable
+
+pytestmark = [pytest.mark.pacs, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    missing = available() or (None if shutil.which("storescu") else "dcmtk's storescu is not installed")
+    if missing:
+        pytest.fail(f"{missing}: scripts/test.sh installs orthanc, orthanc-dicomweb and dcmtk")
+    with OrthancServer(tmp_path_factory.mktemp("orthanc")) as o:
+        yield o
+
+
+def push(orthanc: OrthancServer, files: list[Path]) -> None:
+    """Store files into Orthanc over DIMSE, as a modality would."""
+    subprocess.run(["storescu", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port), *map(str, files)],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+
+
+def _home_text(home: Path) -> str:
+    """Everything a home holds that is text: the catalog's rows and every non-image file."""
+    parts = []
+    con = sqlite3.connect(home / "catalog.db")
+    for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
+        for row in con.execute(f"SELECT * FROM {table}"):
+            parts.append(" ".join(str(x) for x in row if not isinstance(x, bytes)))
+    con.close()
+    for p in home.rglob("*"):
+        if p.is_file() and p.suffix not in (".png", ".db", ".faiss", ".npy") and "catalog.db" not in p.name:
+            parts.append(p.read_bytes().decode("utf-8", "replace"))
+    return "\n".join(parts)
+
+
+def test_sync_pulls_selected_slices_whole_studies_and_no_identifiers(orthanc, tmp_path):
+    from indexer.sources.dicomweb import DicomwebConfig, sync_dicomweb
+
+    study_uid, series_uid = generate_uid(), generate_uid()
+    series = ct_series(20, study_uid=study_uid, series_uid=series_uid)
+    push(orthanc, write_series(series, tmp_path / "s1"))
+    home = tmp_path / "home"
+    home.mkdir()
+    cat = Catalog.open(home / "catalog.db")
+    url = f"dicomweb+{orthanc.dicomweb}"
+
+    s = sync_dicomweb(cat, home, DicomwebConfig(url=url, slices=8))
+    assert (s.studies_synced, s.instances_listed, s.instances_fetched, s.images_added) == (1, 20, 8, 8)
+    assert cat.counts()["images"] == 8 and cat.counts()["cases"] == 1
+    # the 8 fetched slices spread over the series' extent in z (both ends included), not by InstanceNumber
+    zs = sorted(ds.ImagePositionPatient[2] for ds in series)
+    rows = cat.db.execute("SELECT meta FROM images").fetchall()
+    import json
+
+    got = sorted(json.loads(r[0])["position"][2] for r in rows)
+    assert got[0] == zs[0] and got[-1] == zs[-1] and len(set(got)) == 8
+    # display images are in the home, de-identified renderings; no DICOM file is kept
+    pngs = list((home / "images").rglob("*.png"))
+    assert len(pngs) == 8 and not list(home.rglob("*.dcm"))
+    text = _home_text(home)
+    for planted in planted_strings() + [study_uid, series_uid] + [ds.SOPInstanceUID for ds in series]:
+        assert planted not in text, f"{planted!r} reached the home"
+
+    # re-running asks nothing new of an unchanged study and adds nothing
+    s2 = sync_dicomweb(cat, home, DicomwebConfig(url=url, slices=8))
+    assert (s2.studies_unchanged, s2.instances_fetched, s2.images_added) == (1, 0, 0)
+
+    # the study gains a series: the next sync fetches just that series' slices
+    new_series = ct_series(5, study_uid=study_uid, series_uid=generate_uid(), series_number=2, z0=0.0)
+    push(orthanc, write_series(new_series, tmp_path / "s2"))
+    s3 = sync_dicomweb(cat, home, DicomwebConfig(url=url, slices=8))
+    assert (s3.studies_synced, s3.instances_fetched, s3.images_added) == (1, 5, 5)
+    assert cat.counts()["images"] == 13 and cat.counts()["cases"] == 1
+
+    # --slices all adds the 12 slices of the first series that were left out
+    s4 = sync_dicomweb(cat, home, DicomwebConfig(url=url, slices=None))
+    assert s4.images_added == 12 and cat.counts()["images"] == 25
+
+    # the report arrives as an SR in the PACS: the study gets its sections, scrubbed; the SR gets no vector
+    from sr_fixtures import CLINICAL, PLANTED_WORDS, enhanced_sr
+
+    sr = enhanced_sr(study_uid)
+    sr.PatientID, sr.StudyDate = series[0].PatientID, series[0].StudyDate  # same patient and study in the PACS
+    import io
+
+    buf = io.BytesIO()
+    sr.save_as(buf, enforce_file_format=True)
+    orthanc.upload(buf.getvalue())
+    s5 = sync_dicomweb(cat, home, DicomwebConfig(url=url, slices=None))
+    assert (s5.studies_synced, s5.reports_added, s5.images_added) == (1, 1, 0)
+    case = cat.get_case(cat.db.execute("SELECT id FROM cases").fetchone()[0])
+    report = " ".join(case.sections.values())
+    assert "spiculated mass" in case.sections.get("findings", "") and case.sections.get("impression")
+    assert sum(c in report for c in CLINICAL) >= 5
+    for w in PLANTED_WORDS:
+        assert w not in report, f"{w!r} reached the report text"
+    assert cat.counts()["images"] == 25
+    cat.close()
+    assert not (home / "private").exists()  # the link back is off by default
+
+
+def test_link_back_maps_pseudonyms_to_uids_in_a_private_file(orthanc, tmp_path):
+    from indexer.sources.dicomweb import DicomwebConfig, sync_dicomweb
+    from medsearch.catalog.links import LinkStore, link_status, viewer_url
+
+    study_uid = generate_uid()
+    push(orthanc, write_series(ct_series(3, study_uid=study_uid, series_uid=generate_uid()), tmp_path / "s"))
+    home = tmp_path / "home"
+    home.mkdir()
+    cat = Catalog.open(home / "catalog.db")
+    cfg = DicomwebConfig(url=f"dicomweb+{orthanc.dicomweb}", slices=2, link_back=True, source="pacs")
+    sync_dicomweb(cat, home, cfg)
+    key = cat.db.execute("SELECT key FROM cases WHERE key IN (SELECT key FROM cases)").fetchall()
+    cat.close()
+    store = LinkStore.open(home)
+    keys = [k for (k,) in key if store.uid("pacs", k) == study_uid]
+    assert len(keys) == 1
+    assert (home / "private" / "links.db").stat().st_mode & 0o077 == 0
+    assert study_uid not in (home / "catalog.db").read_bytes().decode("latin-1")
+    store.close()
+    assert link_status(home)["exists"] is True and link_status(home)["studies"] >= 1
+    assert viewer_url("https://pacs/viewer?StudyInstanceUIDs={uid}", "1.2.3") == "https://pacs/viewer?StudyInstanceUIDs=1.2.3"
+
+
+def test_unreachable_pacs_names_the_url_and_stores_nothing(tmp_path):
+    from orthanc import free_port
+
+    from indexer.sources.dicomweb import DicomwebConfig, sync_dicomweb
+
+    home = tmp_path / "home"
+    home.mkdir()
+    cat = Catalog.open(home / "catalog.db")
+    url = f"dicomweb+http://alice:secret@127.0.0.1:{free_port()}/dicom-web"
+    with pytest.raises(RemoteUnavailable) as e:
+        sync_dicomweb(cat, home, DicomwebConfig(url=url, retries=1, backoff=0.01, timeout=2))
+    assert "127.0.0.1" in e.value.message and "secret" not in str(e.value) and "alice" not in str(e.value)
+    assert "cannot be reached" in e.value.message and e.value.hint
+    assert cat.counts()["cases"] == 0
+    cat.close()
+
+
+def test_wrong_root_is_a_clear_http_error(orthanc, tmp_path):
+    from indexer.sources.dicomweb import DicomwebConfig, sync_dicomweb
+
+    home = tmp_path / "home"
+    home.mkdir()
+    cat = Catalog.open(home / "catalog.db")
+    with pytest.raises(RemoteUnavailable) as e:
+        sync_dicomweb(cat, home, DicomwebConfig(url=f"dicomweb+{orthanc.url}/not-dicom-web", retries=0))
+    assert "HTTP 404" in e.value.message and "/dicom-web" in e.value.hint
+    cat.close()

@@ -1,0 +1,145 @@
+"""The C-STORE receiver against real DICOM peers: dcmtk's echoscu/storescu push to it as a modality would."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from orthanc import free_port
+from pacs_data import ct_series, planted_strings, write_series
+from pydicom.uid import generate_uid
+
+from medsearch.catalog import Catalog
+
+pytestmark = [pytest.mark.pacs, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _dcmtk():
+    if not shutil.which("storescu"):
+        pytest.fail("dcmtk's storescu is not installed: scripts/test.sh installs dcmtk")
+
+
+def storescu(port: int, files: list[Path], ae: str = "MEDSEARCH") -> subprocess.CompletedProcess:
+    return subprocess.run(["storescu", "-v", "-aec", ae, "127.0.0.1", str(port), *map(str, files)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def _home(tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    Catalog.open(home / "catalog.db").close()
+    return home
+
+
+def test_echo_store_statuses_and_ingest_rounds(tmp_path):
+    from indexer.listen import ListenConfig, Listener
+
+    home = _home(tmp_path)
+    study = ct_series(6, study_uid=generate_uid(), series_uid=generate_uid())
+    files = write_series(study, tmp_path / "in")
+    indexed: list[int] = []
+    cfg = ListenConfig(port=free_port(), index_every=3600)
+    with Listener(home, cfg, index=lambda cat: indexed.append(cat.counts()["images"])) as lis:
+        echo = subprocess.run(["echoscu", "-aec", "MEDSEARCH", "127.0.0.1", str(lis.port)], capture_output=True,
+                              timeout=30)  # fmt: skip
+        assert echo.returncode == 0, echo.stderr
+        r = storescu(lis.port, files)
+        assert r.returncode == 0, r.stderr
+        assert lis.stats.spooled == 6 and len(lis.spool) == 6
+        # an object that is not an image nor a text SR: refused with 0x0122, the listener keeps running
+        import pydicom
+        from pydicom.data import get_testdata_file
+
+        rtplan = pydicom.dcmread(get_testdata_file("rtplan.dcm"))
+        rt = tmp_path / "rtplan.dcm"
+        rtplan.save_as(rt)
+        r = storescu(lis.port, [rt])
+        assert "Refused: SOPClassNotSupported" in r.stderr, r.stderr
+        assert lis.stats.refused.get("unsupported SOP class") == 1
+        # an image whose pixel data is cut short: "cannot understand" (0xC000), the listener keeps running
+        bad = study[0].copy()
+        bad.SOPInstanceUID = bad.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        bad.PixelData = bad.PixelData[:100]
+        bad_file = tmp_path / "bad.dcm"
+        bad.save_as(bad_file, enforce_file_format=True)
+        r = storescu(lis.port, [bad_file])
+        assert "Error: CannotUnderstand" in r.stderr or "0xc000" in r.stderr.lower(), r.stderr
+        assert lis.stats.refused.get("cannot understand") == 1
+        # pushing the same study again spools the same entries (keyed by instance), nothing doubles
+        assert storescu(lis.port, files).returncode == 0
+        assert len(lis.spool) == 6
+        assert lis.ingest_round() == 6
+        assert indexed == [6] and len(lis.spool) == 0
+    cat = Catalog.open(home / "catalog.db")
+    assert cat.counts()["images"] == 6 and cat.counts()["cases"] == 1
+    text = json.dumps(cat.db.execute("SELECT * FROM images").fetchall()) + json.dumps(
+        cat.db.execute("SELECT * FROM cases").fetchall())
+    cat.close()
+    for planted in planted_strings() + [study[0].StudyInstanceUID] + [d.SOPInstanceUID for d in study]:
+        assert planted not in text
+    assert not list(home.rglob("*.dcm"))
+
+
+LISTEN_SCRIPT = """
+import sys
+from pathlib import Path
+from indexer.listen import ListenConfig, Listener, serve_forever
+serve_forever(Listener(Path(sys.argv[1]), ListenConfig(port=int(sys.argv[2]), index_every=float(sys.argv[3]))))
+"""
+
+
+def _start(home: Path, port: int, every: float) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, "-c", LISTEN_SCRIPT, str(home), str(port), str(every)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = subprocess.run(["echoscu", "-aec", "MEDSEARCH", "127.0.0.1", str(port)], capture_output=True)
+        if r.returncode == 0:
+            return p
+        if p.poll() is not None:
+            raise AssertionError(p.stdout.read().decode())
+        time.sleep(0.3)
+    p.kill()
+    raise AssertionError("listener did not answer C-ECHO within 60 s")
+
+
+def test_sigkill_after_ack_replays_the_spool_with_nothing_lost_or_doubled(tmp_path):
+    home = _home(tmp_path)
+    a = write_series(ct_series(5, study_uid=generate_uid(), series_uid=generate_uid()), tmp_path / "a")
+    b = write_series(ct_series(4, study_uid=generate_uid(), series_uid=generate_uid(), series_number=3), tmp_path / "b")
+    port = free_port()
+    p = _start(home, port, every=3600)  # no ingest round before the kill
+    try:
+        assert storescu(port, a).returncode == 0
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert len(list((home / "spool" / "MEDSEARCH").glob("*.json"))) == 5  # acknowledged = durably spooled
+    p = _start(home, port, every=0.5)  # the restarted listener replays the spool at once
+    try:
+        assert storescu(port, b + a[:2]).returncode == 0  # new instances plus two already spooled
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            cat = Catalog.open(home / "catalog.db", readonly=True)
+            n = cat.counts()["images"]
+            cat.close()
+            if n == 9 and not list((home / "spool" / "MEDSEARCH").glob("*.json")):
+                break
+            time.sleep(0.3)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+    cat = Catalog.open(home / "catalog.db")
+    assert cat.counts()["images"] == 9 and cat.counts()["cases"] == 2
+    cat.close()
+    assert not list((home / "spool" / "MEDSEARCH").glob("*"))  # no entries, no temp files
