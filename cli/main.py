@@ -14,7 +14,7 @@ import sys
 import typer
 
 from cli import demo as demo_cmd
-from cli.commands import admin, archive, evaluate, query, server
+from cli.commands import admin, archive, evaluate, pacs, query, server
 
 app = typer.Typer(
     name="medsearch",
@@ -37,6 +37,7 @@ eval_app.command("retrieval")(evaluate.eval_retrieval)
 eval_app.command("drafts")(evaluate.eval_drafts)
 
 app.command()(server.serve)
+app.command()(pacs.listen)
 
 keys_app = typer.Typer(help="Create, list, rotate and revoke API keys (stored hashed in HOME/api_keys.json).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")

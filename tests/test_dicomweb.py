@@ -166,3 +166,51 @@ def test_wrong_root_is_a_clear_http_error(orthanc, tmp_path):
         sync_dicomweb(cat, home, DicomwebConfig(url=f"dicomweb+{orthanc.url}/not-dicom-web", retries=0))
     assert "HTTP 404" in e.value.message and "/dicom-web" in e.value.hint
     cat.close()
+
+
+def test_cli_pull_index_draft_and_stow_back(orthanc, tmp_path):
+    """The commands a user runs: ingest from the PACS, index, draft with --sr/--stow into the query study."""
+    import json
+
+    import pydicom
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    study_uid = generate_uid()
+    series = ct_series(12, study_uid=study_uid, series_uid=generate_uid())
+    files = write_series(series, tmp_path / "s")
+    push(orthanc, files)
+    import io
+
+    from sr_fixtures import enhanced_sr
+
+    report = enhanced_sr(study_uid)  # the study's report, as the reporting system stored it in the PACS
+    report.PatientID, report.StudyDate = series[0].PatientID, series[0].StudyDate
+    buf = io.BytesIO()
+    report.save_as(buf, enforce_file_format=True)
+    orthanc.upload(buf.getvalue())
+    home = tmp_path / "home"
+    url = f"dicomweb+{orthanc.dicomweb}"
+    r = runner.invoke(app, ["ingest", url, "--home", str(home), "--slices", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["studies_synced"] >= 1 and out["instances_fetched"] >= 4
+    r = runner.invoke(app, ["ingest", url, "--home", str(home), "--slices", "0"])
+    assert r.exit_code == 2 and "--slices" in r.output
+    r = runner.invoke(app, ["index", "--home", str(home), "--model", "towers", "-q"])
+    assert r.exit_code == 0, r.output
+    query = tmp_path / "query"
+    qfiles = write_series(ct_series(2, study_uid=generate_uid(), series_uid=generate_uid(), series_number=5), query)
+    for f in qfiles:
+        orthanc.upload(f.read_bytes())
+    sr = tmp_path / "draft.dcm"
+    r = runner.invoke(app, ["draft", str(qfiles[0]), "--home", str(home), "--sr", str(sr), "--stow", url])
+    assert r.exit_code == 0, r.output
+    ds = pydicom.dcmread(sr)
+    assert ds.StudyInstanceUID == pydicom.dcmread(qfiles[0]).StudyInstanceUID and ds.VerificationFlag == "UNVERIFIED"
+    listed = orthanc.get(f"/dicom-web/studies/{ds.StudyInstanceUID}/series?Modality=SR")
+    assert len(listed) == 1
+    r = runner.invoke(app, ["draft", str(tmp_path / "missing.png"), "--home", str(home), "--sr", str(sr)])
+    assert r.exit_code == 2 and "missing.png" in r.output

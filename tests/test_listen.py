@@ -143,3 +143,34 @@ def test_sigkill_after_ack_replays_the_spool_with_nothing_lost_or_doubled(tmp_pa
     assert cat.counts()["images"] == 9 and cat.counts()["cases"] == 2
     cat.close()
     assert not list((home / "spool" / "MEDSEARCH").glob("*"))  # no entries, no temp files
+
+
+def test_cli_listen_makes_pushed_studies_searchable_within_index_every(tmp_path):
+    """`medsearch listen --index-every 2`: pushed slices are embedded and indexed with no other command."""
+    from medsearch.config import Paths
+
+    home = _home(tmp_path)
+    files = write_series(ct_series(3, study_uid=generate_uid(), series_uid=generate_uid()), tmp_path / "in")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, "-m", "cli.main", "listen", "--home", str(home), "--port", str(port),
+                          "--index-every", "2", "--model", "towers", "--quiet"], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120  # model load on a loaded 2-core machine
+        while subprocess.run(["echoscu", "-aec", "MEDSEARCH", "127.0.0.1", str(port)], capture_output=True).returncode:
+            assert p.poll() is None and time.monotonic() < deadline, p.stdout.read().decode() if p.poll() else "no C-ECHO"
+            time.sleep(0.5)
+        assert storescu(port, files).returncode == 0
+        pushed = time.monotonic()
+        manifest = Paths(home).index_dir("towers") / "image.json"
+        while time.monotonic() - pushed < 2 + 60:
+            if manifest.exists() and json.loads(manifest.read_text()).get("count") == 3:
+                break
+            time.sleep(0.3)
+        took = time.monotonic() - pushed
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+    assert manifest.exists() and json.loads(manifest.read_text())["count"] == 3, p.stdout.read().decode()
+    assert took < 2 + 60  # the issue's bound is --index-every + 10 s on a quiet machine; this one is shared

@@ -7,9 +7,8 @@ import urllib.request
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
-
 from pacs_data import ct_series, write_series
+from pydicom.uid import generate_uid
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +75,10 @@ def test_no_study_uid_is_a_clear_error(indexed_home, query_study):
 @pytest.mark.pacs
 @pytest.mark.slow
 def test_stow_sends_the_sr_into_the_query_study(indexed_home, query_study, tmp_path):
+    from orthanc import OrthancServer
+
     from indexer.sources.dicomweb import stow
     from medsearch.rag.sr import draft_to_sr
-    from orthanc import OrthancServer
 
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in query_study]
     sr = draft_to_sr(_draft(indexed_home, query_study[0]), headers)

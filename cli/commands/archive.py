@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from cli import output
+from cli.commands import pacs
 from cli.options import Device, Home, JsonOut, Model, Quiet, Split, handle_errors, home_dir
 
 
@@ -32,21 +33,35 @@ def _default_model(home: Path) -> str:
 
 @handle_errors
 def ingest(
-    path: Annotated[Path, typer.Argument(help="Dataset folder (JSONL layout), image folder, DICOM tree or one file.")],
+    path: Annotated[str, typer.Argument(help="Dataset folder (JSONL layout), image folder, DICOM tree, one file, or a PACS: dicomweb+http(s)://HOST:PORT/dicom-web.")],
     home: Home = None,  # type: ignore[assignment]
     split: Split = None,
     source: Annotated[str | None, typer.Option(help="Source name stored with each row (default: folder name).")] = None,
     sidecar: Annotated[Path | None, typer.Option(help="CSV/JSONL of reports for an image folder.")] = None,
     deid_text: Annotated[bool, typer.Option("--deid-text", help="Scrub names, dates, phone numbers, MRNs from report text.")] = False,
     chunk: Annotated[int, typer.Option(min=1, help="Items per catalog transaction (a crash redoes at most these).")] = 256,
+    since: Annotated[str | None, typer.Option(help="PACS: studies from this date on (YYYYMMDD); default: where the last sync stopped.")] = None,
+    modality: Annotated[list[str] | None, typer.Option("--modality", help="PACS: only studies with this modality (repeatable).")] = None,
+    slices: Annotated[str | None, typer.Option("--slices", help="PACS: slices embedded per series, N spread over its extent, or all (default 8).")] = None,
+    token: pacs.Token = None,
+    link_back: Annotated[bool, typer.Option("--link-back", help="PACS: keep pseudonym -> Study Instance UID in HOME/private/links.db (admin viewer links).")] = False,
+    timeout: Annotated[float, typer.Option(min=1, help="PACS: seconds per HTTP request before a retry.")] = 30,
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
-    """Add cases, images and reports to the catalog (idempotent: a second run adds nothing)."""
+    """Add cases, images and reports to the catalog (idempotent: a second run adds nothing).
+
+    PATH may be a PACS (dicomweb+http://HOST:PORT/dicom-web): new studies are pulled over DICOMweb."""
     from indexer.ingest import ingest_path
+    from indexer.sources.dicomweb import is_dicomweb
     from medsearch.catalog import Catalog
     from medsearch.errors import InvalidInput
 
+    if is_dicomweb(path):
+        pacs.sync(path, home=home, source=source, since=since, modality=modality, slices=slices, token=token,
+                  link_back=link_back, timeout=timeout, json_out=json_out, quiet=quiet)  # fmt: skip
+        return
+    path = Path(path)
     if not path.exists():  # before the catalog is created, so a typo leaves no empty home behind
         raise InvalidInput(f"{path} does not exist", hint="give a dataset folder, image folder, DICOM tree or file")
     h = home_dir(home)

@@ -5,6 +5,7 @@ Each calls one library method on a ``Searcher``/``Drafter`` and hands the record
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -121,10 +122,15 @@ def draft(
     model: Model = None,
     device: Device = "auto",
     json_out: JsonOut = False,
+    sr: Annotated[Path | None, typer.Option("--sr", help="Also write the draft as a DICOM Basic Text SR (UNVERIFIED) referencing the query study.")] = None,
+    stow: Annotated[str | None, typer.Option("--stow", help="Send the SR to this PACS over STOW-RS (dicomweb+http(s)://HOST:PORT/dicom-web).")] = None,
+    token: Annotated[str | None, typer.Option("--token", envvar="MEDSEARCH_DICOMWEB_TOKEN", help="Bearer token for --stow.")] = None,
     *,
     draft: DraftConfig,
 ) -> None:
-    """Draft a report for an image from similar prior cases; every sentence cites its evidence [C<n>]."""
+    """Draft a report for an image from similar prior cases; every sentence cites its evidence [C<n>].
+
+    With --sr/--stow the query must be DICOM: the SR references its study with the UIDs of the query files."""
     from dataclasses import replace
 
     from medsearch.rag import Drafter, EvidenceConfig
@@ -144,6 +150,11 @@ def draft(
     d = drafter.draft(image, filters=filters(modality, body_region, split), on_token=on_token if stream else None)
     if streamed:
         output.line(err=True)
+    if sr is not None or stow:
+        from cli.commands.pacs import write_sr_for
+
+        write_sr_for(d, str(image), sr, stow, token)
+        output.line(f"SR written{f' to {sr}' if sr else ''}{f' and sent to {stow}' if stow else ''} (UNVERIFIED draft)", err=True)
     if json_out:
         output.print_json(draft_to_dict(d))
         return
