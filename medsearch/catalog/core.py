@@ -32,7 +32,8 @@ import sqlite_utils
 
 from ..errors import CatalogError, NotFound
 from ..records import REPORT_SECTIONS, CaseRecord, CaseView, ImageRecord
-from .schema import SCHEMA, FILTER_COLUMNS, SCHEMA_VERSION
+from .schema import FILTER_COLUMNS, SCHEMA_VERSION, migrate
+from .studies import StudiesMixin
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -57,7 +58,7 @@ def blobs_to_matrix(blobs: Sequence[bytes], dim: int) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.float16).reshape(len(blobs), dim).astype(np.float32)
 
 
-class Catalog:
+class Catalog(StudiesMixin):
     """The SQLite catalog of one medsearch home. Open with ``Catalog.open(path)``."""
 
     def __init__(self, db: sqlite_utils.Database, path: Path | None) -> None:
@@ -98,7 +99,7 @@ class Catalog:
 
     def _migrate(self) -> None:
         try:
-            self.db.conn.executescript(SCHEMA)
+            migrate(self.db.conn)
         except sqlite3.DatabaseError as e:
             raise CatalogError(f"catalog {self.path} is not a medsearch catalog: {e}") from e
         version = self.get_meta("schema_version")
