@@ -106,6 +106,17 @@ def _searcher(home: Path, model: str | None, device: str):
     return Searcher(_home(home), model=model, device=device)
 
 
+def _slices(value: str) -> int | None:
+    """--slices N|all -> N or None (all)."""
+    from medsearch.errors import InvalidInput
+
+    if value.strip().lower() == "all":
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise InvalidInput(f"--slices {value!r} is not a slice count", hint="use a whole number from 1, or all")
+    return int(value)
+
+
 def _default_model(home: Path) -> str:
     """The model for `index` when --model is not given: lite when trained, else the towers."""
     from medsearch.catalog import Catalog
@@ -135,6 +146,7 @@ def ingest(
     sidecar: Annotated[Path | None, typer.Option(help="CSV/JSONL of reports for an image folder.")] = None,
     deid_text: Annotated[bool, typer.Option("--deid-text", help="Scrub names, dates, phone numbers, MRNs from report text.")] = False,
     chunk: Annotated[int, typer.Option(min=1, help="Items per catalog transaction (a crash redoes at most these).")] = 256,
+    slices: Annotated[str, typer.Option("--slices", help="DICOM: slices to embed per series, spread over it (N or all); the rest are catalogued for a later --slices all.")] = "8",
     json_out: JsonOut = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -145,6 +157,7 @@ def ingest(
 
     if not path.exists():  # before the catalog is created, so a typo leaves no empty home behind
         raise InvalidInput(f"{path} does not exist", hint="give a dataset folder, image folder, DICOM tree or file")
+    n_slices = _slices(slices)
     h = _home(home)
     cat = Catalog.open(h / "catalog.db")
     bar = None
@@ -155,7 +168,7 @@ def ingest(
     try:
         summary = ingest_path(
             cat, path, source=source, splits=split, sidecar=sidecar, deid_text=deid_text, chunk=chunk,
-            progress=(lambda _: bar.update(1)) if bar is not None else None,
+            progress=(lambda _: bar.update(1)) if bar is not None else None, slices=n_slices,
         )  # fmt: skip
     finally:
         if bar is not None:
@@ -170,6 +183,13 @@ def ingest(
         f"{c['cases_updated'] + c['images_updated']} updated, {c['unchanged']} unchanged, "
         f"{c['skipped']} skipped ({summary.seconds:.1f}s)"
     )
+    if summary.series_added or summary.series_updated or summary.slices_deferred:
+        typer.echo(
+            f"  {summary.series_added} series added, {summary.series_updated} updated; {summary.slices_selected} slices "
+            f"to embed, {summary.slices_deferred} catalogued without a vector (--slices all adds them)"
+        )
+    for n in summary.notes[:20]:
+        typer.secho(f"  note {n.item}: {n.message}", fg=typer.colors.YELLOW)
     if summary.filtered:
         typer.echo(f"  {summary.filtered} left out by --split")
     for s in summary.skipped[:20]:
@@ -278,7 +298,7 @@ def search(
 @app.command()
 @handle_errors
 def similar(
-    image: Annotated[str, typer.Argument(help="Image file (PNG/JPEG/DICOM), or a catalog image id or key.")],
+    image: Annotated[str, typer.Argument(help="Image file (PNG/JPEG/DICOM), a study folder, or a catalog image id or key.")],
     home: Home = None,  # type: ignore[assignment]
     k: K = 10,
     modality: Modality = None,
@@ -286,12 +306,29 @@ def similar(
     split: Split = None,
     exclude_own_case: Annotated[bool, typer.Option("--exclude-own-case", help="Leave out the query image's own case.")] = False,
     all_images: Annotated[bool, typer.Option("--all-images", help="Several images per case.")] = False,
+    slices: Annotated[str, typer.Option("--slices", help="Study folder: query slices per series (N or all).")] = "8",
     model: Model = None,
     device: Device = "auto",
     json_out: JsonOut = False,
 ) -> None:
-    """Image -> the most similar prior images and cases."""
+    """Image -> the most similar prior images and cases; a study folder -> one hit per prior study.
+
+    A study is scored by the mean over its query slices of the best cosine similarity to any slice
+    of the prior study; the query's own study is left out when it is in the catalog.
+    """
     s = _searcher(home, model, device)
+    if Path(image).is_dir():
+        from indexer.sources.series import query_study
+        from medsearch.imaging import load_image
+
+        study_key, chosen, _ = query_study(Path(image), s.catalog.salt, slices=_slices(slices), config=s.imaging)
+        pils = [load_image(p, frame=f, config=s.imaging) for p, f in chosen]
+        hits = s.similar_study(pils, k=k, filters=_filters(modality, body_region, split), own_study_key=study_key)
+        if json_out:
+            _print_json([h.to_dict() for h in hits])
+        else:
+            _print_hits(hits, f"studies similar to {image} ({len(chosen)} query slices)")
+        return
     hits = s.similar(
         image, k=k, filters=_filters(modality, body_region, split), per_case=not all_images,
         exclude_same_case=exclude_own_case,

@@ -251,6 +251,25 @@ class Searcher:
             exclude_patient=exclude_patient,
         )  # fmt: skip
 
+    def similar_study(
+        self,
+        images: Sequence[str | Path | int | Image.Image],
+        k: int | None = None,
+        filters: Filters = Filters(),
+        *,
+        own_study_key: str | None = None,
+        exclude_same_patient: bool = False,
+    ) -> list[Hit]:
+        """Whole study (its query slices) -> one hit per prior study, best first; the query's own study excluded.
+
+        Score: mean over query slices of the best cosine similarity to any slice of the prior study
+        (``medsearch.studies``); the hit's image is that study's best-matching slice.
+        """
+        from .study_search import similar_study
+
+        return similar_study(self, images, k=k, filters=filters, own_study_key=own_study_key,
+                             exclude_same_patient=exclude_same_patient)  # fmt: skip
+
     def image_query_vector(self, image: str | Path | int | Image.Image) -> tuple[np.ndarray, dict[str, Any] | None]:
         """(1, image_dim) query vector and the catalog row it matches (or None)."""
         from .encoders.base import encode_images

@@ -158,6 +158,26 @@ def spread(count: int, n: int | None, positions: Sequence[float] | None = None) 
     return sorted(chosen)
 
 
+def dicom_study_key(study_uid: str, salt: str) -> str:
+    """The catalog's key for a study: the keyed pseudonym of its StudyInstanceUID (as the DICOM reader makes it)."""
+    from .deid import pseudonym
+
+    return pseudonym(study_uid, salt, "StudyInstanceUID")
+
+
+def dicom_study_uid(data: bytes) -> str | None:
+    """The StudyInstanceUID in the header of DICOM bytes (an upload), or None. In memory only."""
+    import io
+
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True, specific_tags=["StudyInstanceUID"])
+    except Exception:  # not readable as DICOM: the decoder already reported what it could
+        return None
+    return str(ds.get("StudyInstanceUID") or "").strip() or None
+
+
 def median_spacing(positions: Sequence[float] | None) -> float | None:
     if not positions or len(positions) < 2:
         return None

@@ -179,6 +179,24 @@ class StudiesMixin:
                                              embedded=None if has is None else bool(has)))  # fmt: skip
         return series
 
+    def slice_hit_rows(self, image_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """What a study hit shows of its best slice: image, case and series fields, keyed by image id."""
+        out: dict[int, dict[str, Any]] = {}
+        for chunk in _chunks([int(i) for i in image_ids]):
+            qs = ",".join("?" * len(chunk))
+            for r in self.db.execute(
+                "SELECT i.id, i.key, i.case_id, c.key, c.source, i.modality_type, i.modality, i.body_region, i.plane, "
+                "i.split, c.diagnosis, c.title, c.patient_key, c.sections, i.caption, i.series_id, i.slice_index "
+                f"FROM images i JOIN cases c ON c.id = i.case_id WHERE i.id IN ({qs})",
+                chunk,
+            ):
+                out[r[0]] = dict(
+                    image_id=r[0], image_key=r[1], case_id=r[2], case_key=r[3], source=r[4], modality_type=r[5],
+                    modality=r[6], body_region=r[7], plane=r[8], split=r[9], diagnosis=r[10], title=r[11],
+                    patient_key=r[12], sections=json.loads(r[13]), caption=r[14], series_id=r[15], slice_index=r[16],
+                )  # fmt: skip
+        return out
+
     def study_counts(self) -> dict[str, int]:
         """Series, slices linked to a series, and deferred (catalogued, not embedded) slices."""
         one = lambda sql: int(self.db.execute(sql).fetchone()[0])  # noqa: E731
