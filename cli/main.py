@@ -353,14 +353,20 @@ def case(
 
     cat = Catalog.open(_home(home) / "catalog.db", create=False)
     cv = cat.get_case(ref)
+    series = cat.case_series(cv.case_id, cat.get_meta("default_model"))
     if json_out:
-        _print_json(asdict(cv))
+        _print_json({**asdict(cv), "series": series})
         return
     typer.secho(f"{cv.case_key} ({cv.source}, split {cv.split}): {cv.title or ''}", bold=True)
     typer.echo(f"diagnosis: {cv.diagnosis or '-'}   category: {cv.category or '-'}")
     for name, text in cv.sections.items():
         typer.secho(f"\n{name.upper()}", bold=True)
         typer.echo(text)
+    for sr in series:
+        n_emb = sum(1 for sl in sr["slices"] if sl["status"] == "ok")
+        typer.secho(f"\nSERIES {sr['number'] if sr['number'] is not None else '-'}: {sr['modality'] or '-'} "
+                    f"{sr['plane'] or '-'}, {sr['slice_count']} slices ({n_emb} embedded), ordered by "
+                    f"{sr['ordered_by']}", bold=True)  # fmt: skip
     typer.secho("\nIMAGES", bold=True)
     for im in cv.images:
         typer.echo(f"  {im['image_id']:>6} {im['key']:<28} {im['modality_type'] or '-':<6} {im['plane'] or '-':<10} {im['caption'] or ''}")

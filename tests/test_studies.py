@@ -325,6 +325,11 @@ def test_cli_ingest_slices_and_similar_study_folder(study_home, tmp_path, pngs, 
     want = cat.case_id_for_key(pseudonym(made[2]["study_uid"], cat.salt, "StudyInstanceUID"))
     cat.close()
     assert len(hits) == 2 and hits[0]["case_id"] == want and hits[0]["matched"] == "study"
+    case = runner.invoke(app, ["case", str(want), "--home", str(home), "--json"])
+    [series] = json.loads(case.output)["series"]
+    assert series["slice_count"] == 10 and [sl["embedded"] for sl in series["slices"]].count(True) == 4
+    text = runner.invoke(app, ["case", str(want), "--home", str(home)])
+    assert "10 slices (4 embedded), ordered by position" in text.output
 
 
 def test_api_study_upload_and_case_view_lists_series(study_home, towers, tmp_path):

@@ -417,7 +417,7 @@ class Catalog(StudiesMixin):
         out = {}
         for table in ("cases", "images", "texts"):
             out[table] = self.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-        out["failed_images"] = self.db.execute("SELECT count(*) FROM images WHERE status != 'ok'").fetchone()[0]
+        out["failed_images"] = self.db.execute("SELECT count(*) FROM images WHERE status = 'failed'").fetchone()[0]
         return out
 
     def image_ids_where(self, filters: dict[str, str | Sequence[str] | None]) -> np.ndarray | None:
