@@ -10,11 +10,11 @@ Prints three tables:
           synthetic vectors (random unit vectors, clustered per study) stored in a real catalog and a
           real FAISS index; the query study is real DICOM encoded by the towers (after model load).
   memory  peak RSS of a fresh process ingesting 100 and 1,000 synthetic studies (4 slices of 64x64 each).
-  windows does embedding several CT windows per slice help? 40 medpix CT images as pseudo-HU
-          (grey*8-1024); each is a "prior"; the query is the same image shifted 6 px with noise. Top-1 and
-          MRR of finding its prior, embedding one window (the file's soft-tissue window, or the
-          percentile stretch) against three windows as the RGB channels (brain / soft tissue / bone)
-          and the mean of three single-window vectors.
+  windows does embedding several CT windows per slice help? 60 medpix CT cases with two CT images, as
+          pseudo-HU (grey*8-1024): the first image of each case is its "prior", the second the query.
+          Top-1 and MRR of finding the query's own case among the 60, embedding one window (soft-tissue
+          window, or the percentile stretch) against three windows as the RGB channels (brain / soft
+          tissue / bone) and the mean of three single-window vectors.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def query(tmp: Path, encoder, n_studies: int = 10_000, per_study: int = 8) -> di
     from dicom_studies import ct_series, medpix_pngs
 
     from indexer.embed import build_indexes
-    from indexer.sources.series import query_study
+    from indexer.sources.query import query_study
     from medsearch.catalog import Catalog
     from medsearch.config import Paths
     from medsearch.imaging import load_image
@@ -155,21 +155,28 @@ def memory(tmp: Path) -> list[dict]:
     return rows
 
 
-def windows(encoder, n: int = 40) -> list[dict]:
+def windows(encoder, n: int = 60) -> list[dict]:
     import numpy as np
-    from dicom_studies import medpix_pngs
+    from dicom_studies import MEDPIX
     from PIL import Image
 
     from medsearch.encoders.base import encode_images
     from medsearch.imaging import PRESETS, robust_scale, window
     from medsearch.imaging.windows import multi_window
 
-    rng = np.random.default_rng(0)
-    hus, queries = [], []
-    for png in medpix_pngs("CT", n):
-        g = np.asarray(Image.open(png).convert("L").resize((256, 256)), dtype=np.float64)
-        hus.append(g * 8 - 1024)
-        queries.append(np.roll(g, 6, axis=0) * 8 - 1024 + rng.normal(0, 20, g.shape))
+    by_case: dict[str, list[Path]] = {}
+    with open(MEDPIX / "images.jsonl") as f:
+        for line in f:
+            r = json.loads(line)
+            if r["modality_type"] == "CT":
+                by_case.setdefault(r["case_id"], []).append(MEDPIX / r["file"])
+    pairs = [v[:2] for v in by_case.values() if len(v) >= 2][:n]
+
+    def hu(path: Path) -> np.ndarray:
+        return np.asarray(Image.open(path).convert("L").resize((256, 256)), dtype=np.float64) * 8 - 1024
+
+    hus = [hu(a) for a, _ in pairs]  # priors: the first CT image of each case
+    queries = [hu(b) for _, b in pairs]  # queries: another CT image of the same case
 
     def enc(arrs: list) -> np.ndarray:
         v = np.concatenate([encode_images(encoder, [Image.fromarray(a) for a in arrs[i:i + 8]])
@@ -239,7 +246,7 @@ def main() -> None:
             print(f"\nstudy query (8 slices) against {a.studies:,} synthetic studies in a real catalog + FAISS")
             print(_table([query(tmp, enc, a.studies)]))
         if "windows" in parts:
-            print("\nmulti-window embedding (towers): finding a slice's prior from a shifted, noisy copy")
+            print("\nmulti-window embedding (towers): another CT image of the same case -> its case, among 60")
             print(_table(windows(enc)))
         if "memory" in parts:
             print("\npeak RSS ingesting synthetic studies (fresh process each)")

@@ -318,7 +318,7 @@ def similar(
     """
     s = _searcher(home, model, device)
     if Path(image).is_dir():
-        from indexer.sources.series import query_study
+        from indexer.sources.query import query_study
         from medsearch.imaging import load_image
 
         study_key, chosen, _ = query_study(Path(image), s.catalog.salt, slices=_slices(slices), config=s.imaging)

@@ -121,7 +121,7 @@ def ingest_path(
         def lookup(accession: str | None, study_uid: str) -> dict[str, str] | None:
             return ris.lookup(accession_number=accession, study_instance_uid=study_uid)
 
-    items = read_path(p, source=source, salt=catalog.salt, sidecar=sidecar, slices=slices, reports=lookup)
+    items = read_path(p, source=source, salt=catalog.salt, sidecar=sidecar, slices=slices, reports=lookup, config=imaging)
     summary = ingest_items(
         catalog, items, path=str(p.resolve()), layout=layout, splits=splits, imaging=imaging, chunk=chunk,
         deid_text=deid_text, progress=progress,
@@ -154,7 +154,7 @@ def ingest_items(
     deid_text: bool = False,
     progress: Callable[[Item], None] | None = None,
 ) -> IngestSummary:
-    from medsearch.imaging import probe_image
+    from medsearch.imaging import ImageInfo, probe_image
     from medsearch.text import split_sentences
 
     scrub = None
@@ -235,7 +235,12 @@ def ingest_items(
                     try:
                         if not Path(item.path).is_file():
                             raise InvalidImage(f"{item.path}: referenced image file is missing or not a regular file")
-                        info = probe_image(item.path, config=imaging)
+                        if series.has(item.key):  # a slice the series reader checked (header, decoder, length)
+                            info = ImageInfo("DICOM", int(item.meta.get("columns") or 0), int(item.meta.get("rows") or 0),
+                                             int(item.meta.get("frames") or 1), str(item.meta.get("photometric") or ""),
+                                             True)  # fmt: skip
+                        else:
+                            info = probe_image(item.path, config=imaging)
                         sha, nbytes = file_sha256(item.path, imaging.max_file_bytes)
                     except (MedsearchError, OSError) as e:
                         summary.skipped.append(Skipped(item.path, _reason(e)))
@@ -301,6 +306,9 @@ class _SeriesLinks:
             self.summary.unchanged += 1
         self.refs = {r.key: r for r in rec.slices}
         self.before = self.catalog.image_statuses(rec.source, list(self.refs))
+
+    def has(self, key: str) -> bool:
+        return self.series_id is not None and key in self.refs
 
     def add(self, key: str, image_id: int) -> None:
         ref = self.refs.get(key)

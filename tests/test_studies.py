@@ -256,26 +256,60 @@ def test_ct_without_window_gets_its_body_part_preset(tmp_path, pngs):
 
 
 # ---------------------------------------------------------------------------- whole-study queries
+REPORT = {"findings": "Spiculated pulmonary nodule in the right upper lobe. Reviewed by Dr. Drhouse on 03/04/2021.",
+          "impression": "Suspicious nodule; Jane Plantedname to be called back."}
+
+
 @pytest.fixture(scope="module")
 def study_home(tmp_path_factory, towers, pngs):
-    """Three CT studies from three medpix cases plus a real MR/CT study, indexed at --slices 4."""
+    """Three CT studies from three medpix cases plus a real CT study, indexed at --slices 4.
+
+    Study 2 has a report, joined from a RIS-style lookup by StudyInstanceUID (in memory)."""
+    from dicom_studies import uid
+
     from indexer.embed import run_index
+    from indexer.ingest import ingest_items
     from medsearch.config import EmbedConfig, Paths
 
     root = tmp_path_factory.mktemp("studies")
-    made = [ct_series(root / "tree" / f"s{i}", png, n_slices=10, size=128, seed=i) for i, png in enumerate(pngs[:3])]
+    made = [ct_series(root / "tree" / f"s{i}", png, n_slices=10, size=128, seed=i, study_uid=uid())
+            for i, png in enumerate(pngs[:3])]  # fmt: skip
     pydicom_series(root / "tree" / "other", "98892001/CT5N")
     home = root / "home"
     cat = Catalog.open(home / "catalog.db")
-    summary = ingest_path(cat, root / "tree", slices=4)
-    assert summary.slices_selected == 3 * 4 + 4
+    calls = []
+
+    def ris(accession, study_uid):
+        calls.append((accession, study_uid))
+        return dict(REPORT) if study_uid == made[2]["study_uid"] else None
+
+    its = iter_dicom(root / "tree", source="tree", salt=cat.salt, slices=4, reports=ris)
+    summary = ingest_items(cat, its, path=str(root / "tree"), layout="folder")
+    assert summary.slices_selected == 3 * 4 + 4 and (PLANTED["AccessionNumber"], made[2]["study_uid"]) in calls
     run_index(cat, towers, Paths(home), config=EmbedConfig(batch_size=8, workers=0), progress=False)
     cat.close()
     return root, home, made
 
 
+def test_a_study_report_is_joined_scrubbed_and_searchable(study_home, towers):
+    from medsearch.search import Filters, Searcher
+
+    root, home, made = study_home
+    s = Searcher(home, encoder=towers)
+    want = s.catalog.case_id_for_key(pseudonym(made[2]["study_uid"], s.catalog.salt, "StudyInstanceUID"))
+    cv = s.catalog.get_case(want)
+    assert "right upper lobe" in cv.sections["findings"]
+    assert "Plantedname" not in json.dumps(cv.sections) and "Drhouse" not in json.dumps(cv.sections)
+    assert "03/04/2021" not in cv.sections["findings"]
+    hits = s.search_text("spiculated nodule in the right upper lobe", k=3)
+    assert hits[0].case_id == want and hits[0].image_id is not None  # a study hit shows one of its slices
+    assert s.catalog.image_case_ids([hits[0].image_id])[hits[0].image_id] == want
+    assert s.search_text("spiculated nodule right upper lobe", k=3, filters=Filters(modality="MR")) == []
+    assert s.search_reports("spiculated nodule", k=1)[0].case_id == want
+
+
 def test_a_study_query_finds_the_study_of_the_same_pixels_and_excludes_its_own(study_home, towers, pngs, tmp_path):
-    from indexer.sources.series import query_study
+    from indexer.sources.query import query_study
     from medsearch.imaging import load_image
     from medsearch.search import Filters, Searcher
 
@@ -359,3 +393,15 @@ def test_api_study_upload_and_case_view_lists_series(study_home, towers, tmp_pat
         assert "Plantedname" not in r.text + json.dumps(case)
         both = c.post("/v1/search/image", files=[*up, ("file", ("x.dcm", files[0].read_bytes(), "application/dicom"))])
         assert both.status_code == 400
+
+
+def test_a_truncated_slice_is_skipped_by_name_and_the_rest_of_its_series_goes_in(tmp_path, pngs):
+    made = ct_series(tmp_path / "st", pngs[0], n_slices=4, size=64)
+    cut = made["files"][1]
+    cut.write_bytes(cut.read_bytes()[:-500])
+    cat = Catalog.open(tmp_path / "catalog.db")
+    s = ingest_path(cat, tmp_path / "st")
+    [skip] = s.skipped
+    assert skip.item == str(cut) and "truncated" in skip.reason
+    assert s.images_added == 3 and s.series_added == 1 and cat.study_counts()["slices"] == 3
+    cat.close()

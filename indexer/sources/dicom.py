@@ -162,6 +162,7 @@ class Instance:
     window: tuple[float, float] | None
     study_uid: str
     accession: str | None
+    names: tuple[str, ...] = ()  # PatientName and physicians' names, to scrub from report text
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,8 @@ def read_instance(
         return Skipped(name, _reason(e, name))
     if not allow_burned_in and str(ds.get("BurnedInAnnotation") or "").strip().upper() == "YES":
         return Skipped(name, "BurnedInAnnotation is YES: the pixels may show patient details")
+    if (short := _short_native_pixels(ds, path, n_frames)) is not None:
+        return Skipped(name, short)
     try:
         meta = safe_metadata(ds, salt, dates=dates)
         orientation = _floats(ds.get("ImageOrientationPatient"), 6)
@@ -243,8 +246,41 @@ def read_instance(
         path=path, meta=meta, study_key=study_key, series_key=series_key, instance_key=instance_key,
         modality=modality, n_frames=n_frames, orientation=orientation, position=position,
         instance_number=_int(ds.get("InstanceNumber")), series_number=_int(ds.get("SeriesNumber")), window=window,
-        study_uid=str(ds.get("StudyInstanceUID")).strip(), accession=accession,
+        study_uid=str(ds.get("StudyInstanceUID")).strip(), accession=accession, names=_names(ds),
     )  # fmt: skip
+
+
+def _short_native_pixels(ds: Any, path: Path, n_frames: int) -> str | None:
+    """Why an uncompressed file cannot hold its pixel data (too small for Rows x Columns x frames), or None.
+
+    The ingest trusts this check instead of re-reading the file (compressed data is checked when decoded).
+    """
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID") or "") if meta is not None else ""
+    if ts not in _NATIVE_TS:
+        return None
+    try:
+        need = int(ds.Rows) * int(ds.Columns) * n_frames * int(ds.get("SamplesPerPixel") or 1)
+        need = need * ((int(ds.get("BitsAllocated") or 8) + 7) // 8)
+        have = path.stat().st_size
+    except (TypeError, ValueError, OSError):
+        return None
+    if have < need:
+        return f"DICOM pixel data truncated: the file has {have:,} bytes, its pixels need {need:,}"
+    return None
+
+
+_NATIVE_TS = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+
+
+def _names(ds: Any) -> tuple[str, ...]:
+    out = []
+    for kw in ("PatientName", "ReferringPhysicianName", "PerformingPhysicianName", "NameOfPhysiciansReadingStudy"):
+        v = ds.get(kw)
+        for one in (v if isinstance(v, list | tuple) or type(v).__name__ == "MultiValue" else [v]):
+            if one:
+                out.append(str(one))
+    return tuple(out)
 
 
 def _report(ds: Any, path: Path, salt: str) -> Report | Skipped:

@@ -53,6 +53,7 @@ def iter_dicom(
     config: ImagingConfig = ImagingConfig(),
     slices: int | None = DEFAULT_SLICES,
     reports: ReportLookup | None = None,
+    deid_reports: bool = True,
 ) -> Iterator[Item]:
     """Stream a DICOM file or folder tree as studies (see the module docstring).
 
@@ -60,12 +61,14 @@ def iter_dicom(
     ``frames``: ``"middle"`` (one record per file), ``"first"``, or ``"all"`` (one per frame, keys
     ``{instance_key}#f{n}``). ``salt`` keys the pseudonyms and must not be empty. ``reports`` looks a
     study's report up in a RIS export by accession number / StudyInstanceUID (in memory only).
+    Report text from SR objects and the RIS export goes through ``medsearch.deid.scrub_text`` unless
+    ``deid_reports=False``.
     """
     root = Path(root)
     check_options(frames, dates, salt, root)
     if slices is not None and (type(slices) is not int or slices < 1):
         raise InvalidInput(f"slices={slices!r} is not a slice count", hint="use a whole number from 1, or all")
-    return _iter(root, source, salt, frames, dates, allow_burned_in, config, slices, reports)
+    return _iter(root, source, salt, frames, dates, allow_burned_in, config, slices, reports, deid_reports)
 
 
 class _Study:
@@ -88,7 +91,7 @@ def _files(root: Path) -> Iterator[Path | Skipped]:
 
 def _iter(
     root: Path, source: str, salt: str, frames: str, dates: str, allow_burned_in: bool, config: ImagingConfig,
-    slices: int | None, reports: ReportLookup | None,
+    slices: int | None, reports: ReportLookup | None, deid_reports: bool,
 ) -> Iterator[Item]:  # fmt: skip
     # pass 1: where does each study end, and which folders mix studies?
     last: dict[str, int] = {}
@@ -131,16 +134,17 @@ def _iter(
                     st.instances.append(r)
         for key in flush_at.pop(ordinal, ()):
             if key in open_studies:
-                yield from _emit(open_studies.pop(key), source, frames, dates, slices, reports)
+                yield from _emit(open_studies.pop(key), source, frames, dates, slices, reports, deid_reports)
     for st in open_studies.values():  # files that changed between the passes
-        yield from _emit(st, source, frames, dates, slices, reports)
+        yield from _emit(st, source, frames, dates, slices, reports, deid_reports)
     for folder, keys in sorted(mixed.items()):
         yield Note(folder, f"holds files of {len(keys)} studies; each was stored as its own case")
 
 
 def _emit(
-    st: _Study, source: str, frames: str, dates: str, slices: int | None, reports: ReportLookup | None
-) -> Iterator[Item]:
+    st: _Study, source: str, frames: str, dates: str, slices: int | None, reports: ReportLookup | None,
+    deid_reports: bool,
+) -> Iterator[Item]:  # fmt: skip
     if not st.instances:
         for rep in st.reports:
             yield Skipped(str(rep.path), "SR report of a study with no images in this tree: nothing to attach it to")
@@ -154,6 +158,11 @@ def _emit(
         ris = reports(first.accession, first.study_uid)
         for name, text in (ris or {}).items():
             sections.setdefault(name, text)  # an SR in the study wins over the RIS row
+    if sections and deid_reports:
+        from medsearch.deid import scrub_text
+
+        names = {n for inst in st.instances for n in inst.names}
+        sections = {name: scrub_text(text, known_names=names) for name, text in sections.items()}
     yield case_record(first, source, dates, sections)
     by_series: dict[str, list[Instance]] = {}
     for inst in st.instances:
@@ -195,40 +204,3 @@ def _series(insts: list[Instance], source: str, frames: str, dates: str, slices:
     yield rec
     yield from images
 
-
-def query_study(
-    folder: Path, salt: str, *, slices: int | None = DEFAULT_SLICES, config: ImagingConfig = ImagingConfig()
-) -> tuple[str | None, list[tuple[str, int | None]], list[Skipped | Note]]:
-    """A study folder as a query: (study key, [(path, frame)] of the selected slices, problems).
-
-    DICOM files: their one study (``InvalidInput`` when the folder mixes studies), ``slices`` per series
-    chosen as at ingest. A folder without DICOM: its image files in name order (no study key).
-    """
-    from .folders import IMAGE_SUFFIXES, walk_files
-
-    folder = Path(folder)
-    keys: list[str] = []
-    chosen: list[tuple[str, int | None]] = []
-    problems: list[Skipped | Note] = []
-    refs: dict[str, SliceRef] = {}
-    for item in iter_dicom(folder, source="query", salt=salt, slices=slices, config=config):
-        if isinstance(item, Skipped | Note):
-            problems.append(item)
-        elif isinstance(item, SeriesRecord):
-            refs = {r.key: r for r in item.slices}
-        elif isinstance(item, StudyDone):
-            keys.append(item.key)
-        elif isinstance(item, ImageRecord) and refs.get(item.key) and refs[item.key].embed:
-            chosen.append((item.path, item.frame))
-    if len(keys) > 1:
-        raise InvalidInput(
-            f"{folder} holds {len(keys)} studies; a study query takes one",
-            hint="give the folder of one study (or query one image file at a time)",
-        )
-    if not keys and folder.is_dir():
-        files = [f for f in walk_files(folder) if isinstance(f, Path) and f.suffix.lower() in IMAGE_SUFFIXES]
-        picked = spread(len(files), slices)
-        chosen = [(str(files[i]), None) for i in picked]
-    if not chosen:
-        raise InvalidInput(f"{folder} holds no image this medsearch can read", hint="give a folder of DICOM or PNG/JPEG slices")
-    return (keys[0] if keys else None), chosen, problems
