@@ -28,8 +28,10 @@ from typing import Any
 from medsearch.config import ImagingConfig
 from medsearch.deid import DATE_MODES, deid_method, safe_metadata
 from medsearch.errors import InvalidInput, MedsearchError, NotFound
-from medsearch.imaging import require_dicom_decoder, validate_dicom_header
+from medsearch.imaging.dicom import check_dicom_pixels
 from medsearch.records import CaseRecord, ImageRecord, Skipped
+
+_DEFER_BYTES = 64 * 1024  # values above this size (the pixel data) are not read
 
 FRAME_MODES = ("middle", "first", "all")
 
@@ -210,8 +212,9 @@ def read_instance(
     name = str(path)
     if path.name.upper() == "DICOMDIR":
         return Skipped(name, "DICOMDIR: a directory index, not an image")
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    try:  # pixel data is not read: deferred (its offset and length are kept for the checks below)
+        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=True)
+        size = path.stat().st_size
     except Exception as e:  # pydicom raises many types on broken files; one bad file must not stop a tree
         return Skipped(name, f"unreadable DICOM header ({type(e).__name__}: {_gist(e)})")
     modality = str(ds.get("Modality") or "").strip().upper()
@@ -219,15 +222,12 @@ def read_instance(
         return _report(ds, path, salt)
     if modality in NON_IMAGE_MODALITIES:
         return Skipped(name, f"Modality {modality} is not a viewable image")
-    try:
-        n_frames = validate_dicom_header(ds, name, config, require_pixels=False)
-        require_dicom_decoder(ds, name)
+    try:  # the checks of medsearch.imaging.probe_image, so the ingest need not read the file again
+        n_frames = check_dicom_pixels(ds, name, size, config)
     except MedsearchError as e:
         return Skipped(name, _reason(e, name))
     if not allow_burned_in and str(ds.get("BurnedInAnnotation") or "").strip().upper() == "YES":
         return Skipped(name, "BurnedInAnnotation is YES: the pixels may show patient details")
-    if (short := _short_native_pixels(ds, path, n_frames)) is not None:
-        return Skipped(name, short)
     try:
         meta = safe_metadata(ds, salt, dates=dates)
         orientation = _floats(ds.get("ImageOrientationPatient"), 6)
@@ -248,29 +248,6 @@ def read_instance(
         instance_number=_int(ds.get("InstanceNumber")), series_number=_int(ds.get("SeriesNumber")), window=window,
         study_uid=str(ds.get("StudyInstanceUID")).strip(), accession=accession, names=_names(ds),
     )  # fmt: skip
-
-
-def _short_native_pixels(ds: Any, path: Path, n_frames: int) -> str | None:
-    """Why an uncompressed file cannot hold its pixel data (too small for Rows x Columns x frames), or None.
-
-    The ingest trusts this check instead of re-reading the file (compressed data is checked when decoded).
-    """
-    meta = getattr(ds, "file_meta", None)
-    ts = str(meta.get("TransferSyntaxUID") or "") if meta is not None else ""
-    if ts not in _NATIVE_TS:
-        return None
-    try:
-        need = int(ds.Rows) * int(ds.Columns) * n_frames * int(ds.get("SamplesPerPixel") or 1)
-        need = need * ((int(ds.get("BitsAllocated") or 8) + 7) // 8)
-        have = path.stat().st_size
-    except (TypeError, ValueError, OSError):
-        return None
-    if have < need:
-        return f"DICOM pixel data truncated: the file has {have:,} bytes, its pixels need {need:,}"
-    return None
-
-
-_NATIVE_TS = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 
 
 def _names(ds: Any) -> tuple[str, ...]:

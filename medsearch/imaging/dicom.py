@@ -166,6 +166,17 @@ def _infer_transfer_syntax(ds: Dataset) -> None:
     ds.file_meta.TransferSyntaxUID = ts
 
 
+def check_dicom_pixels(ds: Dataset, name: str, file_size: int, config: ImagingConfig = ImagingConfig()) -> int:
+    """What ``probe_image`` checks, on a dataset read with deferred pixel data: an image header within
+    limits, a decoder for its transfer syntax, pixel data that fits in the file and is encapsulated iff
+    compressed. Returns the number of frames; raises ``InvalidImage`` naming ``name``."""
+    n_frames = validate_dicom_header(ds, name, config, require_pixels=False)  # Rows/Columns first
+    validate_dicom_header(ds, name, config)  # then: is there pixel data at all
+    require_dicom_decoder(ds, name)
+    _verify_dicom_length(ds, name, file_size)
+    return n_frames
+
+
 def _verify_dicom_length(ds: Dataset, name: str, file_size: int) -> None:
     """Native (defined-length) pixel data must fit in the file; encapsulated data is checked on decode."""
     for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009):  # PixelData, FloatPixelData, DoubleFloatPixelData
