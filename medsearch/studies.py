@@ -195,14 +195,25 @@ def study_scores(
     """
     if len(vecs) == 0 or len(q) == 0:
         return np.empty(0, np.int64), np.empty(0, np.float32), np.empty(0, np.int64)
+    return scores_from_sims(q.astype(np.float32) @ vecs.astype(np.float32).T, owners)
+
+
+def scores_from_sims(sims: np.ndarray, owners: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``study_scores`` from the (m, n) query-slice x prior-slice similarities."""
+    if sims.shape[1] == 0:
+        return np.empty(0, np.int64), np.empty(0, np.float32), np.empty(0, np.int64)
     order = np.argsort(owners, kind="stable")
     owners_s = owners[order]
-    sims = q.astype(np.float32) @ vecs[order].astype(np.float32).T  # (m, n)
+    sims = sims[:, order]  # (m, n) columns grouped by study
     starts = np.flatnonzero(np.r_[True, owners_s[1:] != owners_s[:-1]])
     per_study = np.maximum.reduceat(sims, starts, axis=1)  # (m, s): best prior slice per query slice
     scores = per_study.mean(axis=0)  # (s,)
     col_best = sims.max(axis=0)  # (n,): each prior slice's best match to any query slice
-    best = np.array([order[a + int(np.argmax(col_best[a:b]))]
-                     for a, b in zip(starts, np.r_[starts[1:], len(owners_s)], strict=True)])  # fmt: skip
+    seg_max = np.maximum.reduceat(col_best, starts)  # (s,)
+    is_max = col_best == np.repeat(seg_max, np.diff(np.r_[starts, len(owners_s)]))
+    first_max = np.flatnonzero(is_max)  # positions of segment maxima; keep the first per segment
+    seg_of = np.searchsorted(starts, first_max, side="right") - 1
+    keep = np.r_[True, seg_of[1:] != seg_of[:-1]]
+    best = order[first_max[keep]]  # (s,) positions into the caller's arrays
     rank = np.argsort(-scores, kind="stable")
     return owners_s[starts][rank], scores[rank], best[rank]

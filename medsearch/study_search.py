@@ -1,15 +1,20 @@
 """Whole-study queries: several query slices -> one hit per prior study (``Searcher.similar_study``).
 
 The rule is ``medsearch.studies.study_scores``: mean over the query slices of the best cosine
-similarity to any embedded slice of the prior study. Candidates come from the image index (the
-``fetch`` nearest slices of each query slice); every candidate study is then scored exactly from its
-stored slice vectors. A study outside all candidate lists scores at most the mean over query slices of
-their ``fetch``-th similarity, so while the k-th score is below that bound ``fetch`` grows (x4) until
-the answer is exact or the whole index has been fetched.
+similarity to any embedded slice of the prior study.
+
+Up to ``EXHAUSTIVE_MAX`` indexed slices, every prior study is scored exactly: one (m, n) product of
+the query slices with the vectors the FAISS index keeps in memory, grouped by study (the slice ->
+study map is cached per index generation). Above that (or for a store without exact vectors),
+candidates come from the index (the ``fetch`` nearest slices of each query slice) and each candidate
+study is scored exactly from its stored slice vectors. A study outside all candidate lists scores at
+most the mean over query slices of their ``fetch``-th similarity, so while the k-th score is below
+that bound ``fetch`` grows (x4), up to ``MAX_FETCH`` per query slice.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,12 +23,16 @@ import numpy as np
 
 from .errors import IndexNotBuilt, InvalidInput
 from .records import Hit
-from .studies import study_scores
+from .studies import scores_from_sims, study_scores
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 MAX_QUERY_SLICES = 256
+EXHAUSTIVE_MAX = 250_000  # indexed slices scored exhaustively (an (m, n) float32 product)
+MAX_FETCH = 8192  # nearest slices per query slice on the candidate path
+
+_owners: weakref.WeakKeyDictionary[Any, tuple[np.ndarray, np.ndarray]] = weakref.WeakKeyDictionary()
 
 
 def similar_study(
@@ -63,23 +72,11 @@ def similar_study(
     idx = searcher.index("image")
     searcher._check_encoder()
     allowed = cat.image_ids_where(filters.as_dict()) if filters is not None else None
-    total = idx.ntotal if allowed is None else len(allowed)
-    fetch = min(max(k * searcher.config.oversample, 64), total)
-    while True:
-        D, I = idx.search(q, max(fetch, 1), allowed=allowed)  # (m, fetch) each
-        cand = {c for c in cat.image_case_ids(I[I >= 0].tolist()).values() if c not in own_cases}
-        ids, owners, vecs = cat.study_vectors(searcher.model_id, sorted(cand), allowed)
-        if own_patients and len(ids):
-            rows = cat.slice_hit_rows(ids.tolist())
-            keep = np.array([rows[int(i)].get("patient_key") not in own_patients for i in ids], dtype=bool)
-            ids, owners, vecs = ids[keep], owners[keep], vecs[keep]
-        studies, scores, best = study_scores(q, vecs, owners)
-        # bound on any study not among the candidates: mean over query slices of their fetch-th score
-        tail = np.where(I[:, -1] >= 0, D[:, -1], -np.inf)
-        bound = float(np.mean(tail)) if fetch < total else -np.inf
-        if fetch >= total or (len(scores) >= k and float(scores[k - 1]) >= bound):
-            break
-        fetch = min(fetch * 4, total)
+    exhaustive = _exhaustive(cat, idx, q, allowed, own_cases, own_patients)
+    if exhaustive is not None:
+        ids, studies, scores, best = exhaustive
+    else:
+        ids, studies, scores, best = _candidates(searcher, idx, q, k, allowed, own_cases, own_patients)
     rows = cat.slice_hit_rows([int(ids[b]) for b in best[:k]])
     hits = []
     for cid, score, b in zip(studies[:k], scores[:k], best[:k], strict=True):
@@ -91,6 +88,63 @@ def similar_study(
             title=r["title"], excerpt=r["caption"] or _opening(r["sections"]), matched="study",
         ))  # fmt: skip
     return hits
+
+
+def _exhaustive(
+    cat: Any, idx: Any, q: np.ndarray, allowed: np.ndarray | None, own_cases: set[int], own_patients: set[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Every prior study scored from the vectors the index keeps in memory; None when it keeps none."""
+    from .ann import exact_storage, ids_of
+
+    if idx.ntotal > EXHAUSTIVE_MAX or not hasattr(idx, "index"):
+        return None
+    xb = exact_storage(idx.index)  # (n, d) float32 view, internal order
+    if xb is None:
+        return None
+    cached = _owners.get(idx)
+    if cached is None:
+        ids = ids_of(idx.index)  # (n,) catalog image ids, internal order
+        case_of = cat.image_case_ids(ids.tolist())
+        owners = np.fromiter((case_of.get(int(i), -1) for i in ids), dtype=np.int64, count=len(ids))
+        cached = _owners[idx] = (ids, owners)
+    ids, owners = cached
+    keep = owners >= 0
+    if own_cases:
+        keep &= ~np.isin(owners, np.fromiter(own_cases, dtype=np.int64))
+    if allowed is not None:
+        keep &= np.isin(ids, allowed)
+    if own_patients:
+        rows = cat.slice_hit_rows(ids[keep].tolist())
+        pk = np.array([rows[int(i)].get("patient_key") not in own_patients for i in ids[keep]], dtype=bool)
+        keep[np.flatnonzero(keep)[~pk]] = False
+    pos = np.flatnonzero(keep)
+    sims = q @ xb.T  # (m, n)
+    studies, scores, best = scores_from_sims(sims[:, pos], owners[pos])
+    return ids[pos], studies, scores, best
+
+
+def _candidates(
+    searcher: Any, idx: Any, q: np.ndarray, k: int, allowed: np.ndarray | None, own_cases: set[int],
+    own_patients: set[str],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Candidate studies from the index, scored exactly; grows until the bound holds (see the module docstring)."""
+    cat = searcher.catalog
+    total = idx.ntotal if allowed is None else len(allowed)
+    fetch = min(max(k * searcher.config.oversample, 64), total)
+    while True:
+        D, I = idx.search(q, max(fetch, 1), allowed=allowed)  # (m, fetch) each
+        cand = {c for c in cat.image_case_ids(I[I >= 0].tolist()).values() if c not in own_cases}
+        ids, owners, vecs = cat.study_vectors(searcher.model_id, sorted(cand), allowed)
+        if own_patients and len(ids):
+            rows = cat.slice_hit_rows(ids.tolist())
+            keep = np.array([rows[int(i)].get("patient_key") not in own_patients for i in ids], dtype=bool)
+            ids, owners, vecs = ids[keep], owners[keep], vecs[keep]
+        studies, scores, best = study_scores(q, vecs, owners)
+        tail = np.where(I[:, -1] >= 0, D[:, -1], -np.inf)  # each query slice's fetch-th similarity
+        bound = float(np.mean(tail)) if fetch < total else -np.inf
+        if fetch >= min(total, MAX_FETCH) or (len(scores) >= k and float(scores[k - 1]) >= bound):
+            return ids, studies, scores, best
+        fetch = min(fetch * 4, total, MAX_FETCH)
 
 
 def _query_vectors(searcher: Any, images: Sequence[Any]) -> tuple[np.ndarray, set[int]]:

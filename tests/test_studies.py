@@ -340,6 +340,26 @@ def test_a_study_query_finds_the_study_of_the_same_pixels_and_excludes_its_own(s
     assert len({h.case_id for h in single}) == len(single) and single[0].case_id == own1
 
 
+def test_exhaustive_and_candidate_scoring_agree(study_home, towers):
+    from medsearch import study_search
+    from medsearch.imaging import load_image
+    from medsearch.search import Searcher
+
+    root, home, made = study_home
+    s = Searcher(home, encoder=towers)
+    files = made[1]["files"][3:6]
+    q, own = study_search._query_vectors(s, [load_image(f) for f in files])
+    idx = s.index("image")
+    a = study_search._exhaustive(s.catalog, idx, q, None, set(), set())
+    b = study_search._candidates(s, idx, q, 2, None, set(), set())  # k=2: a small first fetch
+    assert a is not None
+    for (ids_a, st_a, sc_a, best_a), (ids_b, st_b, sc_b, best_b) in [(a, b)]:
+        n = min(len(st_a), len(st_b), 2)
+        assert list(st_a[:n]) == list(st_b[:n]) and np.allclose(sc_a[:n], sc_b[:n], atol=1e-5)
+        assert [ids_a[i] for i in best_a[:n]] == [ids_b[i] for i in best_b[:n]]
+    assert len(st_a) == s.catalog.counts()["cases"]  # every study scored
+
+
 def test_cli_ingest_slices_and_similar_study_folder(study_home, tmp_path, pngs, monkeypatch):
     from typer.testing import CliRunner
 

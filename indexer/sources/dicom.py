@@ -191,18 +191,6 @@ def check_options(frames: str, dates: str, salt: str, root: Path) -> None:
         raise NotFound(f"{root}: no such file or folder", hint="check the path")
 
 
-def study_uid_of(path: Path) -> str | None:
-    """The StudyInstanceUID of a file, read cheaply (first pass of the tree), or None."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["StudyInstanceUID"])
-    except Exception:  # unreadable: the full read reports it
-        return None
-    uid = str(ds.get("StudyInstanceUID") or "").strip()
-    return uid or None
-
-
 def read_instance(
     path: Path, salt: str, *, dates: str, allow_burned_in: bool, config: ImagingConfig
 ) -> Instance | Report | Skipped:

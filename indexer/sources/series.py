@@ -6,19 +6,21 @@ its ``ImageRecord``s in slice order, then ``StudyDone``. Problems are reported b
 for files that are not stored, ``Note`` for what was stored with a caveat (a series ordered by
 InstanceNumber because its geometry is missing or inconsistent, a folder mixing several studies).
 
-Memory stays flat in the number of studies: a first pass reads only each file's StudyInstanceUID to
-learn where each study's last file is; the second pass reads full headers and holds only the studies
-whose files it has not finished (one at a time for the usual one-folder-per-study export).
+Memory stays flat in the number of studies: a first pass reads the headers to learn where each
+study's last file is (keeping the last ``HEADER_CACHE`` of them, so a tree of up to that many files is
+read once); the second pass holds only the studies whose files it has not finished (one at a time for
+the usual one-folder-per-study export).
 """
 
 from __future__ import annotations
 
+import functools
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from medsearch.config import ImagingConfig
-from medsearch.deid import pseudonym
 from medsearch.errors import InvalidInput
 from medsearch.imaging import is_dicom_file, preset_for
 from medsearch.records import ImageRecord, Skipped
@@ -35,8 +37,9 @@ from .dicom import (
     check_options,
     image_records,
     read_instance,
-    study_uid_of,
 )
+
+HEADER_CACHE = 1024  # headers kept from the first pass (a few KB each)
 
 # (accession_number, study_instance_uid) -> report sections, or None: a RIS export's lookup
 ReportLookup = Callable[[str | None, str], dict[str, str] | None]
@@ -93,17 +96,23 @@ def _iter(
     root: Path, source: str, salt: str, frames: str, dates: str, allow_burned_in: bool, config: ImagingConfig,
     slices: int | None, reports: ReportLookup | None, deid_reports: bool,
 ) -> Iterator[Item]:  # fmt: skip
-    # pass 1: where does each study end, and which folders mix studies?
+    # pass 1: where does each study end, and which folders mix studies? The headers of the last
+    # HEADER_CACHE files are kept, so a tree of that size is read once (memory stays bounded).
+    read = functools.partial(read_instance, salt=salt, dates=dates, allow_burned_in=allow_burned_in, config=config)
+    cache: OrderedDict[Path, Instance | Report | Skipped] = OrderedDict()
     last: dict[str, int] = {}
     folder_study: dict[str, str] = {}
     mixed: dict[str, set[str]] = {}
     for ordinal, f in enumerate(_files(root)):
         if isinstance(f, Skipped):
             continue
-        uid = study_uid_of(f)
-        if uid is None:
+        r = read(f)
+        cache[f] = r
+        if len(cache) > HEADER_CACHE:
+            cache.popitem(last=False)
+        if isinstance(r, Skipped):
             continue
-        key = pseudonym(uid, salt, "StudyInstanceUID")
+        key = r.study_key
         last[key] = ordinal
         folder = str(f.parent)
         first = folder_study.setdefault(folder, key)
@@ -114,13 +123,13 @@ def _iter(
         flush_at.setdefault(ordinal, []).append(key)
     del last, folder_study
 
-    # pass 2: full headers; a study is emitted right after its last file
+    # pass 2: a study is emitted right after its last file
     open_studies: dict[str, _Study] = {}
     for ordinal, f in enumerate(_files(root)):
         if isinstance(f, Skipped):
             yield f
         else:
-            r = read_instance(f, salt, dates=dates, allow_burned_in=allow_burned_in, config=config)
+            r = cache.pop(f, None) or read(f)
             if isinstance(r, Skipped):
                 yield r
             else:
