@@ -9,7 +9,7 @@ Each route's ``responses`` lists every error status it can answer with.
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import Response
@@ -86,6 +86,36 @@ FileField = Annotated[
 # Optional form fields are typed without ``| None``: multipart has no null, so the schema must not
 # offer one (a client sending the text "null" would be told it is valid, then get 422); absent = None.
 ImageIdField = Annotated[int, Form(ge=1, le=MAX_ID, description="Or: the id of a catalog image.")]
+FilesField = Annotated[
+    list[UploadFile],
+    File(description="Several slices of one study (PNG, JPEG or DICOM): one hit per prior study."),
+]
+MAX_STUDY_FILES = 64
+
+
+def _study_query(searcher: Searcher, state, files: list[UploadFile]) -> tuple[list[Any], str | None]:
+    """Decoded query slices and the study key of the DICOM ones (uploads are never stored or logged)."""
+    from medsearch.studies import dicom_study_key, dicom_study_uid
+
+    if len(files) > MAX_STUDY_FILES:
+        raise InvalidInput(f"{len(files)} files uploaded; a study query takes at most {MAX_STUDY_FILES}",
+                           hint="upload the slices to compare, not the whole series")  # fmt: skip
+    pils, uids = [], set()
+    for f in files:
+        up = read_upload(f, state.upload_imaging)
+        pils.append(up.image)
+        if up.kind == "dicom":
+            f.file.seek(0)
+            uid = dicom_study_uid(f.file.read(state.upload_imaging.max_file_bytes))
+            if uid:
+                uids.add(uid)
+    if len(uids) > 1:
+        raise InvalidInput(f"the uploaded files belong to {len(uids)} studies; a study query takes one",
+                           hint="upload slices of one study")  # fmt: skip
+    key = dicom_study_key(uids.pop(), searcher.catalog.salt) if uids else None
+    return pils, key
+
+
 KField = Annotated[int, Form(ge=1, le=100)]
 ListField = Annotated[list[str], Form()]
 
@@ -157,6 +187,7 @@ def search_image(
     audit: AuditImage,
     file: FileField = None,  # type: ignore[assignment]
     image_id: ImageIdField = None,  # type: ignore[assignment]
+    files: FilesField = None,  # type: ignore[assignment]
     k: KField = 10,
     modality: ListField = None,  # type: ignore[assignment]
     body_region: ListField = None,  # type: ignore[assignment]
@@ -166,15 +197,27 @@ def search_image(
     exclude_own_case: Annotated[bool, Form(description="Leave out the query image's own case.")] = False,
     per_case: Annotated[bool, Form(description="One hit per case.")] = True,
 ) -> S.SearchResponse:
-    """Image -> similar images/cases. Send `file` (multipart upload) or `image_id` (a catalog image)."""
+    """Image -> similar images/cases. Send `file` (multipart upload) or `image_id` (a catalog image).
+
+    Several `files` (slices of one study) -> one hit per prior study, scored by the mean over the
+    uploaded slices of the best similarity to any slice of that study; the query's own study (its
+    DICOM StudyInstanceUID) is left out.
+    """
     t0 = time.perf_counter()
     filters = _form_filters(modality, body_region, split, source, plane)
-    audit.note(image_id=image_id, k=k, filters=filters.model_dump(exclude_none=True), results=0)
+    audit.note(image_id=image_id, files=len(files or []), k=k, filters=filters.model_dump(exclude_none=True), results=0)
     s = state.current()
-    query, desc = _image_query(s, state, file, image_id)
-    audit.note(upload_sha256=desc.sha256, upload_bytes=desc.bytes)
-    hits = s.similar(query, k=k, filters=_core_filters(filters), per_case=per_case,
-                     exclude_same_case=exclude_own_case)  # fmt: skip
+    if files:
+        if file is not None or image_id is not None:
+            raise InvalidInput("give `files` (a study) or one `file` / `image_id`, not both", hint="send one")
+        pils, study_key = _study_query(s, state, files)
+        hits = s.similar_study(pils, k=k, filters=_core_filters(filters), own_study_key=study_key)
+        desc = None
+    else:
+        query, desc = _image_query(s, state, file, image_id)
+        audit.note(upload_sha256=desc.sha256, upload_bytes=desc.bytes)
+        hits = s.similar(query, k=k, filters=_core_filters(filters), per_case=per_case,
+                         exclude_same_case=exclude_own_case)  # fmt: skip
     audit.note(results=len(hits))
     state.metrics.search_hits.labels(kind="image").observe(len(hits))
     return S.SearchResponse(
@@ -198,9 +241,15 @@ def get_case(
     for im in cv.images:
         image_url, thumb = _urls(im["image_id"])
         images.append(S.ImageInfo(**im, image_url=image_url, thumbnail_url=thumb))
+    series = [
+        S.SeriesOut(**{k: v for k, v in sr.items() if k in S.SeriesOut.model_fields and k != "slices"},
+                    slices=[S.SliceOut(**sl, thumbnail_url=_urls(sl["image_id"])[1]) for sl in sr["slices"]])
+        for sr in state.catalog.case_series(cv.case_id, state.model_id())
+    ]  # fmt: skip
     return S.CaseOut(
         case_id=cv.case_id, case_key=cv.case_key, source=cv.source, split=cv.split, title=cv.title,
         diagnosis=cv.diagnosis, category=cv.category, sections=cv.sections, labels=cv.labels, images=images,
+        series=series,
     )  # fmt: skip
 
 

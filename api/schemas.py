@@ -122,8 +122,40 @@ class ImageInfo(BaseModel):
     thumbnail_url: str
 
 
+class SliceOut(BaseModel):
+    """One slice of a series in slice order; `status` deferred = catalogued, not embedded (--slices)."""
+
+    image_id: int
+    slice_index: int | None
+    position: float | None = None  # mm along the series normal
+    status: str
+    embedded: bool | None = None
+    thumbnail_url: str
+
+
+class SeriesOut(BaseModel):
+    """One series of a study (no identifiers, no descriptions)."""
+
+    series_id: int
+    number: int | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    plane: str | None = None
+    slice_count: int
+    thickness: float | None = None
+    spacing: float | None = None
+    position_min: float | None = None
+    position_max: float | None = None
+    ordered_by: str
+    order_note: str | None = None
+    window_center: float | None = None
+    window_width: float | None = None
+    preset: str | None = None
+    slices: list[SliceOut]
+
+
 class CaseOut(BaseModel):
-    """A whole case: report sections, labels and all its images."""
+    """A whole case: report sections, labels and all its images; a DICOM study also lists its series."""
 
     case_id: int
     case_key: str
@@ -135,6 +167,7 @@ class CaseOut(BaseModel):
     sections: dict[str, str]
     labels: dict[str, Any]
     images: list[ImageInfo]
+    series: list[SeriesOut] = []
 
 
 class IndexInfo(BaseModel):

@@ -148,3 +148,21 @@ def draft_options(fn):
     wrapper.__signature__ = sig.replace(parameters=params, return_annotation=None)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in params}
     return wrapper
+
+
+def default_model(home: Path) -> str:
+    """The model for `index` when --model is not given: lite when trained, else the towers."""
+    from medsearch.catalog import Catalog
+
+    paths_home = home_dir(home)
+    if (paths_home / "catalog.db").exists():
+        cat = Catalog.open(paths_home / "catalog.db")
+        try:
+            recorded = cat.get_meta("default_model")
+        finally:
+            cat.close()
+        if recorded:
+            return recorded
+    if (paths_home / "models" / "lite" / "config.json").exists():
+        return "lite"
+    return "towers"

@@ -64,13 +64,17 @@ def print_hits(hits: list, title: str) -> None:
             typer.echo(f"       {ex[:140] + ('…' if len(ex) > 140 else '')}")
 
 
-def print_case(cv: Any) -> None:
-    """One case: header, report sections, then its images."""
+def print_case(cv: Any, series: list[dict[str, Any]] = ()) -> None:
+    """One case: header, report sections, its DICOM series, then its images."""
     heading(f"{cv.case_key} ({cv.source}, split {cv.split}): {cv.title or ''}")
     typer.echo(f"diagnosis: {cv.diagnosis or '-'}   category: {cv.category or '-'}")
     for name, text in cv.sections.items():
         heading(f"\n{name.upper()}")
         typer.echo(text)
+    for sr in series:
+        n_emb = sum(1 for sl in sr["slices"] if sl["status"] == "ok")
+        heading(f"\nSERIES {sr['number'] if sr['number'] is not None else '-'}: {sr['modality'] or '-'} "
+                f"{sr['plane'] or '-'}, {sr['slice_count']} slices ({n_emb} embedded), ordered by {sr['ordered_by']}")
     heading("\nIMAGES")
     for im in cv.images:
         typer.echo(f"  {im['image_id']:>6} {im['key']:<28} {im['modality_type'] or '-':<6} {im['plane'] or '-':<10} "

@@ -2,8 +2,14 @@
 
 Each chunk of ``chunk`` items is one transaction, so a crash loses at most the chunk in
 flight and a rerun redoes it without duplicates (rows are keyed by (source, key) and
-compared by content hash). Bad items are reported by name, counted and skipped; nothing
-already stored is touched by a failed item.
+compared by content hash). A DICOM study is never split across transactions: it goes in
+whole or not at all, so an ingest that fails leaves every study stored before as it was.
+Bad items are reported by name, counted and skipped; nothing already stored is touched by a
+failed item.
+
+DICOM studies: ``slices`` (default 8) embeds at most that many slices per series, spread over
+its extent; the other slices are catalogued with status ``deferred`` (no vector, not searched)
+until an ingest with more slices (or ``None``: all) selects them.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from medsearch.catalog import Catalog, now
 from medsearch.config import ImagingConfig
 from medsearch.errors import InvalidImage, InvalidInput, MedsearchError
 from medsearch.records import CaseRecord, ImageRecord, Skipped
+from medsearch.studies import DEFAULT_SLICES, SeriesRecord, SliceRef
 
-from .readers import Item, RecentKeys, detect_layout, read_path
+from .sources.common import Item, Note, RecentKeys, StudyDone
+from .sources.layout import detect_layout, read_path
 
 
 @dataclass
@@ -35,6 +43,12 @@ class IngestSummary:
     skipped: list[Skipped] = field(default_factory=list)
     filtered: int = 0  # left out by --split
     seconds: float = 0.0
+    series_added: int = 0
+    series_updated: int = 0
+    slices_selected: int = 0  # slices of the series read now that will be embedded
+    slices_deferred: int = 0  # slices of the series read now catalogued without a vector
+    notes: list[Note] = field(default_factory=list)  # e.g. a series ordered by InstanceNumber
+    reports_unmatched: list[str] = field(default_factory=list)  # RIS rows that matched no study ("row 17")
 
     @property
     def counts(self) -> dict[str, int]:
@@ -45,6 +59,10 @@ class IngestSummary:
             "images_updated": self.images_updated,
             "unchanged": self.unchanged,
             "skipped": len(self.skipped),
+            "series_added": self.series_added,
+            "series_updated": self.series_updated,
+            "slices_selected": self.slices_selected,
+            "slices_deferred": self.slices_deferred,
         }
 
     def to_dict(self) -> dict:
@@ -55,6 +73,8 @@ class IngestSummary:
             "filtered_by_split": self.filtered,
             "seconds": round(self.seconds, 2),
             "skipped_items": [{"item": s.item, "reason": s.reason} for s in self.skipped],
+            "notes": [{"item": n.item, "message": n.message} for n in self.notes],
+            "reports_unmatched": self.reports_unmatched,
         }
 
 
@@ -82,18 +102,44 @@ def ingest_path(
     chunk: int = 256,
     deid_text: bool = False,
     progress: Callable[[Item], None] | None = None,
+    slices: int | None = DEFAULT_SLICES,
+    reports: Path | None = None,
 ) -> IngestSummary:
-    """Ingest one dataset folder, image folder, DICOM tree or file into the catalog."""
+    """Ingest one dataset folder, image folder, DICOM tree or file into the catalog.
+
+    ``slices``: per DICOM series, how many slices to embed (None: all). ``reports``: a RIS export
+    (CSV/JSONL) joined to the DICOM studies in memory by accession number or StudyInstanceUID.
+    """
     p = Path(path)
     try:
         layout = detect_layout(p)
     except FileNotFoundError:
         raise InvalidInput(f"{p} does not exist", hint="give a dataset folder, image folder, DICOM tree or file") from None
-    items = read_path(p, source=source, salt=catalog.salt, sidecar=sidecar)
-    return ingest_items(
+    ris = _load_reports(reports) if reports is not None else None
+    lookup = None
+    if ris is not None:
+        def lookup(accession: str | None, study_uid: str) -> dict[str, str] | None:
+            return ris.lookup(accession_number=accession, study_instance_uid=study_uid)
+
+    items = read_path(p, source=source, salt=catalog.salt, sidecar=sidecar, slices=slices, reports=lookup, config=imaging)
+    summary = ingest_items(
         catalog, items, path=str(p.resolve()), layout=layout, splits=splits, imaging=imaging, chunk=chunk,
         deid_text=deid_text, progress=progress,
     )  # fmt: skip
+    if ris is not None:
+        summary.reports_unmatched = list(ris.unmatched())
+    return summary
+
+
+def _load_reports(path: Path):  # -> indexer.sources.ris.RisReports
+    try:
+        from .sources.ris import RisReports  # the RIS export reader (issue 11 item 6)
+    except ImportError:
+        raise InvalidInput(
+            f"cannot read the RIS export {path}: the RIS report reader is not installed in this build",
+            hint="ingest without --reports",
+        ) from None
+    return RisReports.load(path)
 
 
 def ingest_items(
@@ -108,7 +154,7 @@ def ingest_items(
     deid_text: bool = False,
     progress: Callable[[Item], None] | None = None,
 ) -> IngestSummary:
-    from medsearch.imaging import probe_image
+    from medsearch.imaging import ImageInfo, probe_image
     from medsearch.text import split_sentences
 
     scrub = None
@@ -121,6 +167,8 @@ def ingest_items(
     log_id = catalog.log_ingest({"path": printable(path), "reader": layout, "started_at": now()})
     case_ids = RecentKeys()  # (source, key) -> case id; a forgotten one is looked up in the catalog
     dropped_cases: set[tuple[str, str]] = set()
+    series = _SeriesLinks(catalog, summary)
+    in_study = False  # inside a DICOM study: no commit until its StudyDone
     status = "failed"
     try:
         pending = 0
@@ -133,11 +181,27 @@ def ingest_items(
                 if isinstance(item, Skipped):
                     summary.skipped.append(Skipped(printable(item.item), printable(item.reason)))
                     continue
+                if isinstance(item, Note):
+                    summary.notes.append(Note(printable(item.item), printable(item.message)))
+                    continue
+                if isinstance(item, StudyDone | SeriesRecord):
+                    series.finish()
+                    in_study = isinstance(item, SeriesRecord)
+                    ck = (item.source, item.case_key) if isinstance(item, SeriesRecord) else None
+                    if ck is not None and ck not in dropped_cases:
+                        cid = case_ids.get(ck) or catalog.case_id_for_key(item.case_key, item.source)
+                        if cid is not None:
+                            series.start(item, cid)
+                    if not in_study and pending >= chunk:
+                        tx = _commit(catalog, tx)
+                        pending = 0
+                    continue
                 if (bad := _not_text(item)) is not None:  # e.g. a file name with bytes that are not UTF-8
                     name = item.path if isinstance(item, ImageRecord) else f"{item.source}:{item.key}"
                     summary.skipped.append(Skipped(printable(name), bad))
                     continue
                 if isinstance(item, CaseRecord):
+                    in_study = in_study or item.meta.get("format") == "dicom"
                     if wanted is not None and (item.split or "").lower() not in wanted:
                         dropped_cases.add((item.source, item.key))
                         summary.filtered += 1
@@ -163,17 +227,20 @@ def ingest_items(
                         continue
                     cid = case_ids.get(ck)
                     if cid is None:
-                        row = catalog.db.execute(
-                            "SELECT id FROM cases WHERE source = ? AND key = ?", [item.source, item.case_key]
-                        ).fetchone()
-                        if row is None:
+                        cid = catalog.case_id_for_key(item.case_key, item.source)
+                        if cid is None:
                             summary.skipped.append(Skipped(item.path, f"its case {item.case_key!r} was not ingested"))
                             continue
-                        cid = case_ids[ck] = row[0]
+                        case_ids[ck] = cid
                     try:
                         if not Path(item.path).is_file():
                             raise InvalidImage(f"{item.path}: referenced image file is missing or not a regular file")
-                        info = probe_image(item.path, config=imaging)
+                        if series.has(item.key):  # a slice the series reader checked (header, decoder, length)
+                            info = ImageInfo("DICOM", int(item.meta.get("columns") or 0), int(item.meta.get("rows") or 0),
+                                             int(item.meta.get("frames") or 1), str(item.meta.get("photometric") or ""),
+                                             True)  # fmt: skip
+                        else:
+                            info = probe_image(item.path, config=imaging)
                         sha, nbytes = file_sha256(item.path, imaging.max_file_bytes)
                     except (MedsearchError, OSError) as e:
                         summary.skipped.append(Skipped(item.path, _reason(e)))
@@ -181,10 +248,11 @@ def ingest_items(
                     rec = item
                     if scrub is not None and rec.caption:
                         rec = replace(rec, caption=scrub(rec.caption))
-                    _, st = catalog.upsert_image(
+                    image_id, st = catalog.upsert_image(
                         rec, cid, sha256=sha if rec.frame is None else f"{sha}#{rec.frame}", nbytes=nbytes,
                         width=info.width, height=info.height,
                     )  # fmt: skip
+                    series.add(rec.key, image_id)
                     if st == "added":
                         summary.images_added += 1
                     elif st == "updated":
@@ -192,11 +260,10 @@ def ingest_items(
                     else:
                         summary.unchanged += 1
                 pending += 1
-                if pending >= chunk:
-                    tx.__exit__(None, None, None)
-                    tx = catalog.db.atomic()
-                    tx.__enter__()
+                if pending >= chunk and not in_study:
+                    tx = _commit(catalog, tx)
                     pending = 0
+            series.finish()
         except BaseException as e:
             tx.__exit__(type(e), e, e.__traceback__)
             raise
@@ -209,6 +276,51 @@ def ingest_items(
             log_id, status, summary.counts, [{"item": s.item, "reason": s.reason} for s in summary.skipped]
         )
     return summary
+
+
+def _commit(catalog: Catalog, tx):
+    """Commit the transaction ``tx`` and open the next one."""
+    tx.__exit__(None, None, None)
+    tx = catalog.db.atomic()
+    tx.__enter__()
+    return tx
+
+
+class _SeriesLinks:
+    """The series being ingested: its row, and the slices to link to it once their images are stored."""
+
+    def __init__(self, catalog: Catalog, summary: IngestSummary) -> None:
+        self.catalog, self.summary = catalog, summary
+        self.series_id: int | None = None
+        self.refs: dict[str, SliceRef] = {}
+        self.before: dict[str, str] = {}
+        self.rows: list[tuple[int, SliceRef, str | None]] = []
+
+    def start(self, rec: SeriesRecord, case_id: int) -> None:
+        self.series_id, st = self.catalog.upsert_series(rec, case_id)
+        if st == "added":
+            self.summary.series_added += 1
+        elif st == "updated":
+            self.summary.series_updated += 1
+        else:
+            self.summary.unchanged += 1
+        self.refs = {r.key: r for r in rec.slices}
+        self.before = self.catalog.image_statuses(rec.source, list(self.refs))
+
+    def has(self, key: str) -> bool:
+        return self.series_id is not None and key in self.refs
+
+    def add(self, key: str, image_id: int) -> None:
+        ref = self.refs.get(key)
+        if self.series_id is not None and ref is not None:
+            self.rows.append((image_id, ref, self.before.get(key)))
+
+    def finish(self) -> None:
+        if self.series_id is not None and self.rows:
+            deferred = self.catalog.link_slices(self.series_id, self.rows)
+            self.summary.slices_deferred += deferred
+            self.summary.slices_selected += len(self.rows) - deferred
+        self.series_id, self.refs, self.before, self.rows = None, {}, {}, []
 
 
 def printable(s: str) -> str:

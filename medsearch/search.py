@@ -248,6 +248,26 @@ class Searcher:
         ordered = list(zip((int(i) for i in ids), (float(s) for s in scores), strict=True))
         return self._hits(ordered, k, per_case, matched={i: "image" for i, _ in ordered}, exclude=exclude)
 
+    def similar_study(
+        self,
+        images: Sequence[str | Path | int | Image.Image],
+        k: int | None = None,
+        filters: Filters = Filters(),
+        *,
+        own_study_key: str | None = None,
+        exclude_same_patient: bool = False,
+    ) -> list[Hit]:
+        """Whole study (its query slices) -> one hit per prior study, best first; the query's own study excluded.
+
+        Score: mean over query slices of the best cosine similarity to any slice of the prior study
+        (``medsearch.studies``); the hit's image is that study's best-matching slice.
+        """
+        from .study_search import similar_study
+
+        return similar_study(self, images, k=k, filters=filters, own_study_key=own_study_key,
+                             exclude_same_patient=exclude_same_patient)  # fmt: skip
+
+
     def image_query(self, image: str | Path | int | Image.Image | ImageQuery, *, sha256: str | None = None) -> ImageQuery:
         """Resolve a query image once: its (1, image_dim) vector and the catalog image it is.
 

@@ -1,4 +1,4 @@
-"""indexer.dicom: a DICOM tree built from pydicom's bundled samples -> cases, images, skips."""
+"""indexer.sources (DICOM): a DICOM tree built from pydicom's bundled samples -> cases, images, skips."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from indexer.dicom import _plane, iter_dicom
+from indexer.sources.dicom import _plane
+from indexer.sources.series import iter_dicom
 from medsearch.deid import safe_metadata
 from medsearch.errors import InvalidInput, NotFound
 from medsearch.imaging import load_image
@@ -65,7 +66,9 @@ def tree(tmp_path: Path) -> Path:
 
 
 def run(root: Path, **kw) -> list[CaseRecord | ImageRecord | Skipped]:
-    return list(iter_dicom(root, source="pacs", salt=kw.pop("salt", SALT), **kw))
+    """Cases, images and skips (series records and study ends are tested in test_studies.py)."""
+    items = iter_dicom(root, source="pacs", salt=kw.pop("salt", SALT), **kw)
+    return [i for i in items if isinstance(i, CaseRecord | ImageRecord | Skipped)]
 
 
 def by_name(items, root: Path) -> dict[str, ImageRecord]:

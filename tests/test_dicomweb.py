@@ -71,6 +71,12 @@ def test_sync_pulls_selected_slices_whole_studies_and_no_identifiers(orthanc, tm
 
     got = sorted(json.loads(r[0])["position"][2] for r in rows)
     assert got[0] == zs[0] and got[-1] == zs[-1] and len(set(got)) == 8
+    # the series is recorded as a DICOM tree ingest records it: 20 slices in position order, 8 of them stored
+    (case_id,) = cat.db.execute("SELECT id FROM cases").fetchone()
+    (sr,) = cat.case_series(case_id)
+    assert (sr["slice_count"], sr["ordered_by"], sr["plane"], len(sr["slices"])) == (20, "position", "Axial", 8)
+    assert [sl["slice_index"] for sl in sr["slices"]] == sorted(sl["slice_index"] for sl in sr["slices"])
+    assert sr["slices"][0]["slice_index"] == 0 and sr["slices"][-1]["slice_index"] == 19
     # display images are in the home, de-identified renderings; no DICOM file is kept
     pngs = list((home / "images").rglob("*.png"))
     assert len(pngs) == 8 and not list(home.rglob("*.dcm"))

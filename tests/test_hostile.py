@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from indexer.embed import run_index
 from indexer.ingest import ingest_items, ingest_path
-from indexer.readers import read_jsonl_dataset
+from indexer.sources.jsonl import read_jsonl_dataset
 from medsearch.catalog import Catalog
 from medsearch.config import EmbedConfig, Paths
 from medsearch.consistency import check_home

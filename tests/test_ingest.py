@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from indexer.ingest import ingest_path
-from indexer.readers import detect_layout, read_jsonl_dataset
+from indexer.sources.jsonl import read_jsonl_dataset
+from indexer.sources.layout import detect_layout
 from medsearch.catalog import Catalog
 from medsearch.errors import InvalidInput
 

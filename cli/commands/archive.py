@@ -10,25 +10,7 @@ import typer
 
 from cli import output
 from cli.commands import pacs
-from cli.options import Device, Home, JsonOut, Model, Quiet, Split, handle_errors, home_dir
-
-
-def _default_model(home: Path) -> str:
-    """The model for `index` when --model is not given: lite when trained, else the towers."""
-    from medsearch.catalog import Catalog
-
-    paths_home = home_dir(home)
-    if (paths_home / "catalog.db").exists():
-        cat = Catalog.open(paths_home / "catalog.db")
-        try:
-            recorded = cat.get_meta("default_model")
-        finally:
-            cat.close()
-        if recorded:
-            return recorded
-    if (paths_home / "models" / "lite" / "config.json").exists():
-        return "lite"
-    return "towers"
+from cli.options import Device, Home, JsonOut, Model, Quiet, Split, default_model, handle_errors, home_dir
 
 
 @handle_errors
@@ -42,7 +24,7 @@ def ingest(
     chunk: Annotated[int, typer.Option(min=1, help="Items per catalog transaction (a crash redoes at most these).")] = 256,
     since: Annotated[str | None, typer.Option(help="PACS: studies from this date on (YYYYMMDD); default: where the last sync stopped.")] = None,
     modality: Annotated[list[str] | None, typer.Option("--modality", help="PACS: only studies with this modality (repeatable).")] = None,
-    slices: Annotated[str | None, typer.Option("--slices", help="PACS: slices embedded per series, N spread over its extent, or all (default 8).")] = None,
+    slices: Annotated[str | None, typer.Option("--slices", help="DICOM and PACS: slices to embed per series, N spread over its extent, or all (default 8); the rest stay catalogued for a later --slices all.")] = None,
     token: pacs.Token = None,
     link_back: Annotated[bool, typer.Option("--link-back", help="PACS: keep pseudonym -> Study Instance UID in HOME/private/links.db (admin viewer links).")] = False,
     timeout: Annotated[float, typer.Option(min=1, help="PACS: seconds per HTTP request before a retry.")] = 30,
@@ -64,13 +46,14 @@ def ingest(
     path = Path(path)
     if not path.exists():  # before the catalog is created, so a typo leaves no empty home behind
         raise InvalidInput(f"{path} does not exist", hint="give a dataset folder, image folder, DICOM tree or file")
+    n_slices = pacs.parse_slices(slices)
     h = home_dir(home)
     cat = Catalog.open(h / "catalog.db")
     try:
         with output.Progress(not (quiet or json_out), unit="item") as progress:
             summary = ingest_path(
                 cat, path, source=source, splits=split, sidecar=sidecar, deid_text=deid_text, chunk=chunk,
-                progress=progress.ticker(f"ingest {path.name}") if progress.enabled else None,
+                progress=progress.ticker(f"ingest {path.name}") if progress.enabled else None, slices=n_slices,
             )  # fmt: skip
     finally:
         cat.close()
@@ -83,6 +66,13 @@ def ingest(
         f"{c['cases_updated'] + c['images_updated']} updated, {c['unchanged']} unchanged, "
         f"{c['skipped']} skipped ({summary.seconds:.1f}s)"
     )
+    if summary.series_added or summary.series_updated or summary.slices_deferred:
+        output.line(
+            f"  {summary.series_added} series added, {summary.series_updated} updated; {summary.slices_selected} slices "
+            f"to embed, {summary.slices_deferred} catalogued without a vector (--slices all adds them)"
+        )
+    for n in summary.notes[:20]:
+        output.problem(f"  note {n.item}: {n.message}")
     if summary.filtered:
         output.line(f"  {summary.filtered} left out by --split")
     for s in summary.skipped[:20]:
@@ -126,7 +116,7 @@ def index(
         raise InvalidInput(f"unknown engine {engine!r}", hint="use local or ray")
     h = home_dir(home)
     cat = Catalog.open(h / "catalog.db", create=False)
-    spec = model or _default_model(h)
+    spec = model or default_model(h)
     try:
         enc = load_encoder(spec, device=device, models_dir=h / "models")
         stage = None

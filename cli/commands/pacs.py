@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from cli import output
-from cli.options import Device, Home, Model, Quiet, handle_errors, home_dir
+from cli.options import Device, Home, Model, Quiet, default_model, handle_errors, home_dir
 
 Token = Annotated[str | None, typer.Option("--token", envvar="MEDSEARCH_DICOMWEB_TOKEN", show_envvar=True,
                                            help="Bearer token for the DICOMweb server (or user:password@ in the URL).")]  # fmt: skip
@@ -96,13 +96,11 @@ def listen(
     from medsearch.config import EmbedConfig, Paths
     from medsearch.encoders.registry import load_encoder
 
-    from .archive import _default_model
-
     h = home_dir(home)
     h.mkdir(parents=True, exist_ok=True)
     Catalog.open(h / "catalog.db").close()
     paths = Paths(h)
-    enc = load_encoder(model or _default_model(h), device=device, models_dir=paths.models)
+    enc = load_encoder(model or default_model(h), device=device, models_dir=paths.models)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     def index(cat: Catalog) -> Any:

@@ -62,7 +62,7 @@ def search(
 
 @handle_errors
 def similar(
-    image: ImageRef,
+    image: Annotated[str, typer.Argument(help="Image file (PNG/JPEG/DICOM), a study folder, or a catalog image id or key.")],
     home: Home = None,  # type: ignore[assignment]
     k: K = 10,
     modality: Modality = None,
@@ -70,12 +70,30 @@ def similar(
     split: Split = None,
     exclude_own_case: Annotated[bool, typer.Option("--exclude-own-case", help="Leave out the query image's own case.")] = False,
     all_images: Annotated[bool, typer.Option("--all-images", help="Several images per case.")] = False,
+    slices: Annotated[str, typer.Option("--slices", help="Study folder: query slices per series (N or all).")] = "8",
     model: Model = None,
     device: Device = "auto",
     json_out: JsonOut = False,
 ) -> None:
-    """Image -> the most similar prior images and cases."""
+    """Image -> the most similar prior images and cases; a study folder -> one hit per prior study.
+
+    A study is scored by the mean over its query slices of the best cosine similarity to any slice
+    of the prior study; the query's own study is left out when it is in the catalog.
+    """
     s = searcher(home, model, device)
+    if Path(image).is_dir():
+        from cli.commands.pacs import parse_slices
+        from indexer.sources.query import query_study
+        from medsearch.imaging import load_image
+
+        study_key, chosen, _ = query_study(Path(image), s.catalog.salt, slices=parse_slices(slices), config=s.imaging)
+        pils = [load_image(p, frame=f, config=s.imaging) for p, f in chosen]
+        hits = s.similar_study(pils, k=k, filters=filters(modality, body_region, split), own_study_key=study_key)
+        if json_out:
+            output.print_json([h.to_dict() for h in hits])
+        else:
+            output.print_hits(hits, f"studies similar to {image} ({len(chosen)} query slices)")
+        return
     hits = s.similar(
         image, k=k, filters=filters(modality, body_region, split), per_case=not all_images,
         exclude_same_case=exclude_own_case,
@@ -100,12 +118,13 @@ def case(
     cat = Catalog.open(home_dir(home) / "catalog.db", create=False)
     try:
         cv = cat.get_case(ref)
+        series = cat.case_series(cv.case_id, cat.get_meta("default_model"))
     finally:
         cat.close()
     if json_out:
-        output.print_json(asdict(cv))
+        output.print_json({**asdict(cv), "series": series})
     else:
-        output.print_case(cv)
+        output.print_case(cv, series)
 
 
 @handle_errors

@@ -40,6 +40,7 @@ from medsearch.catalog.pacs import existing_image_keys, set_sync_state, sync_sta
 from medsearch.config import ImagingConfig
 from medsearch.deid import pseudonym
 from medsearch.errors import InvalidInput, RemoteUnavailable
+from medsearch.studies import SeriesRecord
 
 from .instances import StudyItems, add_instance, display_dir
 from .sr import TEXT_SR_CLASSES
@@ -52,7 +53,9 @@ _TAG = {  # DICOM JSON tags read from QIDO / metadata answers
     "StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E", "SOPInstanceUID": "00080018",
     "SOPClassUID": "00080016", "Modality": "00080060", "StudyDate": "00080020",
     "NumberOfStudyRelatedInstances": "00201208", "ImagePositionPatient": "00200032",
-    "ImageOrientationPatient": "00200037", "InstanceNumber": "00200013",
+    "ImageOrientationPatient": "00200037", "InstanceNumber": "00200013", "SeriesNumber": "00200011",
+    "BodyPartExamined": "00180015", "SliceThickness": "00180050", "WindowCenter": "00281050",
+    "WindowWidth": "00281051",
 }  # fmt: skip
 
 
@@ -219,43 +222,6 @@ def values(obj: dict[str, Any], keyword: str) -> list[Any] | None:
     return list(v) if v else None
 
 
-def select_slices(meta: Sequence[dict[str, Any]], n: int | None) -> tuple[list[int], bool]:
-    """Indices into ``meta`` of the slices to fetch, and whether geometry ordered them.
-
-    Slices are ordered by position along the series normal (row x column direction cosines of
-    ImageOrientationPatient, dotted with ImagePositionPatient); without usable geometry, by
-    InstanceNumber. ``n`` slices spread evenly over that order (both ends included), or all.
-    """
-    order, by_geometry = order_slices(meta)
-    if n is None or len(order) <= n:
-        return order, by_geometry
-    if n <= 1:
-        return [order[len(order) // 2]], by_geometry
-    picks = sorted({round(i * (len(order) - 1) / (n - 1)) for i in range(n)})
-    return [order[i] for i in picks], by_geometry
-
-
-def order_slices(meta: Sequence[dict[str, Any]]) -> tuple[list[int], bool]:
-    """Indices of ``meta`` in slice order: by position along the normal, else by InstanceNumber."""
-    keys: list[float] = []
-    iop0 = values(meta[0], "ImageOrientationPatient") if meta else None
-    ok = iop0 is not None and len(iop0) == 6
-    if ok:
-        r, c = [float(x) for x in iop0[:3]], [float(x) for x in iop0[3:]]
-        normal = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
-        for m in meta:
-            ipp, iop = values(m, "ImagePositionPatient"), values(m, "ImageOrientationPatient")
-            if not ipp or len(ipp) != 3 or not iop or any(abs(float(a) - float(b)) > 1e-3 for a, b in zip(iop, iop0, strict=True)):
-                ok = False
-                break
-            keys.append(sum(float(p) * q for p, q in zip(ipp, normal, strict=True)))
-        ok = ok and len(set(round(k, 3) for k in keys)) == len(keys)  # two slices at one position: not a stack
-    if ok:
-        return sorted(range(len(meta)), key=lambda i: keys[i]), True
-    nums = [value(m, "InstanceNumber") for m in meta]
-    return sorted(range(len(meta)), key=lambda i: (nums[i] is None, int(nums[i] or 0), i)), False
-
-
 def sync_dicomweb(
     catalog: Catalog,
     home: Path,
@@ -321,6 +287,7 @@ def _fetch_study(
     client: DicomwebClient, catalog: Catalog, study_uid: str, study_key: str, source: str,
     config: DicomwebConfig, out_dir: Path, imaging: ImagingConfig, summary: SyncSummary,
 ) -> StudyItems:  # fmt: skip
+    """Series metadata first, then only the chosen instances: the study's items, its series records included."""
     items = StudyItems()
     for series in client.series(study_uid):
         series_uid = value(series, "SeriesInstanceUID")
@@ -328,18 +295,19 @@ def _fetch_study(
         summary.instances_listed += len(meta)
         if not meta:
             continue
-        series_key = pseudonym(series_uid, catalog.salt, "SeriesInstanceUID")
-        sr = [i for i, m in enumerate(meta) if value(m, "SOPClassUID") in TEXT_SR_CLASSES or value(m, "Modality") == "SR"]
-        images = [i for i in range(len(meta)) if i not in set(sr)]
-        picked: list[int] = list(sr)
+        sr = {i for i, m in enumerate(meta) if value(m, "SOPClassUID") in TEXT_SR_CLASSES or value(m, "Modality") == "SR"}
+        images = [i for i in range(len(meta)) if i not in sr]
+        keys = {i: pseudonym(value(meta[i], "SOPInstanceUID"), catalog.salt, "SOPInstanceUID") for i in range(len(meta))}
+        picked: list[int] = sorted(sr)
         if images:
-            sub = [meta[i] for i in images]
-            chosen, by_geometry = select_slices(sub, config.slices)
-            picked += [images[i] for i in chosen]
-            if not by_geometry and len(sub) > 1:
-                summary.notes.append(f"series {series_key[:12]}: no consistent geometry, slices in InstanceNumber order")
-        keys = {i: pseudonym(value(meta[i], "SOPInstanceUID"), catalog.salt, "SOPInstanceUID") for i in picked}
-        have = existing_image_keys(catalog, source, keys.values())
+            rec, chosen = _series_record(meta, images, keys, series_uid, study_key, source, catalog.salt,
+                                         config.slices)  # fmt: skip
+            items.series.append(rec)
+            picked += chosen
+            if rec.order_note:
+                summary.notes.append(f"series {rec.number if rec.number is not None else '?'} ({rec.key[:12]}): "
+                                     f"{rec.slice_count} slices ordered by InstanceNumber ({rec.order_note})")  # fmt: skip
+        have = existing_image_keys(catalog, source, [keys[i] for i in picked])
         todo = [i for i in picked if keys[i] not in have or i in sr]
         if config.slices is None and len(todo) == len(meta) and len(todo) > 1:
             datasets = client.whole_series(study_uid, series_uid)
@@ -347,9 +315,68 @@ def _fetch_study(
             datasets = [client.instance(study_uid, series_uid, value(meta[i], "SOPInstanceUID")) for i in todo]
         for ds in datasets:
             summary.instances_fetched += 1
-            name = f"{source}:{study_key[:12]}/{series_key[:12]}#{ds.get('InstanceNumber', '?')}"
+            name = f"{source}:{study_key[:12]}/{pseudonym(series_uid, catalog.salt, 'SeriesInstanceUID')[:12]}" \
+                   f"#{ds.get('InstanceNumber', '?')}"  # fmt: skip
             add_instance(items, ds, source=source, salt=catalog.salt, out_dir=out_dir, name=name, config=imaging)
     return items  # no case record when nothing new was fetched: the study is complete in the catalog
+
+
+def _series_record(
+    meta: list[dict[str, Any]], images: list[int], keys: dict[int, str], series_uid: str, study_key: str,
+    source: str, salt: str, slices: int | None,
+) -> tuple[SeriesRecord, list[int]]:  # fmt: skip
+    """The series as the DICOM tree reader records it (same ordering and spread rules), and the chosen indices."""
+    from indexer.sources.dicom import _body_region, _plane
+    from medsearch.imaging.windows import preset_for
+    from medsearch.studies import SliceRef, median_spacing, order_slices, spread
+
+    def floats(m: dict[str, Any], kw: str, n: int) -> tuple[float, ...] | None:
+        v = values(m, kw)
+        try:
+            return tuple(float(x) for x in v) if v and len(v) == n else None
+        except (TypeError, ValueError):
+            return None
+
+    sub = [meta[i] for i in images]
+    so = order_slices([floats(m, "ImageOrientationPatient", 6) for m in sub],
+                      [floats(m, "ImagePositionPatient", 3) for m in sub],
+                      [_int(value(m, "InstanceNumber")) for m in sub])  # fmt: skip
+    chosen_ranks = set(spread(len(sub), slices, so.positions))
+    refs = tuple(SliceRef(keys[images[idx]], rank, so.positions[rank] if so.positions else None, rank in chosen_ranks)
+                 for rank, idx in enumerate(so.order))  # fmt: skip
+    head = sub[so.order[0]]
+    modality = str(value(head, "Modality") or "").upper() or None
+    body_part = str(value(head, "BodyPartExamined") or "").strip().upper() or None
+    orientation = floats(head, "ImageOrientationPatient", 6)
+    wc, ww = _first_float(head, "WindowCenter"), _first_float(head, "WindowWidth")
+    window = (wc, ww) if wc is not None and ww is not None and ww > 0 else None
+    sorted_pos = so.positions
+    rec = SeriesRecord(
+        source=source, key=pseudonym(series_uid, salt, "SeriesInstanceUID"), case_key=study_key,
+        number=_int(value(head, "SeriesNumber")), modality=modality, body_part=body_part,
+        body_region=_body_region(body_part), plane=_plane({"orientation": list(orientation)} if orientation else {}),
+        orientation=orientation if sorted_pos else None, slice_count=len(sub),
+        thickness=_first_float(head, "SliceThickness"), spacing=median_spacing(sorted_pos),
+        position_range=(sorted_pos[0], sorted_pos[-1]) if sorted_pos else None, ordered_by=so.ordered_by,
+        order_note=so.note, window=window, preset=preset_for(body_part) if modality == "CT" and window is None else None,
+        slices=refs,
+    )  # fmt: skip
+    return rec, [images[so.order[r]] for r in sorted(chosen_ranks)]
+
+
+def _int(v: Any) -> int | None:
+    try:
+        return int(v) if v not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _first_float(m: dict[str, Any], kw: str) -> float | None:
+    v = value(m, kw)
+    try:
+        return float(v) if v not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _remove_unreferenced(items: StudyItems) -> None:

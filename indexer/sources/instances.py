@@ -26,6 +26,7 @@ from medsearch.deid import deid_method, safe_metadata
 from medsearch.errors import InvalidInput, MedsearchError
 from medsearch.fileio import write_atomic
 from medsearch.records import CaseRecord, ImageRecord, Skipped
+from medsearch.studies import SeriesRecord
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom import Dataset
@@ -35,13 +36,17 @@ class StudyItems:
     """What one study contributes: its case, its images and the inputs that were refused."""
 
     case: CaseRecord | None = None
+    series: list[SeriesRecord] = field(default_factory=list)  # the study's series (DICOMweb sync); their slices
     images: list[ImageRecord] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     sections: dict[str, str] = field(default_factory=dict)
 
-    def items(self) -> list[CaseRecord | ImageRecord | Skipped]:
-        """The case first (with its report sections), then images and skips: ``ingest_items`` order."""
-        out: list[CaseRecord | ImageRecord | Skipped] = []
+    def items(self) -> list[Any]:
+        """``ingest_items`` order: the case (with its report sections), each series record followed by the
+        images of that series, the images of no recorded series, the skips, and the end of the study."""
+        from indexer.sources.common import StudyDone
+
+        out: list[Any] = []
         if self.case is not None:
             case = self.case
             if self.sections:
@@ -49,8 +54,17 @@ class StudyItems:
 
                 case = replace(case, sections={**case.sections, **self.sections})
             out.append(case)
-        out.extend(self.images)
+        by_series: dict[str | None, list[ImageRecord]] = {}
+        for im in self.images:
+            by_series.setdefault(im.meta.get("series_key"), []).append(im)
+        for rec in self.series:
+            out.append(rec)
+            out.extend(by_series.pop(rec.key, []))
+        for rest in by_series.values():
+            out.extend(rest)
         out.extend(self.skipped)
+        if self.case is not None:
+            out.append(StudyDone(self.case.key))
         return out
 
 
@@ -91,7 +105,14 @@ def add_instance(
     A refused instance becomes a ``Skipped``; nothing is raised for bad input. SR text goes through
     the report scrubber (``medsearch.deid.scrub_sections``) unless ``deid_text`` is False.
     """
-    from indexer.dicom import LATERALITY, MODALITY_TYPES, NON_IMAGE_MODALITIES, _body_region, _plane, _study_date
+    from indexer.sources.dicom import (
+        LATERALITY,
+        MODALITY_TYPES,
+        NON_IMAGE_MODALITIES,
+        _body_region,
+        _plane,
+        _study_date,
+    )
 
     try:
         meta = safe_metadata(ds, salt, dates=dates)

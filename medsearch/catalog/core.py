@@ -35,7 +35,8 @@ from medsearch.records import REPORT_SECTIONS, CaseRecord, ImageRecord
 
 from .embeddings import EmbeddingQueries
 from .reads import ReadQueries
-from .schema import SCHEMA, SCHEMA_VERSION
+from .schema import SCHEMA_VERSION, migrate
+from .studies import StudiesMixin
 from .util import chunks, now, to_json
 
 
@@ -44,7 +45,7 @@ def content_hash(record: CaseRecord) -> str:
     return hashlib.sha256(to_json(asdict(record)).encode()).hexdigest()
 
 
-class Catalog(ReadQueries, EmbeddingQueries):
+class Catalog(ReadQueries, EmbeddingQueries, StudiesMixin):
     """The SQLite catalog of one medsearch home. Open with ``Catalog.open(path)``.
 
     Reads (typed rows) live in :class:`ReadQueries`, vectors and the dirty-index marker in
@@ -85,7 +86,7 @@ class Catalog(ReadQueries, EmbeddingQueries):
 
     def _migrate(self) -> None:
         try:
-            self.db.conn.executescript(SCHEMA)
+            migrate(self.db.conn)
         except sqlite3.DatabaseError as e:
             raise CatalogError(f"catalog {self.path} is not a medsearch catalog: {e}") from e
         version = self.get_meta("schema_version")

@@ -38,7 +38,7 @@ class ReadQueries(CatalogBase):
         out = {}
         for table in ("cases", "images", "texts"):
             out[table] = self.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-        out["failed_images"] = self.db.execute("SELECT count(*) FROM images WHERE status != 'ok'").fetchone()[0]
+        out["failed_images"] = self.db.execute("SELECT count(*) FROM images WHERE status = 'failed'").fetchone()[0]
         return out
 
     def count_texts(self) -> int:

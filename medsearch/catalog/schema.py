@@ -1,6 +1,19 @@
-"""The catalog's schema: tables, indexes and the columns a search filter may compare."""
+"""The catalog's schema: tables, indexes, migrations and the columns a search filter may compare.
 
-SCHEMA_VERSION = 1
+Versions: 1 = cases, images, texts, labels, vectors, ingest_log. 2 = a ``series`` level (one row per
+DICOM series of a study: modality, body part, plane, slice count, thickness, position range, how its
+slices were ordered, window) and three image columns (``series_id``, ``slice_index``, ``position``);
+image ``status`` gains ``deferred``: a catalogued slice the embed stage skips (``--slices N``).
+``migrate`` brings any older catalog up to ``SCHEMA_VERSION`` in one transaction.
+"""
+
+import sqlite3
+
+SCHEMA_VERSION = 2
+
+# Image status: ok (embed and search it), failed (decode failed while embedding), deferred
+# (a catalogued slice left out by slice selection; `ingest --slices all` makes it ok).
+IMAGE_STATUSES = ("ok", "failed", "deferred")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -45,10 +58,39 @@ CREATE TABLE IF NOT EXISTS images (
     status TEXT NOT NULL DEFAULT 'ok',
     error TEXT,
     ingested_at TEXT NOT NULL,
+    series_id INTEGER REFERENCES series(id),
+    slice_index INTEGER,
+    position REAL,
     UNIQUE (source, key)
 );
 CREATE INDEX IF NOT EXISTS images_case ON images(case_id);
 CREATE INDEX IF NOT EXISTS images_sha ON images(sha256);
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY,
+    case_id INTEGER NOT NULL REFERENCES cases(id),
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    number INTEGER,
+    modality TEXT,
+    body_part TEXT,
+    body_region TEXT,
+    plane TEXT,
+    orientation TEXT,
+    slice_count INTEGER NOT NULL,
+    thickness REAL,
+    spacing REAL,
+    position_min REAL,
+    position_max REAL,
+    ordered_by TEXT NOT NULL,
+    order_note TEXT,
+    window_center REAL,
+    window_width REAL,
+    preset TEXT,
+    content_hash TEXT NOT NULL,
+    ingested_at TEXT NOT NULL,
+    UNIQUE (source, key)
+);
+CREATE INDEX IF NOT EXISTS series_case ON series(case_id);
 CREATE TABLE IF NOT EXISTS texts (
     id INTEGER PRIMARY KEY,
     case_id INTEGER NOT NULL REFERENCES cases(id),
@@ -92,6 +134,41 @@ CREATE TABLE IF NOT EXISTS ingest_log (
     skipped_items TEXT DEFAULT '[]'
 );
 """
+
+# Indexes on columns that version 1 did not have: created after the columns are added.
+_V2_INDEXES = "CREATE INDEX IF NOT EXISTS images_series ON images(series_id, slice_index);"
+_V2_IMAGE_COLUMNS = (("series_id", "INTEGER REFERENCES series(id)"), ("slice_index", "INTEGER"), ("position", "REAL"))
+
+
+def migrate(conn: sqlite3.Connection) -> int | None:
+    """Create missing tables and bring an older catalog up to ``SCHEMA_VERSION``.
+
+    Returns the version found before (None for a new catalog). A catalog newer than this code is
+    left untouched (the caller refuses it). Idempotent: a second call changes nothing.
+    """
+    conn.executescript("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);")
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    version = int(row[0]) if row else None
+    if version is not None and version > SCHEMA_VERSION:
+        return version
+    images_exist = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'images'").fetchone()
+    if images_exist:  # an older catalog: add the columns before SCHEMA's indexes refer to them
+        have = {r[1] for r in conn.execute("PRAGMA table_info(images)")}
+        missing = [(c, t) for c, t in _V2_IMAGE_COLUMNS if c not in have]
+        if missing or (version is not None and version < SCHEMA_VERSION):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for col, typ in missing:
+                    conn.execute(f"ALTER TABLE images ADD COLUMN {col} {typ}")
+                if version is not None:
+                    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+    conn.executescript(SCHEMA + _V2_INDEXES)
+    return version
+
 
 # Columns a search filter may use, mapped to the images column they compare.
 FILTER_COLUMNS = {

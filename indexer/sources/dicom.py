@@ -1,7 +1,7 @@
-"""DICOM reader: a file or a folder tree -> CaseRecord (one per study) / ImageRecord / Skipped.
+"""DICOM headers: one file -> an ``Instance`` (what the series builder needs), an SR ``Report``, or a skip.
 
-Only headers are read here (``stop_before_pixels=True``); pixels are decoded later by
-``medsearch.imaging.load_image``. Everything stored comes from ``medsearch.deid.safe_metadata``
+``indexer.sources.series`` groups instances into studies and series. Only headers are read here
+(``stop_before_pixels=True``); pixels are decoded later by ``medsearch.imaging.load_image``. Everything stored comes from ``medsearch.deid.safe_metadata``
 (a PS3.15 basic-profile whitelist): cases and images are keyed by HMAC pseudonyms of the
 Study/SOP Instance UIDs, patients by a pseudonym of PatientID; names, IDs and descriptions never
 leave this module.
@@ -18,18 +18,20 @@ unless ``allow_burned_in=True``: the pixels themselves may show names.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medsearch.config import ImagingConfig
 from medsearch.deid import DATE_MODES, deid_method, safe_metadata
 from medsearch.errors import InvalidInput, MedsearchError, NotFound
-from medsearch.imaging import is_dicom_file, require_dicom_decoder, validate_dicom_header
+from medsearch.imaging.dicom import check_dicom_pixels
 from medsearch.records import CaseRecord, ImageRecord, Skipped
 
-Item = CaseRecord | ImageRecord | Skipped
+_DEFER_BYTES = 64 * 1024  # values above this size (the pixel data) are not read
 
 FRAME_MODES = ("middle", "first", "all")
 
@@ -143,23 +145,39 @@ VIEW_PLANES = {
 LATERALITY = {"R": "Right", "L": "Left", "B": "Bilateral"}
 
 
-def iter_dicom(
-    root: Path,
-    source: str,
-    salt: str,
-    frames: str = "middle",
-    *,
-    dates: str = "remove",
-    allow_burned_in: bool = False,
-    config: ImagingConfig = ImagingConfig(),
-) -> Iterator[Item]:
-    """Stream a DICOM file or folder tree as cases (one per study, before its images), images and skips.
+@dataclass(frozen=True)
+class Instance:
+    """One DICOM file's header as the series builder needs it. In memory only: ``study_uid`` and
+    ``accession`` exist to join a RIS export and are never yielded or stored."""
 
-    ``frames``: ``"middle"`` (one record per file, the middle frame of a multi-frame file),
-    ``"first"``, or ``"all"`` (one record per frame, keys ``{instance_key}#f{n}``).
-    ``salt`` keys the pseudonyms and must not be empty. Unreadable files become ``Skipped``.
-    """
-    root = Path(root)
+    path: Path
+    meta: dict[str, Any]  # safe_metadata: whitelisted, pseudonymous
+    study_key: str
+    series_key: str
+    instance_key: str
+    modality: str
+    n_frames: int
+    orientation: tuple[float, ...] | None
+    position: tuple[float, ...] | None
+    instance_number: int | None
+    series_number: int | None
+    window: tuple[float, float] | None
+    study_uid: str
+    accession: str | None
+    names: tuple[str, ...] = ()  # PatientName and physicians' names, to scrub from report text
+
+
+@dataclass(frozen=True)
+class Report:
+    """Report sections found in a DICOM SR object of a study (``indexer.sources.sr``)."""
+
+    path: Path
+    study_key: str
+    sections: dict[str, str]
+
+
+def check_options(frames: str, dates: str, salt: str, root: Path) -> None:
+    """Raise a typed error for a bad frame mode, date mode, empty salt or missing path."""
     if frames not in FRAME_MODES:
         raise InvalidInput(f"frames={frames!r} is not a frame mode", hint=f"use one of: {', '.join(FRAME_MODES)}")
     if dates not in DATE_MODES:
@@ -171,113 +189,153 @@ def iter_dicom(
         )
     if not root.exists():
         raise NotFound(f"{root}: no such file or folder", hint="check the path")
-    return _iter(root, source, salt, frames, dates, allow_burned_in, config)
 
 
-def _iter(
-    root: Path, source: str, salt: str, frames: str, dates: str, allow_burned_in: bool, config: ImagingConfig
-) -> Iterator[Item]:
-    method = deid_method(dates)
-    seen_studies: set[str] = set()
-    seen_instances: set[str] = set()
-    files = iter([root]) if root.is_file() else _walk(root)
-    for f in files:
-        if isinstance(f, Skipped):
-            yield f
-            continue
-        if f != root and not is_dicom_file(f):
-            continue  # not DICOM: other readers handle PNG/JPEG/...
-        yield from _read_one(f, source, salt, frames, dates, allow_burned_in, config, method,
-                             seen_studies, seen_instances)  # fmt: skip
-
-
-def _read_one(
-    path: Path,
-    source: str,
-    salt: str,
-    frames: str,
-    dates: str,
-    allow_burned_in: bool,
-    config: ImagingConfig,
-    method: str,
-    seen_studies: set[str],
-    seen_instances: set[str],
-) -> Iterator[Item]:
+def read_instance(
+    path: Path, salt: str, *, dates: str, allow_burned_in: bool, config: ImagingConfig
+) -> Instance | Report | Skipped:
+    """Read one file's header (no pixels) into an ``Instance``, an SR ``Report``, or the reason to skip it."""
     import pydicom
 
     name = str(path)
     if path.name.upper() == "DICOMDIR":
-        yield Skipped(name, "DICOMDIR: a directory index, not an image")
-        return
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        return Skipped(name, "DICOMDIR: a directory index, not an image")
+    try:  # pixel data is not read: deferred (its offset and length are kept for the checks below)
+        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=True)
+        size = path.stat().st_size
     except Exception as e:  # pydicom raises many types on broken files; one bad file must not stop a tree
-        yield Skipped(name, f"unreadable DICOM header ({type(e).__name__}: {_gist(e)})")
-        return
+        return Skipped(name, f"unreadable DICOM header ({type(e).__name__}: {_gist(e)})")
     modality = str(ds.get("Modality") or "").strip().upper()
+    if modality == "SR":
+        return _report(ds, path, salt)
     if modality in NON_IMAGE_MODALITIES:
-        yield Skipped(name, f"Modality {modality} is not a viewable image")
-        return
-    try:
-        n_frames = validate_dicom_header(ds, name, config, require_pixels=False)
-        require_dicom_decoder(ds, name)
+        return Skipped(name, f"Modality {modality} is not a viewable image")
+    try:  # the checks of medsearch.imaging.probe_image, so the ingest need not read the file again
+        n_frames = check_dicom_pixels(ds, name, size, config)
     except MedsearchError as e:
-        yield Skipped(name, _reason(e, name))
-        return
+        return Skipped(name, _reason(e, name))
     if not allow_burned_in and str(ds.get("BurnedInAnnotation") or "").strip().upper() == "YES":
-        yield Skipped(name, "BurnedInAnnotation is YES: the pixels may show patient details")
-        return
+        return Skipped(name, "BurnedInAnnotation is YES: the pixels may show patient details")
     try:
         meta = safe_metadata(ds, salt, dates=dates)
+        orientation = _floats(ds.get("ImageOrientationPatient"), 6)
+        position = _floats(ds.get("ImagePositionPatient"), 3)
+        window = _window(ds)
     except Exception as e:  # a malformed header value
-        yield Skipped(name, f"unreadable DICOM header value ({type(e).__name__}: {_gist(e)})")
-        return
+        return Skipped(name, f"unreadable DICOM header value ({type(e).__name__}: {_gist(e)})")
     study_key, instance_key = meta.get("study_key"), meta.get("instance_key")
     if not study_key:
-        yield Skipped(name, "no StudyInstanceUID in the header")
-        return
+        return Skipped(name, "no StudyInstanceUID in the header")
     if not instance_key:
-        yield Skipped(name, "no SOPInstanceUID in the header")
-        return
-    if instance_key in seen_instances:
-        yield Skipped(name, "same SOPInstanceUID as a file already read (a copy)")
-        return
-    seen_instances.add(instance_key)
+        return Skipped(name, "no SOPInstanceUID in the header")
+    series_key = meta.get("series_key") or f"{study_key}-noseries"
+    accession = str(ds.get("AccessionNumber") or "").strip() or None
+    return Instance(
+        path=path, meta=meta, study_key=study_key, series_key=series_key, instance_key=instance_key,
+        modality=modality, n_frames=n_frames, orientation=orientation, position=position,
+        instance_number=_int(ds.get("InstanceNumber")), series_number=_int(ds.get("SeriesNumber")), window=window,
+        study_uid=str(ds.get("StudyInstanceUID")).strip(), accession=accession, names=_names(ds),
+    )  # fmt: skip
 
-    modality_type = MODALITY_TYPES.get(modality, modality or None)
+
+def _names(ds: Any) -> tuple[str, ...]:
+    out = []
+    for kw in ("PatientName", "ReferringPhysicianName", "PerformingPhysicianName", "NameOfPhysiciansReadingStudy"):
+        v = ds.get(kw)
+        for one in (v if isinstance(v, list | tuple) or type(v).__name__ == "MultiValue" else [v]):
+            if one:
+                out.append(str(one))
+    return tuple(out)
+
+
+def _report(ds: Any, path: Path, salt: str) -> Report | Skipped:
+    """An SR object -> its report sections, through ``indexer.sources.sr`` when that reader is installed."""
+    from medsearch.deid import pseudonym
+
+    name = str(path)
+    try:
+        from . import sr  # the SR reader (issue 11 items 5-6); absent until that branch is merged
+    except ImportError:
+        return Skipped(name, "Modality SR is not a viewable image (the SR report reader is not installed)")
+    if not sr.is_sr(ds):
+        return Skipped(name, "Modality SR, but not a Basic, Enhanced or Comprehensive text SR")
+    try:
+        rep = sr.sr_report(ds)
+    except MedsearchError as e:
+        return Skipped(name, _reason(e, name))
+    uid = rep.study_uid or str(ds.get("StudyInstanceUID") or "").strip()
+    if not uid:
+        return Skipped(name, "SR without a StudyInstanceUID: it cannot be joined to a study")
+    return Report(path, pseudonym(uid, salt, "StudyInstanceUID"), dict(rep.sections))
+
+
+def image_records(inst: Instance, source: str, frames: str, dates: str) -> list[ImageRecord]:
+    """The image row(s) of one instance: one per file, or one per frame with ``frames='all'``."""
+    meta = inst.meta
+    modality_type = MODALITY_TYPES.get(inst.modality, inst.modality or None)
     body_part = meta.get("body_part")
-    body_region = _body_region(body_part)
-    if study_key not in seen_studies:
-        seen_studies.add(study_key)
-        labels = {k: v for k, v in (("modality_type", modality_type), ("body_region", body_region)) if v}
-        yield CaseRecord(
-            source=source,
-            key=study_key,
-            patient_key=meta.get("patient_key"),
-            labels=labels,
-            meta={"format": "dicom", "deid": method},
-        )
-
     common: dict[str, Any] = {
         "source": source,
-        "case_key": study_key,
-        "path": str(path.absolute()),
+        "case_key": inst.study_key,
+        "path": str(inst.path.absolute()),
         "modality_type": modality_type,
-        "modality": modality or None,
+        "modality": inst.modality or None,
         "plane": _plane(meta),
-        "body_region": body_region,
+        "body_region": _body_region(body_part),
         "location": body_part.title() if body_part else None,
         "laterality": LATERALITY.get(meta.get("laterality", "")),
         "study_date": _study_date(meta),
         "meta": meta,
     }
-    if n_frames == 1:
-        yield ImageRecord(key=instance_key, frame=None, **common)
-    elif frames == "all":
-        for n in range(n_frames):
-            yield ImageRecord(key=f"{instance_key}#f{n}", frame=n, **common)
-    else:
-        yield ImageRecord(key=instance_key, frame=n_frames // 2 if frames == "middle" else 0, **common)
+    n = inst.n_frames
+    if n == 1:
+        return [ImageRecord(key=inst.instance_key, frame=None, **common)]
+    if frames == "all":
+        return [ImageRecord(key=f"{inst.instance_key}#f{i}", frame=i, **common) for i in range(n)]
+    return [ImageRecord(key=inst.instance_key, frame=n // 2 if frames == "middle" else 0, **common)]
+
+
+def case_record(inst: Instance, source: str, dates: str, sections: dict[str, str] | None = None) -> CaseRecord:
+    """The case of a study, from the header of one of its instances."""
+    modality_type = MODALITY_TYPES.get(inst.modality, inst.modality or None)
+    body_region = _body_region(inst.meta.get("body_part"))
+    labels = {k: v for k, v in (("modality_type", modality_type), ("body_region", body_region)) if v}
+    return CaseRecord(
+        source=source, key=inst.study_key, patient_key=inst.meta.get("patient_key"), labels=labels,
+        sections=sections or {}, meta={"format": "dicom", "deid": deid_method(dates)},
+    )  # fmt: skip
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n and all(math.isfinite(v) for v in out) else None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _window(ds: Any) -> tuple[float, float] | None:
+    def first(v: Any) -> float | None:
+        if v is None or v == "":
+            return None
+        if not isinstance(v, str | bytes | int | float):
+            v = v[0] if len(v) else None
+        try:
+            return float(v) if v is not None else None
+        except (TypeError, ValueError):
+            return None
+
+    c, w = first(ds.get("WindowCenter")), first(ds.get("WindowWidth"))
+    return (c, w) if c is not None and w is not None and w > 0 else None
 
 
 def _walk(root: Path) -> Iterator[Path | Skipped]:
