@@ -23,7 +23,7 @@ from medsearch.catalog import Catalog
 from medsearch.config import EmbedConfig, ImagingConfig, IndexConfig, Paths
 from medsearch.encoders.base import Encoder
 from medsearch.errors import MedsearchError
-from medsearch.vectors import VectorIndex, read_manifest
+from medsearch.stores.faiss import VectorIndex, read_manifest
 
 
 @dataclass

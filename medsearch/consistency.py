@@ -17,7 +17,7 @@ import numpy as np
 from .catalog import Catalog
 from .config import IndexConfig, Paths
 from .errors import IndexNotBuilt, MedsearchError
-from .vectors import VectorIndex, read_manifest
+from .stores.faiss import VectorIndex, read_manifest
 
 _TABLE = {"image": "images", "text": "texts"}
 

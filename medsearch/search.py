@@ -25,7 +25,7 @@ from .catalog import Catalog
 from .config import ImagingConfig, Paths, SearchConfig
 from .errors import IndexInconsistent, IndexNotBuilt, InvalidInput, MedsearchError
 from .records import Hit
-from .vectors import VectorIndex
+from .stores.faiss import VectorIndex
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image

@@ -8,7 +8,7 @@ import sys
 
 def test_core_imports_no_shells():
     code = (
-        "import sys, medsearch, medsearch.catalog, medsearch.search, medsearch.vectors, medsearch.errors;"
+        "import sys, medsearch, medsearch.catalog, medsearch.search, medsearch.stores.faiss, medsearch.errors;"
         "bad = [m for m in ('fastapi', 'typer', 'uvicorn', 'api', 'cli', 'indexer', 'torch', 'open_clip') if m in sys.modules];"
         "print(','.join(bad))"
     )

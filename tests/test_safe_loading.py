@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from medsearch.config import Paths
 from medsearch.errors import IndexInconsistent, InvalidInput
-from medsearch.vectors import VectorIndex
+from medsearch.stores.faiss import VectorIndex
 
 REPO = Path(__file__).resolve().parents[1]
 CODE = [p for d in ("medsearch", "indexer", "api", "cli", "benchmarks", "scripts") for p in (REPO / d).rglob("*.py")]
