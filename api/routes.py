@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 import medsearch
 from medsearch.errors import InvalidInput, MedsearchError
@@ -317,3 +318,46 @@ def reindex(request: Request, state: State, who: Admin) -> S.ReloadOut:
     finally:
         _audit(state, request, who, "admin.reindex", status, t0)
     return S.ReloadOut(swapped=True, **info)
+
+
+class ErasureOut(BaseModel):
+    """What `DELETE /v1/cases/{case_ref}` erased (counts only; the key is not echoed)."""
+
+    erasure_id: int | None = None
+    cases: int
+    images: int
+    texts: int
+    files: int
+    resumed: int
+
+
+@router.delete("/cases/{case_ref}", response_model=ErasureOut, tags=["admin"], responses=_ERRORS)
+def delete_case(
+    request: Request,
+    state: State,
+    who: Admin,
+    case_ref: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,200}$", description="Case id (or key) to erase.")],
+) -> ErasureOut:
+    """Erase a case (admin key): its rows, vectors, index entries, BM25 terms and spool files.
+
+    Crash-safe like `medsearch remove --case`; the audit log records a keyed digest, not the key.
+    The server then serves the new index generation (without the case).
+    """
+    from medsearch.erasure import digest_of
+    from medsearch.erasure import remove as run_remove
+
+    t0 = time.perf_counter()
+    status, out = 500, None
+    try:
+        out = run_remove(state.catalog, state.paths, case=case_ref, actor=who.name)
+        state.thumbs = type(state.thumbs)(state.thumbs.capacity)  # cached thumbnails of the case go too
+        if state.searcher is not None:
+            state.reload()
+        status = 200
+    except MedsearchError as e:
+        status = e.http_status
+        raise
+    finally:
+        _audit(state, request, who, "case.delete", status, t0, case_digest=digest_of(state.catalog, "case", case_ref),
+               erasure_id=out.get("erasure_id") if out else None)  # fmt: skip
+    return ErasureOut(**{k: out.get(k) for k in ErasureOut.model_fields})

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import IndexConfig
-from ..errors import IndexMismatch
+from medsearch.config import IndexConfig
+from medsearch.errors import IndexMismatch
 
 KINDS = ("flat", "hnsw", "ivfpq")
 TUNE_K = 10

@@ -3,8 +3,8 @@
 A store holds the vectors of one (model, space) with catalog row ids as its ids. Its manifest
 ``HOME/indexes/<model>/<space>.json`` records which store it is (``store``: faiss or milvus),
 what it was built from (model id, weights hash, dim, metric, count, kind, generation) and how it
-is searched (``params``); loading refuses a mismatch. ``open_store`` reads the manifest and
-returns the store it names, so every reader uses the store the last ``medsearch index`` built.
+is searched (``params``); loading refuses a mismatch. ``medsearch.stores.open_store`` reads the
+manifest and returns the store it names, so every reader uses the store the last ``index`` built.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import IndexInconsistent, IndexNotBuilt
+from medsearch.errors import IndexInconsistent
 
 FORMAT_VERSION = 1
 STORES = ("faiss", "milvus")
@@ -138,24 +138,6 @@ def now_iso() -> str:
 
 def manifest_path(directory: Path, space: str) -> Path:
     return Path(directory) / f"{space}.json"
-
-
-def open_store(
-    directory: Path, space: str, *, model_id: str | None = None, weights_hash: str | None = None,
-    milvus_token: str | None = None,
-) -> VectorStore:  # fmt: skip
-    """Load the store the manifest of ``space`` in ``directory`` names (IndexNotBuilt when there is none)."""
-    mpath = manifest_path(directory, space)
-    if not mpath.exists():
-        raise IndexNotBuilt(f"no {space} index in {directory}", hint="run `medsearch index` to build it")
-    man = read_manifest(mpath)
-    if man.store == "milvus":
-        from .milvus import MilvusStore
-
-        return MilvusStore.load(directory, space, model_id=model_id, weights_hash=weights_hash, token=milvus_token)
-    from .faiss import VectorIndex
-
-    return VectorIndex.load(directory, space, model_id=model_id, weights_hash=weights_hash)
 
 
 def values_of(value: str | Sequence[str] | None) -> list[str]:

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ..config import IndexConfig
-from ..errors import IndexInconsistent, IndexMismatch, IndexNotBuilt, StorageError
-from ..fileio import sha256_file
+from medsearch.config import IndexConfig
+from medsearch.errors import IndexInconsistent, IndexMismatch, IndexNotBuilt, StorageError
+from medsearch.fileio import sha256_file
+
 from . import ann
 from .base import (  # noqa: F401  (read_manifest, write_json_atomic, save_lock: re-exported for callers)
     FORMAT_VERSION,
