@@ -75,8 +75,10 @@ def _rows(catalog: Catalog, space: str, ids: np.ndarray, vecs: np.ndarray, hashe
         yield rows
 
 
-def _apply_diff(client: Any, coll: str, catalog: Catalog, model_id: str, space: str) -> dict[str, Any]:
-    """Make the collection hold exactly the catalog's stored vectors; returns counts and the checksum sums."""
+def _apply_diff(client: Any, coll: str, catalog: Catalog, model_id: str, space: str,
+                skip: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
+    """Make the collection hold exactly the catalog's stored vectors (but ``skip``, inserted later by
+    the caller); returns counts and the checksum sums over all stored vectors."""
     mids, mh = milvus_ids(client, coll)
     uniq, counts = np.unique(mids, return_counts=True)
     dup = uniq[counts > 1]  # a killed insert retried: delete every copy, insert once
@@ -100,6 +102,8 @@ def _apply_diff(client: Any, coll: str, catalog: Catalog, model_id: str, space: 
             seen[at[present]] = True
             same[present] = mh[at[present]] == h[present]
         new, changed = ~present, present & ~same
+        if skip is not None and len(skip):
+            new &= ~np.isin(ids, skip)
         if new.any():
             for rows in _rows(catalog, space, ids[new], vecs[new], h[new]):
                 client.insert(coll, rows)
@@ -130,11 +134,13 @@ def _ensure_index(client: Any, coll: str, kind: str, params: dict[str, Any]) -> 
     return True
 
 
-def _exact_topk(catalog: Catalog, model_id: str, space: str, xq: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k catalog ids of each query over the stored vectors, streamed: (nq, k) int64."""
+def _exact_topk(catalog: Catalog, model_id: str, space: str, xq: np.ndarray, k: int, exclude: np.ndarray) -> np.ndarray:
+    """Exact top-k catalog ids of each query over the stored vectors but ``exclude``, streamed: (nq, k) int64."""
     best_s = np.full((len(xq), 0), -np.inf, np.float32)
     best_i = np.full((len(xq), 0), -1, np.int64)
     for ids, vecs in catalog.iter_vectors(model_id, space, block=16384):
+        keep = ~np.isin(ids, exclude)
+        ids, vecs = ids[keep], vecs[keep]
         s = np.concatenate([best_s, xq @ vecs.T], axis=1)
         i = np.concatenate([best_i, np.broadcast_to(ids, (len(xq), len(ids)))], axis=1)
         if s.shape[1] > k:
@@ -145,39 +151,49 @@ def _exact_topk(catalog: Catalog, model_id: str, space: str, xq: np.ndarray, k: 
     return np.take_along_axis(best_i, order, 1)
 
 
-def tune(client: Any, coll: str, kind: str, catalog: Catalog, model_id: str, space: str, config: IndexConfig,
-         n: int, *, k: int = TUNE_K) -> dict[str, Any]:  # fmt: skip
-    """Smallest ef / nprobe whose recall@k reaches the target on stored vectors used as queries
-    (each query's own id left out of both the truth and the answer)."""
-    knob = _knob(kind)
+def holdout_ids(catalog: Catalog, model_id: str, space: str, n: int, kind: str, config: IndexConfig) -> np.ndarray:
+    """Every stride-th stored id, up to ``tune_queries`` of them: kept out of the collection until
+    the index is built and tuned on them (new points for it, like real queries)."""
     nq = min(config.tune_queries, n // 10)
-    if knob is None or not config.tune or nq < 10:
-        return {"search_params": default_search_params(kind, config)}
+    if _knob(kind) is None or not config.tune or nq < 10:
+        return np.zeros(0, np.int64)
     stride = max(1, n // nq)
-    q_ids, q_vecs, seen = [], [], 0
-    for ids, vecs in catalog.iter_vectors(model_id, space, block=16384):
-        take = (np.arange(seen, seen + len(ids)) % stride) == stride // 2
-        q_ids.append(ids[take])
-        q_vecs.append(vecs[take])
+    out, seen = [], 0
+    for ids, _ in catalog.iter_vectors(model_id, space, block=16384):
+        out.append(ids[(np.arange(seen, seen + len(ids)) % stride) == stride // 2])
         seen += len(ids)
-    qid = np.concatenate(q_ids)[:nq]
-    xq = np.ascontiguousarray(np.concatenate(q_vecs)[:nq], dtype=np.float32)
-    exact = _exact_topk(catalog, model_id, space, xq, k + 1)
-    truth = [set(r[r != s].tolist()[:k]) for r, s in zip(exact, qid, strict=True)]
+    return np.concatenate(out)[:nq] if out else np.zeros(0, np.int64)
+
+
+def tune(client: Any, coll: str, kind: str, catalog: Catalog, model_id: str, space: str, config: IndexConfig,
+         n: int, held: np.ndarray, *, k: int = TUNE_K) -> dict[str, Any]:  # fmt: skip
+    """Smallest ef / nprobe whose recall@k on the held-out stored vectors (not in the collection
+    yet) reaches the target, against their exact top-k over the vectors that are."""
+    knob = _knob(kind)
+    if knob is None or len(held) == 0:
+        return {"search_params": default_search_params(kind, config)}
+    got = catalog.get_vectors(model_id, space, held.tolist())
+    xq = np.ascontiguousarray(np.stack([got[int(i)] for i in held]), dtype=np.float32)
+    truth = [set(r.tolist()) for r in _exact_topk(catalog, model_id, space, xq, k, held)]
     target = min(1.0, config.target_recall + config.tune_margin)
-    candidates = list(HNSW_EF) if knob == "ef" else sorted({min(p, int(build_params(kind, n, xq.shape[1], config)["nlist"])) for p in IVF_NPROBE})
-    candidates = [c for c in candidates if knob != "ef" or c >= k + 1]
+    if knob == "ef":
+        candidates = [c for c in HNSW_EF if c >= k]
+    else:
+        nlist = int(build_params(kind, n, xq.shape[1], config)["nlist"])
+        candidates = sorted({min(p, nlist) for p in IVF_NPROBE})
     best, recall = candidates[-1], 0.0
     for value in candidates:
-        res = client.search(coll, data=xq, limit=k + 1, anns_field="vec", output_fields=[],
+        res = client.search(coll, data=xq, limit=k, anns_field="vec", output_fields=[],
                             search_params={"metric_type": "IP", "params": {knob: value}}, consistency_level=CONSISTENCY)  # fmt: skip
-        found = [[int(h["id"]) for h in hits if int(h["id"]) != s][:k] for hits, s in zip(res, qid.tolist(), strict=True)]
-        recall = float(np.mean([len(t & set(f)) / max(1, len(t)) for t, f in zip(truth, found, strict=True)]))
+        recall = float(np.mean([len(t & {int(h["id"]) for h in hits}) / max(1, len(t)) for t, hits in zip(truth, res, strict=True)]))
         if recall >= target:
             best = value
             break
     return {"search_params": {knob: best}, "tuned_recall_at_10": round(recall, 4), "target_recall": config.target_recall,
-            "target_met": bool(recall >= config.target_recall), "tune_queries": int(nq), "tuned_at_count": int(n)}  # fmt: skip
+            "target_met": bool(recall >= config.target_recall), "tune_queries": int(len(held)), "tuned_at_count": int(n)}  # fmt: skip
+
+
+_TUNED = ("search_params", "tuned_recall_at_10", "target_recall", "target_met", "tune_queries", "tuned_at_count")
 
 
 def sync_store(
@@ -187,9 +203,12 @@ def sync_store(
 ) -> dict[str, Any]:  # fmt: skip
     """Bring the (model, space) collection in line with the catalog's stored vectors, then write the manifest.
 
-    ``uri`` None keeps the server the manifest records (default: HOME/milvus.db). ``force`` drops
-    and rebuilds the collection; otherwise only differences are written. ``dirty`` False (the
-    catalog's marker says nothing changed) with a matching manifest returns at once.
+    ``uri`` None keeps the server the manifest records (default: HOME/milvus.db). Only differences
+    are written, unless ``force``, another dim, another index kind (the collection crossed
+    ``flat_max``, or ``config.kind`` changed) or a collection that more than doubled since its
+    index was tuned: those rebuild the collection, holding tuning queries out until the index is
+    built. ``dirty`` False (the catalog's marker says nothing changed) with a matching manifest
+    returns at once.
     """
     directory = Path(directory)
     mpath = manifest_path(directory, space)
@@ -207,32 +226,45 @@ def sync_store(
     client = connect(resolve_uri(home_of(directory), uri), token)
     coll = collection_name(model_id, space, catalog.salt)
     count = catalog.count_vectors(model_id, space)
+    kind = choose_kind(count, config)
     exists = client.has_collection(coll)
     if (not force and not dirty and prev is not None and exists and prev.params.get("collection") == coll
-            and prev.params.get("uri") == uri and prev.weights_hash == weights_hash and prev.count == count):
+            and prev.params.get("uri") == uri and prev.weights_hash == weights_hash and prev.count == count
+            and prev.kind == kind):
         return {"count": prev.count, "kind": f"milvus {prev.kind}", "generation": prev.generation, "rebuilt": False,
                 "added": 0, "store": "milvus"}  # fmt: skip
-    if exists and (force or _dim_of(client, coll) != dim):
+    if exists and not force:
+        indexed = client.describe_index(coll, "vec").get("index_type") if client.list_indexes(coll, field_name="vec") else None
+        tuned_at = int((prev.params.get("tuned_at_count") or 0) if prev else 0)
+        untuned = prev is None or prev.kind != kind or "search_params" not in prev.params  # e.g. a killed first build
+        force = (_dim_of(client, coll) != dim or (indexed is not None and indexed != KINDS[kind])
+                 or (kind != "flat" and (untuned or count > 2 * tuned_at)))  # fmt: skip
+    if exists and force:
         client.drop_collection(coll)
         exists = False
-    if not exists:
+    fresh = not exists
+    if fresh:
         _create(client, coll, dim)
-    diff = _apply_diff(client, coll, catalog, model_id, space)
+    held = holdout_ids(catalog, model_id, space, count, kind, config) if fresh else np.zeros(0, np.int64)
+    diff = _apply_diff(client, coll, catalog, model_id, space, skip=held)
     client.flush(coll)
-    kind = choose_kind(diff["n"], config)
     bparams = build_params(kind, diff["n"], dim, config)
-    rebuilt_index = _ensure_index(client, coll, kind, bparams)
+    _ensure_index(client, coll, kind, bparams)
+    params: dict[str, Any] = {"uri": uri, "collection": coll, "index_type": KINDS[kind], "build_params": bparams}
+    if fresh or prev is None or "search_params" not in prev.params:
+        params.update(tune(client, coll, kind, catalog, model_id, space, config, diff["n"], held))
+    else:
+        params.update({k: v for k, v in prev.params.items() if k in _TUNED})
+    if len(held):
+        got = catalog.get_vectors(model_id, space, held.tolist())
+        vecs = np.stack([got[int(i)] for i in held])
+        for rows in _rows(catalog, space, held, vecs, vector_hashes(vecs)):
+            client.insert(coll, rows)
+        client.flush(coll)
     n = count_rows(client, coll)
     if n != diff["n"]:
         raise IndexInconsistent(f"the Milvus collection {coll} holds {n} vectors after a sync, the catalog stores {diff['n']}",
                                 hint="run `medsearch index` again (another writer may be running)")  # fmt: skip
-    params: dict[str, Any] = {"uri": uri, "collection": coll, "index_type": KINDS[kind], "build_params": bparams}
-    old = prev.params if (prev is not None and prev.kind == kind and not rebuilt_index) else {}
-    if old and "search_params" in old and n <= 1.25 * int(old.get("tuned_at_count", n) or n):
-        params.update({k: v for k, v in old.items() if k in ("search_params", "tuned_recall_at_10", "target_recall",
-                                                            "target_met", "tune_queries", "tuned_at_count")})  # fmt: skip
-    else:
-        params.update(tune(client, coll, kind, catalog, model_id, space, config, n))
     params.update(id_sum=diff["sums"][0], vec_sum=diff["sums"][1])
     man = Manifest(model_id=model_id, weights_hash=weights_hash, space=space, dim=dim, metric="ip", count=n, kind=kind,
                    params=params, generation=generation, checksum=checksum(n, diff["sums"]), built_at=now_iso(),
@@ -240,8 +272,8 @@ def sync_store(
     directory.mkdir(parents=True, exist_ok=True)
     write_json_atomic(mpath, asdict(man))
     (directory / f"{space}.faiss").unlink(missing_ok=True)  # a FAISS index of the store this one replaced
-    return {"count": n, "kind": f"milvus {kind}", "generation": generation, "rebuilt": not exists or force,
-            "added": diff["added"] + diff["updated"], "removed": diff["removed"], "store": "milvus"}  # fmt: skip
+    return {"count": n, "kind": f"milvus {kind}", "generation": generation, "rebuilt": fresh,
+            "added": diff["added"] + diff["updated"] + int(len(held)), "removed": diff["removed"], "store": "milvus"}  # fmt: skip
 
 
 def index_space(
