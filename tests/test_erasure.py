@@ -212,14 +212,16 @@ def test_api_delete_is_admin_only_and_serves_the_new_generation(small_home, tmp_
                            audit_log=home / "audit.log", auth="required")  # fmt: skip
     with TestClient(create_app(settings, encoder=towers)) as c:
         assert c.get(f"/v1/cases/{v['key']}", headers={"X-API-Key": read_key}).status_code == 200
-        before = c.get("/health").json()
+        before = c.get("/v1/health").json()
         assert c.delete(f"/v1/cases/{v['case_id']}", headers={"X-API-Key": read_key}).status_code == 403
         r = c.delete(f"/v1/cases/{v['case_id']}", headers={"X-API-Key": admin_key})
         assert r.status_code == 200, r.text
         assert r.json()["cases"] == 1 and v["key"] not in r.text
-        assert c.get(f"/v1/cases/{v['key']}", headers={"X-API-Key": read_key}).status_code == 404
-        after = c.get("/health").json()
+        assert c.get(f"/v1/cases/{v['case_id']}", headers={"X-API-Key": read_key}).status_code == 404
+        after = c.get("/v1/health").json()
         assert after["indexes"]["image"]["count"] == before["indexes"]["image"]["count"] - len(v["images"])
-        hits = c.post("/v1/search", json={"query": v["text"], "k": 50}, headers={"X-API-Key": read_key}).json()
-        assert v["key"] not in str(hits)
+        assert after["catalog"]["cases"] == before["catalog"]["cases"] - 1
+        query = v["text"][: len(v["text"]) // 2]  # (the audit log records queries: not the whole removed sentence)
+        r = c.post("/v1/search/text", json={"query": query, "k": 50}, headers={"X-API-Key": read_key})
+        assert r.status_code == 200 and r.json()["hits"] and v["key"] not in r.text
     _assert_gone(home, v)  # the server's own audit log (in the home) included
