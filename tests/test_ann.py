@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from medsearch.stores import ann
 from medsearch.catalog import Catalog
 from medsearch.config import IndexConfig, Paths
 from medsearch.errors import IndexMismatch
+from medsearch.stores import ann
 from medsearch.stores.faiss import VectorIndex
 
 

@@ -84,10 +84,10 @@ def connect(uri: str, token: str | None = None) -> Any:
             try:
                 client = MilvusClient(uri=uri, token=token or "")
             except Exception as e:  # pymilvus raises MilvusException, grpc errors, OSError
-                raise StorageError(
-                    f"cannot connect to Milvus at {uri}: {str(e)[:300]}",
-                    hint="start the Milvus server (or check --milvus-uri/--milvus-token); Milvus Lite needs a local file path",
-                ) from e
+                hint = ("start the Milvus server, or check --milvus-uri/--milvus-token" if is_server_uri(uri) else
+                        "another process holds this Milvus Lite file (one process per file: a running `medsearch "
+                        "serve`?): stop it, use its API (DELETE /v1/cases/{id}), or move to a Milvus server")  # fmt: skip
+                raise StorageError(f"cannot open Milvus at {uri}: {str(e)[:300]}", hint=hint) from e
             _CLIENTS[key] = client
             # Milvus Lite has no server-side MVCC timestamp for iterators: pymilvus warns on every one
             logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
