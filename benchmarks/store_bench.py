@@ -102,7 +102,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--milvus-kinds", default="flat,hnsw,ivf_flat,ivf_sq8,ivfpq")
+    ap.add_argument("--faiss-kinds", default="flat,ivfpq")
+    ap.add_argument("--milvus-kinds", default="flat,hnsw,ivf_flat,ivf_sq8")
     ap.add_argument("--work", type=Path, default=Path("/tmp/store-bench"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
@@ -140,7 +141,7 @@ def main() -> None:
             rows.append(r)
             print(json.dumps(r), flush=True)
 
-    for kind in ("flat", "ivfpq"):
+    for kind in [k for k in args.faiss_kinds.split(",") if k]:
         t = time.perf_counter()
         idx = VectorIndex.from_blocks(blocks, model_id="bench", weights_hash="w", space="image", dim=args.dim,
                                       count=len(ids), config=IndexConfig(kind=kind))  # fmt: skip
