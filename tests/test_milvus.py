@@ -186,3 +186,39 @@ def test_default_uri_is_a_file_in_the_home_and_a_bad_server_is_a_clear_error(tmp
     with pytest.raises(StorageError) as e:
         connect("http://127.0.0.1:9", None)
     assert "--milvus-uri" in e.value.hint or "Milvus" in e.value.message
+
+
+def test_cli_index_store_milvus_serves_the_same_hits_as_faiss(small_home, tmp_path):
+    """`medsearch index --store milvus` on a real home (vectors already stored: nothing re-embedded),
+    then `search`/`similar` use it from the manifest, with the same hits as the FAISS home."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from medsearch.catalog import Catalog
+    from medsearch.search import Filters, Searcher
+
+    home = tmp_path / "home"
+    shutil.copytree(small_home, home)
+    res = CliRunner().invoke(app, ["index", "--home", str(home), "--store", "milvus", "--device", "cpu", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "milvus flat" in res.output
+    assert not list(Paths(home).index_dir("towers").glob("*.faiss"))  # the store moved, nothing stale left
+    assert (home / "milvus.db").exists()
+    check = CliRunner().invoke(app, ["check", "--home", str(home)])
+    assert check.exit_code == 0 and "consistent" in check.output, check.output
+    a, b = Catalog.open(small_home / "catalog.db", readonly=True), Catalog.open(home / "catalog.db")
+    fa, mi = Searcher(small_home, catalog=a), Searcher(home, catalog=b)
+    assert isinstance(mi.index("image"), MilvusStore)
+    image_id = next(iter(a.case_images([1]).values()))[0]
+    for f in (Filters(), Filters(source="covid-chestxray")):
+        ha, hb = fa.similar(image_id, k=5, filters=f), mi.similar(image_id, k=5, filters=f)
+        assert [(h.case_key, h.image_id) for h in ha] == [(h.case_key, h.image_id) for h in hb]
+        np.testing.assert_allclose([h.score for h in ha], [h.score for h in hb], atol=1e-4)
+    ta, tb = fa.search_text("opacity in the lung", k=5, mode="text"), mi.search_text("opacity in the lung", k=5, mode="text")
+    np.testing.assert_allclose([h.score for h in ta], [h.score for h in tb], atol=1e-4)  # ties may swap keys
+    last = ta[-1].score - 1e-4  # (p017-s01..s04 share one report)
+    assert {h.case_key for h in ta if h.score > last} == {h.case_key for h in tb if h.score > last}
+    a.close()
+    b.close()
