@@ -30,7 +30,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from medsearch.errors import InvalidInput, NotFound
-from medsearch.vectors import write_json_atomic
+from medsearch.stores.base import write_json_atomic
 
 SCOPES = ("read", "admin")
 _KEY_RE = re.compile(r"^msk_([0-9a-f]{8})_([A-Za-z0-9_-]{20,128})$")

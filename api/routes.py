@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import Response
+from pydantic import BaseModel
 from starlette.datastructures import UploadFile as UploadedFile
 
 import medsearch
@@ -22,7 +23,7 @@ from medsearch.search import Filters as CoreFilters
 from medsearch.search import Searcher
 
 from . import schemas as S
-from .deps import Admin, AuditCase, AuditDraft, AuditImage, AuditReindex, AuditText, Caller, State
+from .deps import Admin, AuditCase, AuditDelete, AuditDraft, AuditImage, AuditReindex, AuditText, Caller, State
 from .errors import responses
 from .uploads import read_upload
 
@@ -330,3 +331,39 @@ def reindex(state: State, who: Admin, audit: AuditReindex) -> S.ReloadOut:
     returns 409.
     """
     return S.ReloadOut(swapped=True, **state.reload())
+
+
+class ErasureOut(BaseModel):
+    """What `DELETE /v1/cases/{case_ref}` erased (counts only; the key is not echoed)."""
+
+    erasure_id: int | None = None
+    cases: int
+    images: int
+    texts: int
+    files: int
+    resumed: int
+
+
+@router.delete("/cases/{case_ref}", response_model=ErasureOut, tags=["admin"],
+               responses=responses(403, 404, 422, *_READ, 409, 503))  # fmt: skip
+def delete_case(
+    state: State,
+    who: Admin,
+    audit: AuditDelete,
+    case_ref: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,200}$", description="Case id (or key) to erase.")],
+) -> ErasureOut:
+    """Erase a case (admin key): its rows, vectors, index entries, BM25 terms and spool files.
+
+    Crash-safe like `medsearch remove --case`; the audit log records a keyed digest, not the key.
+    The server then serves the new index generation (without the case).
+    """
+    from medsearch.erasure import digest_of
+    from medsearch.erasure import remove as run_remove
+
+    audit.note(case_digest=digest_of(state.catalog, "case", case_ref))
+    out = run_remove(state.catalog, state.paths, case=case_ref, actor=who.name)
+    audit.note(erasure_id=out.get("erasure_id"))
+    state.thumbs = type(state.thumbs)(state.thumbs.capacity)  # cached thumbnails of the case go too
+    if state.searcher is not None:
+        state.reload()
+    return ErasureOut(**{k: out.get(k) for k in ErasureOut.model_fields})

@@ -290,7 +290,7 @@ def search(args) -> None:
         row("search", f"faiss-gpu flat, batch {qb}", done / (time.perf_counter() - t), "queries/s", "exact")
         del gidx
         from medsearch.config import IndexConfig
-        from medsearch.vectors import VectorIndex
+        from medsearch.stores.faiss import VectorIndex
 
         vi = VectorIndex.from_blocks(functools.partial(synth.blocks, n), model_id="bench", weights_hash="-", space="image",
                                      dim=d, count=n, config=IndexConfig(kind="flat"))  # fmt: skip
@@ -312,7 +312,7 @@ def search(args) -> None:
         NOTES.append(f"product auto index (ivfpq) skipped (elapsed {elapsed():.0f}s of {args.budget}s budget)")
         return
     from medsearch.config import IndexConfig
-    from medsearch.vectors import VectorIndex
+    from medsearch.stores.faiss import VectorIndex
 
     t = time.perf_counter()
     idx = VectorIndex.from_blocks(functools.partial(synth.blocks, n), model_id="bench", weights_hash="-", space="image", dim=d,

@@ -38,7 +38,7 @@ def main() -> None:
     from indexer.embed import build_indexes
     from medsearch.catalog import Catalog
     from medsearch.config import IndexConfig, Paths
-    from medsearch.vectors import VectorIndex
+    from medsearch.stores.faiss import VectorIndex
 
     print(f"# incremental_bench  n {args.n:,}  dim {args.dim}  add {args.add}  load at start {load_avg()}", flush=True)
     synth = Synth(args.dim)

@@ -80,7 +80,7 @@ def main() -> None:
     import faiss
 
     from medsearch.config import IndexConfig
-    from medsearch.vectors import VectorIndex
+    from medsearch.stores.faiss import VectorIndex
 
     faiss.omp_set_num_threads(args.threads)
     print(f"# search_bench  faiss {faiss.__version__}  threads {args.threads}  OMP_WAIT_POLICY="
@@ -98,7 +98,7 @@ def main() -> None:
                 if kind == "hnsw" and n > args.hnsw_max:
                     print(f"   skip hnsw at n={n:,} (> --hnsw-max {args.hnsw_max:,})", flush=True)
                     continue
-                from medsearch.ann import choose_kind
+                from medsearch.stores.ann import choose_kind
 
                 resolved = choose_kind(n, IndexConfig(kind=kind))
                 if kind == "auto" and resolved in built:

@@ -27,6 +27,7 @@ app = typer.Typer(
 for fn in (archive.ingest, archive.index, query.search, query.similar, query.case, archive.info, archive.check):
     app.command()(fn)
 app.command("audit-phi")(archive.audit_phi)
+app.command()(archive.remove)
 app.command()(demo_cmd.demo)
 app.command()(query.draft)
 app.command()(evaluate.train)

@@ -23,7 +23,8 @@ from medsearch.catalog import Catalog
 from medsearch.config import EmbedConfig, ImagingConfig, IndexConfig, Paths
 from medsearch.encoders.base import Encoder
 from medsearch.errors import MedsearchError
-from medsearch.vectors import VectorIndex, read_manifest
+from medsearch.stores import choose_store
+from medsearch.stores.faiss import VectorIndex, read_manifest
 
 
 @dataclass
@@ -345,8 +346,14 @@ def build_indexes(
     dims: dict[str, int],
     config: IndexConfig = IndexConfig(),
     force: bool = False,
+    store: str | None = None,
+    milvus_uri: str | None = None,
+    milvus_token: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """(Re)build the FAISS index of each space from stored vectors; skip spaces already in sync.
+
+    ``store`` milvus (or the store this home recorded last) syncs a Milvus collection instead
+    (``medsearch.stores.milvus_sync.index_space``).
 
     An index that only lacks newly stored vectors is updated in place (``VectorIndex.sync``:
     new vectors added, no rebuild) when its kind is still the right one; anything else (a
@@ -354,7 +361,15 @@ def build_indexes(
     """
     out: dict[str, dict[str, Any]] = {}
     directory = paths.index_dir(model_id)
+    store = choose_store(catalog, store, milvus_uri, milvus_token)
     for space, dim in dims.items():
+        if store == "milvus":
+            from medsearch.stores.milvus_sync import index_space
+
+            if (done := index_space(catalog, directory, model_id=model_id, weights_hash=weights_hash, space=space,
+                                    dim=dim, config=config, force=force)) is not None:  # fmt: skip
+                out[space] = done
+            continue
         count = catalog.count_vectors(model_id, space)
         mpath = directory / f"{space}.json"
         generation = 1
@@ -435,6 +450,9 @@ def run_index(
     progress: bool = True,
     rebuild: bool = False,
     image_stage: Callable[..., EmbedSummary] | None = None,
+    store: str | None = None,
+    milvus_uri: str | None = None,
+    milvus_token: str | None = None,
 ) -> EmbedSummary:
     """The whole ``medsearch index`` step: embed images and texts, then build the indexes.
 
@@ -455,6 +473,7 @@ def run_index(
     summary.indexes = build_indexes(
         catalog, paths, model_id=encoder.model_id, weights_hash=encoder.weights_hash,
         dims={"image": encoder.image_dim, "text": encoder.text_dim}, config=index_config, force=rebuild,
+        store=store, milvus_uri=milvus_uri, milvus_token=milvus_token,
     )  # fmt: skip
     from medsearch.bm25 import build_bm25_index  # BM25 over report/caption text, beside the vector indexes
 

@@ -42,7 +42,7 @@ from .catalog import Catalog
 from .catalog.snapshot import snapshot
 from .config import Paths
 from .errors import BackupCorrupt, InvalidInput, MedsearchError, NotFound, StorageError
-from .vectors import save_lock
+from .stores.faiss import save_lock
 
 FORMAT = "medsearch-backup"
 FORMAT_VERSION = 1

@@ -94,7 +94,7 @@ class BM25:
     # ------------------------------------------------------------------ persistence
     def save(self, directory: Path, manifest: dict[str, Any]) -> Path:
         """Write a new generation folder, then swap the manifest in; drop older folders."""
-        from .vectors import write_json_atomic
+        from .stores.base import write_json_atomic
 
         directory.mkdir(parents=True, exist_ok=True)
         old = read_manifest(directory)
@@ -162,7 +162,7 @@ def catalog_docs(catalog: Catalog) -> tuple[list[int], list[str], str]:
 
 def build_bm25_index(catalog: Catalog, directory: Path, *, force: bool = False) -> dict[str, Any]:
     """Build (or keep, when the texts are unchanged) the BM25 index of ``catalog`` in ``directory``."""
-    from .vectors import save_lock
+    from .stores.base import save_lock
 
     directory.mkdir(parents=True, exist_ok=True)
     with save_lock(directory):  # one writer per folder, as for the vector indexes

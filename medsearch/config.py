@@ -35,7 +35,7 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """Which FAISS index to build. ``kind='auto'`` picks by size (see ``medsearch.ann``)."""
+    """Which FAISS index to build. ``kind='auto'`` picks by size (see ``medsearch.stores.ann``)."""
 
     kind: str = "auto"  # auto, flat, hnsw, ivfpq
     flat_max: int = 100_000  # up to this many vectors, exact search (benchmarks/search_bench.py)

@@ -17,7 +17,7 @@ import numpy as np
 from .catalog import SPACES, Catalog
 from .config import IndexConfig, Paths
 from .errors import IndexNotBuilt, MedsearchError
-from .vectors import VectorIndex, read_manifest
+from .stores.faiss import VectorIndex, read_manifest
 
 
 def check_home(catalog: Catalog, paths: Paths, *, repair: bool = False) -> dict[str, Any]:
@@ -25,6 +25,9 @@ def check_home(catalog: Catalog, paths: Paths, *, repair: bool = False) -> dict[
     problems: list[str] = []
     repaired: list[str] = []
     indexes: list[dict[str, Any]] = []
+    from .erasure import check_erasures  # an erasure a kill interrupted: --repair finishes it first
+
+    check_erasures(catalog, paths, problems, repaired, repair=repair)
     for model, space in _pairs(catalog, paths):
         if space not in SPACES:
             problems.append(f"vectors of unknown space {space!r} for {model}")
@@ -38,6 +41,11 @@ def check_home(catalog: Catalog, paths: Paths, *, repair: bool = False) -> dict[
         stored = catalog.count_vectors(model, space)
         directory = paths.index_dir(model)
         entry: dict[str, Any] = {"model": model, "space": space, "stored_vectors": stored}
+        if _store_of(directory, space) == "milvus":  # counts, id/vector checksum, manifest; repair = a sync
+            from .stores.milvus_sync import check_store
+
+            indexes.append(check_store(catalog, directory, space, entry, problems, repaired, repair=repair))
+            continue
         broken = None
         try:
             idx = VectorIndex.load(directory, space, model_id=model)
@@ -131,6 +139,13 @@ def _check_bm25(catalog: Catalog, paths: Paths, model: str, repair: bool, proble
         if repair:
             out = build_bm25_index(catalog, directory, force=True)
             repaired.append(f"rebuilt the BM25 index of {model} from {out['count']} catalog texts")
+
+
+def _store_of(directory, space: str) -> str:
+    try:
+        return read_manifest(directory / f"{space}.json").store
+    except MedsearchError:
+        return "faiss"
 
 
 def _pairs(catalog: Catalog, paths: Paths) -> list[tuple[str, str]]:

@@ -31,7 +31,7 @@ from .catalog import CaseRow, Catalog, ImageRow, TextRow
 from .config import ImagingConfig, Paths, SearchConfig
 from .errors import IndexInconsistent, IndexNotBuilt, InvalidInput, MedsearchError, NotFound, NotSupportedByModel
 from .records import Hit
-from .vectors import VectorIndex
+from .stores import VectorStore, open_store
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -94,7 +94,7 @@ class Searcher:
         self.model_id = model or (encoder.model_id if encoder else None) or self.catalog.get_meta("default_model")
         if not self.model_id:
             raise IndexNotBuilt(f"no index has been built in {self.paths.home}", hint="run `medsearch index` first")
-        self._indexes: dict[str, VectorIndex] = {}
+        self._indexes: dict[str, VectorStore] = {}
         self._bm25: Any = None  # medsearch.bm25.BM25 once loaded
         self._lock = threading.Lock()
 
@@ -107,12 +107,13 @@ class Searcher:
             self._encoder = load_encoder(self.model_id, device=self.device, models_dir=self.paths.models)
         return self._encoder
 
-    def index(self, space: str) -> VectorIndex:
+    def index(self, space: str) -> VectorStore:
         """The loaded index of a space, checked against its manifest and the catalog."""
         with self._lock:
             idx = self._indexes.get(space)
             if idx is None:
-                idx = VectorIndex.load(self.paths.index_dir(self.model_id), space, model_id=self.model_id)
+                idx = open_store(self.paths.index_dir(self.model_id), space, model_id=self.model_id,
+                                 milvus_token=self.catalog.get_meta("milvus_token"))  # the store the manifest names
                 stored = self.catalog.count_vectors(self.model_id, space)
                 if stored != idx.ntotal:
                     raise IndexInconsistent(
@@ -135,7 +136,7 @@ class Searcher:
             self._indexes = {}
             self._bm25 = None
 
-    def warm(self) -> dict[str, VectorIndex]:
+    def warm(self) -> dict[str, VectorStore]:
         """Load the encoder and every built index now and check they match (server start-up, hot swap).
 
         Returns the loaded indexes by space; raises IndexNotBuilt when no index is built, and
@@ -150,7 +151,7 @@ class Searcher:
         self._check_encoder()
         return loaded
 
-    def loaded_indexes(self) -> dict[str, VectorIndex]:
+    def loaded_indexes(self) -> dict[str, VectorStore]:
         """The indexes loaded so far, by space."""
         with self._lock:
             return dict(self._indexes)
@@ -396,6 +397,10 @@ class Searcher:
         idx = self.index(space)
         self._check_encoder()
         f = filters.as_dict()
+        if idx.engine_filters:  # Milvus: the filters become an expression evaluated inside the engine
+            D, I = idx.search(q, min(fetch, max(idx.ntotal, 1)), filters=f)
+            keep = I[0] >= 0
+            return I[0][keep], D[0][keep]
         allowed = self.catalog.image_ids_where(f) if space == "image" else self.catalog.text_ids_where(f)
         fetch = min(fetch, idx.ntotal) if allowed is None else min(fetch, len(allowed))
         if fetch <= 0:

@@ -94,7 +94,7 @@ def _exhaustive(
     cat: Any, idx: Any, q: np.ndarray, allowed: np.ndarray | None, own_cases: set[int], own_patients: set[str]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """Every prior study scored from the vectors the index keeps in memory; None when it keeps none."""
-    from .ann import exact_storage, ids_of
+    from .stores.ann import exact_storage, ids_of
 
     if idx.ntotal > EXHAUSTIVE_MAX or not hasattr(idx, "index"):
         return None

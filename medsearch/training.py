@@ -1235,7 +1235,7 @@ def finetune_open_clip(
                      "seconds": round(time.perf_counter() - t_start, 1), "split": cfg.split},
         "dev": {"split": dev_split, "best": best["metrics"]} if dev_split else None,
     }  # fmt: skip
-    from .vectors import write_json_atomic
+    from .stores.base import write_json_atomic
 
     write_json_atomic(out_dir / "train_config.json", meta)
     log(f"saved {weights} (best step {best['step']})")

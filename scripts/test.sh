@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # in ~/.cache/pip, so later runs install it in seconds.
 export CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF"}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-MEDSEARCH_EXTRAS=${MEDSEARCH_EXTRAS:-dev,llm,ray} bash scripts/setup.sh
+MEDSEARCH_EXTRAS=${MEDSEARCH_EXTRAS:-dev,llm,ray,milvus} bash scripts/setup.sh
 # Browser tests (marker `browser`) drive Debian's Chromium through Playwright; Playwright's own
 # browser download is never used. Installed only where it is missing and we may (root or CI).
 # PACS tests (marker `pacs`) start Debian's Orthanc with its DICOMweb plugin and push with dcmtk.

@@ -291,7 +291,7 @@ def index_state(home: Path, con: sqlite3.Connection, *, final: bool) -> list[str
     sys.path.insert(0, str(REPO))
     from medsearch.config import Paths
     from medsearch.errors import MedsearchError
-    from medsearch.vectors import VectorIndex, read_manifest
+    from medsearch.stores.faiss import VectorIndex, read_manifest
 
     problems: list[str] = []
     d = Paths(home).index_dir(MODEL)
@@ -390,7 +390,7 @@ def manifest_checks(home: Path, con: sqlite3.Connection, weights: str | None) ->
     import hashlib
 
     from medsearch.config import Paths
-    from medsearch.vectors import read_manifest
+    from medsearch.stores.faiss import read_manifest
 
     problems: list[str] = []
     d = Paths(home).index_dir(MODEL)

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from medsearch import ann
 from medsearch.catalog import Catalog
 from medsearch.config import IndexConfig, Paths
 from medsearch.errors import IndexMismatch
-from medsearch.vectors import VectorIndex
+from medsearch.stores import ann
+from medsearch.stores.faiss import VectorIndex
 
 
 def _clustered(n, d=32, seed=0, n_clusters=20, intrinsic=8):
@@ -96,7 +96,7 @@ def test_hnsw_tuning_reaches_target_on_fresh_queries():
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
 def test_filtered_search_stays_inside_the_filter(kind, monkeypatch):
-    import medsearch.vectors as vectors
+    import medsearch.stores.faiss as vectors
 
     n, d = 4000, 32
     x, q = np.split(_clustered(n + 20, d, seed=4), [n])
@@ -155,27 +155,3 @@ def test_build_indexes_adds_new_vectors_without_rebuilding(tmp_path):
     cat.put_vectors("m", "image", [5], x[6:7])  # a replaced vector: rebuild
     third = build_indexes(cat, paths, model_id="m", weights_hash="w", dims={"image": 32}, config=cfg)["image"]
     assert third["rebuilt"] and third["generation"] == 3
-
-
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
-def test_sharded_serving_equals_one_index(tmp_path, kind):
-    from medsearch.shards import ShardedIndex, build_shards
-
-    n, d = 3000, 32
-    x, q = np.split(_clustered(n + 30, d, seed=12), [n])
-    ids = np.arange(n, dtype=np.int64) * 5 + 2
-    cfg = IndexConfig(kind=kind, target_recall=0.95)
-    build_shards(lambda: _blocks(ids, x), 3, tmp_path, model_id="m", weights_hash="w", space="image", dim=d,
-                 count=n, config=cfg)  # fmt: skip
-    sharded = ShardedIndex.load(tmp_path, "image", model_id="m", mmap=(kind == "flat"))
-    assert sharded.ntotal == n and len(sharded.parts) == 3
-    assert {p.manifest.params["shard"] for p in sharded.parts} == {0, 1, 2}
-    D, I = sharded.search(q, 10)
-    truth = _oracle(q, x, ids, 10)
-    r = _recall(I, truth)
-    assert r == 1.0 if kind == "flat" else r >= 0.9
-    assert (np.diff(D, axis=1) <= 1e-6).all()  # merged in score order
-    allowed = ids[::4]
-    _, If = sharded.search(q, 10, allowed=allowed)
-    assert np.isin(If, allowed).all() and _recall(If, _oracle(q, x, ids, 10, allowed)) == 1.0
-    np.testing.assert_allclose(sharded.reconstruct(int(ids[7])), x[7])

@@ -21,7 +21,7 @@ from medsearch.config import Paths
 from medsearch.consistency import check_home
 from medsearch.errors import IndexInconsistent
 from medsearch.search import Searcher
-from medsearch.vectors import VectorIndex, read_manifest
+from medsearch.stores.faiss import VectorIndex, read_manifest
 
 runner = CliRunner()
 MODEL = "towers"

@@ -14,7 +14,7 @@ from crash_harness import crash_run
 from indexer.embed import build_indexes
 from medsearch.catalog import Catalog
 from medsearch.config import Paths
-from medsearch.vectors import VectorIndex, read_manifest
+from medsearch.stores.faiss import VectorIndex, read_manifest
 
 MODEL = "towers"
 
@@ -85,7 +85,7 @@ def test_a_killed_manifest_write_leaves_no_temp_file_behind(tmp_path):
     import os
     import time
 
-    from medsearch.vectors import write_json_atomic
+    from medsearch.stores.base import write_json_atomic
 
     old, fresh = tmp_path / ".bm25.json.k1ll3d.tmp", tmp_path / ".bm25.json.inflight.tmp"
     old.write_text("{")

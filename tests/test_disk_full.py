@@ -25,7 +25,7 @@ CHILD = textwrap.dedent(
     import faiss
     import numpy as np
     from medsearch.errors import StorageError
-    from medsearch.vectors import VectorIndex
+    from medsearch.stores.faiss import VectorIndex
 
     root = Path(sys.argv[1])
     d = root / "idx"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 def test_core_imports_no_shells():
     code = (
-        "import sys, medsearch, medsearch.catalog, medsearch.search, medsearch.vectors, medsearch.errors;"
+        "import sys, medsearch, medsearch.catalog, medsearch.search, medsearch.stores.faiss, medsearch.errors;"
         "bad = [m for m in ('fastapi', 'typer', 'uvicorn', 'api', 'cli', 'indexer', 'torch', 'open_clip') if m in sys.modules];"
         "print(','.join(bad))"
     )

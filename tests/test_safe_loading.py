@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from medsearch.config import Paths
 from medsearch.errors import IndexInconsistent, InvalidInput
-from medsearch.vectors import VectorIndex
+from medsearch.stores.faiss import VectorIndex
 
 REPO = Path(__file__).resolve().parents[1]
 CODE = [p for d in ("medsearch", "indexer", "api", "cli", "benchmarks", "scripts") for p in (REPO / d).rglob("*.py")]
@@ -60,7 +60,7 @@ def test_every_weight_load_in_the_code_is_safe():
                 faiss_reads.append(str(rel))
     assert bad == []
     assert torch_loads, "the towers' EfficientNet .pth is loaded with torch.load: the scan must see it"
-    assert set(faiss_reads) == {"medsearch/vectors.py"}  # one reader, which checks the checksum first
+    assert set(faiss_reads) == {"medsearch/stores/faiss.py"}  # one reader, which checks the checksum first
 
 
 def test_libraries_that_load_weights_for_us_default_to_weights_only():

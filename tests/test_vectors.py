@@ -9,7 +9,7 @@ import pytest
 
 from medsearch.config import IndexConfig
 from medsearch.errors import IndexInconsistent, IndexMismatch, IndexNotBuilt, StorageError
-from medsearch.vectors import VectorIndex
+from medsearch.stores.faiss import VectorIndex
 
 
 def _data(n=500, d=32, seed=0):

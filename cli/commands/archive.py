@@ -96,10 +96,13 @@ def index(
     actors: Annotated[int, typer.Option(min=0, help="Ray actors; 0 = one per GPU, else one per 2 CPUs.")] = 0,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild indexes and retry failed images.")] = False,
     commit_every: Annotated[int, typer.Option(min=1, help="Vectors per catalog commit (a crash loses at most these).")] = 512,
+    store: Annotated[str | None, typer.Option(help="Vector store: faiss (embedded, the default) or milvus; default: the one this home used last.")] = None,
+    milvus_uri: Annotated[str | None, typer.Option(help="Milvus to use: a file (Milvus Lite; default HOME/milvus.db) or http://host:19530.")] = None,
+    milvus_token: Annotated[str | None, typer.Option(envvar="MEDSEARCH_MILVUS_TOKEN", help="Milvus token (user:password or API key); kept in the home's catalog.")] = None,
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
-    """Embed what is not embedded yet and build/update the FAISS indexes (resumable)."""
+    """Embed what is not embedded yet and build/update the FAISS indexes or Milvus collections (resumable)."""
     # Sleeping (not spinning) OpenMP threads: on a shared 2-core host the encoder ran 0.4-0.8
     # images/s with spinning threads and 11-50 with passive ones (benchmarks/embed_throughput.py).
     # Must be set before torch is imported; an explicit setting wins.
@@ -110,8 +113,11 @@ def index(
     from medsearch.encoders.registry import load_encoder
     from medsearch.errors import InvalidInput
 
-    if kind not in ("auto", "flat", "hnsw", "ivfpq"):
-        raise InvalidInput(f"unknown index kind {kind!r}", hint="use one of: auto, flat, hnsw, ivfpq")
+    kinds = ("auto", "flat", "hnsw", "ivfpq") + (("ivf_flat", "ivf_sq8") if store == "milvus" else ())
+    if kind not in kinds:
+        raise InvalidInput(f"unknown index kind {kind!r}", hint=f"use one of: {', '.join(kinds)}")
+    if milvus_uri and "://" not in milvus_uri:
+        milvus_uri = str(Path(milvus_uri).expanduser().resolve())  # a Milvus Lite file: absolute, whatever the cwd
     if engine not in ("local", "ray"):
         raise InvalidInput(f"unknown engine {engine!r}", hint="use local or ray")
     h = home_dir(home)
@@ -130,7 +136,7 @@ def index(
             cat, enc, Paths(h),
             config=EmbedConfig(batch_size=batch_size, workers=workers, commit_every=commit_every, torch_threads=torch_threads),
             index_config=IndexConfig(kind=kind, target_recall=target_recall), progress=not (quiet or json_out),
-            rebuild=rebuild, image_stage=stage,
+            rebuild=rebuild, image_stage=stage, store=store, milvus_uri=milvus_uri, milvus_token=milvus_token,
         )  # fmt: skip
     finally:
         cat.close()
@@ -254,3 +260,35 @@ def audit_phi(
     if report["findings"]:
         raise typer.Exit(1)
 
+
+
+@handle_errors
+def remove(
+    home: Home = None,  # type: ignore[assignment]
+    case: Annotated[str | None, typer.Option("--case", help="Case id, key or source:key to erase.")] = None,
+    patient: Annotated[str | None, typer.Option("--patient", help="Patient key (or the DICOM PatientID) whose cases to erase.")] = None,
+    source: Annotated[str | None, typer.Option("--source", help="Source name whose cases to erase.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would be erased.")] = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Erase a case, a patient or a source: rows, vectors, texts, index entries, BM25 terms, spool files.
+
+    Crash-safe (a rerun finishes an interrupted erasure) and audit-logged without the key.
+    """
+    from medsearch.catalog import Catalog
+    from medsearch.config import Paths
+    from medsearch.erasure import remove as run_remove
+
+    h = home_dir(home)
+    cat = Catalog.open(h / "catalog.db", create=False)
+    try:
+        out = run_remove(cat, Paths(h), case=case, patient=patient, source=source, dry_run=dry_run, actor="cli")
+    finally:
+        cat.close()
+    if json_out:
+        output.print_json(out)
+        return
+    verb = "would erase" if dry_run else "erased"
+    output.line(f"{verb} {out['cases']} cases, {out['images']} images, {out['texts']} texts, {out['files']} home files")
+    if out["resumed"]:
+        output.line(f"finished {out['resumed']} interrupted erasure(s) first")

@@ -1,4 +1,4 @@
-"""Index selection, construction, recall tuning and incremental updates for ``medsearch.vectors``.
+"""Index selection, construction, recall tuning and incremental updates for the FAISS store (``medsearch.stores.faiss``).
 
 Kinds (every index is an ``IndexIDMap2`` over inner product, FAISS ids = catalog row ids):
 
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import IndexConfig
-from .errors import IndexMismatch
+from medsearch.config import IndexConfig
+from medsearch.errors import IndexMismatch
 
 KINDS = ("flat", "hnsw", "ivfpq")
 TUNE_K = 10

@@ -1,4 +1,4 @@
-"""FAISS indexes derived from the catalog's stored vectors.
+"""FAISS indexes derived from the catalog's stored vectors: the embedded default store.
 
 One index per (model, space) under ``HOME/indexes/<model>/<space>.faiss`` with a manifest
 ``<space>.json`` beside it. FAISS ids are catalog row ids (``IndexIDMap2``). Saves are atomic:
@@ -8,42 +8,30 @@ checksum must match the file before FAISS reads it.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medsearch.config import IndexConfig
+from medsearch.errors import IndexInconsistent, IndexMismatch, IndexNotBuilt, StorageError
+from medsearch.fileio import sha256_file
+
 from . import ann
-from .config import IndexConfig
-from .errors import IndexInconsistent, IndexMismatch, IndexNotBuilt, StorageError
-from .fileio import sha256_file
-
-FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """What an index file was built from; loading refuses any mismatch."""
-
-    model_id: str
-    weights_hash: str
-    space: str
-    dim: int
-    metric: str
-    count: int
-    kind: str
-    params: dict[str, Any] = field(default_factory=dict)
-    generation: int = 1
-    checksum: str = ""  # sha256 of the .faiss file
-    format_version: int = FORMAT_VERSION
-    built_at: str = ""
+from .base import (  # noqa: F401  (read_manifest, write_json_atomic, save_lock: re-exported for callers)
+    FORMAT_VERSION,
+    Manifest,
+    _write_json_tmp,
+    fsync_path,
+    now_iso,
+    read_manifest,
+    save_lock,
+    write_json_atomic,
+)
 
 
 def _faiss():
@@ -70,6 +58,8 @@ EXACT_SUBSET_MAX = 32_768
 class VectorIndex:
     """A loaded FAISS index with its manifest. ``search`` returns (D, I) like FAISS."""
 
+    engine_filters = False  # filters arrive as ``allowed`` catalog ids
+
     def __init__(self, index: Any, manifest: Manifest) -> None:
         self.index = index
         self.manifest = manifest
@@ -94,7 +84,7 @@ class VectorIndex:
         """Build from streamed (ids (n,) int64, vecs (n, dim) float32) blocks.
 
         ``blocks`` may be a zero-argument callable returning a fresh stream: an ivfpq build then
-        draws its training sample evenly over a first pass (see ``medsearch.ann.build``).
+        draws its training sample evenly over a first pass (see ``medsearch.stores.ann.build``).
         """
         index, kind, params = ann.build(blocks, dim=dim, count=count, space=space, config=config)
         man = Manifest(
@@ -145,9 +135,10 @@ class VectorIndex:
         return order[at[srt[at] == item_ids]]
 
     def search(
-        self, xq: np.ndarray, k: int, allowed: np.ndarray | None = None
+        self, xq: np.ndarray, k: int, allowed: np.ndarray | None = None, filters: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by inner product. ``allowed`` restricts results to those catalog ids.
+        """Top-k by inner product. ``allowed`` restricts results to those catalog ids (``filters``
+        is not read: the catalog turns filters into ``allowed``).
 
         xq: (nq, dim) float32 -> D (nq, k) float32 scores, I (nq, k) int64 ids (-1 = none).
         """
@@ -213,6 +204,23 @@ class VectorIndex:
             return False
         return True
 
+    def remove(self, item_ids: np.ndarray) -> int | None:
+        """Drop those catalog ids in place; returns how many went, or None when the kind cannot
+        remove (HNSW graphs, IVF-PQ's refine wrapper): the caller rebuilds from stored vectors."""
+        faiss = _faiss()
+        ids = np.ascontiguousarray(np.asarray(item_ids, dtype=np.int64))
+        if len(ids) == 0:
+            return 0
+        if self.manifest.kind != "flat":
+            return None
+        try:
+            n = int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+        except RuntimeError:
+            return None
+        self._ids = None
+        self.manifest = Manifest(**{**asdict(self.manifest), "count": self.ntotal, "generation": self.manifest.generation + 1})
+        return n
+
     def reconstruct(self, item_id: int) -> np.ndarray:
         return self.index.reconstruct(int(item_id))
 
@@ -247,8 +255,8 @@ class VectorIndex:
             tmps.append(tmp)
             faiss.write_index(self.index, tmp)
             checksum = sha256_file(tmp)
-            _fsync_path(tmp)
-            man = Manifest(**{**asdict(self.manifest), "checksum": checksum, "built_at": _now()})
+            fsync_path(tmp)
+            man = Manifest(**{**asdict(self.manifest), "checksum": checksum, "built_at": now_iso()})
             tmps.append(_write_json_tmp(mtarget, asdict(man)))
             os.replace(tmp, target)  # the two renames are the only steps left: no writes in between
             os.replace(tmps[1], mtarget)
@@ -257,7 +265,7 @@ class VectorIndex:
                 if os.path.exists(t):
                     os.unlink(t)
             raise
-        _fsync_path(str(directory))
+        fsync_path(str(directory))
         self.manifest = man
         return target
 
@@ -309,71 +317,3 @@ class VectorIndex:
         return cls(index, man)
 
 
-def read_manifest(path: Path) -> Manifest:
-    try:
-        data = json.loads(Path(path).read_text())
-        return Manifest(**data)
-    except (OSError, ValueError, TypeError) as e:
-        raise IndexInconsistent(f"unreadable index manifest {path}: {e}", hint="run `medsearch check --repair`") from e
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Replace ``path`` with ``data`` as JSON via an fsynced temp file; drops temps a killed writer left."""
-    for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
-        try:  # older than 10 s: not another writer's file in flight (a JSON write takes milliseconds)
-            if time.time() - stale.stat().st_mtime > 10:
-                stale.unlink()
-        except FileNotFoundError:
-            pass
-    tmp = _write_json_tmp(path, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json_tmp(path: Path, data: dict[str, Any]) -> str:
-    """Write ``data`` to an fsynced temp file beside ``path``; returns its name (removed on failure)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
-@contextmanager
-def save_lock(directory: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``directory/.lock`` (released by the OS if the process dies)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(directory / ".lock", "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

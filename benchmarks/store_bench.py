@@ -1,0 +1,192 @@
+"""Vector stores side by side: FAISS flat / ivfpq and Milvus Lite (each index type), same vectors.
+
+    .venv/bin/python benchmarks/store_bench.py --n 100000 --dim 256 --work /tmp/store-bench
+
+A real catalog (cases of 10 images, one patient per 2 cases, 1% of images of modality "PET" for
+the selective filter) with ``benchmarks/synth.py`` clustered vectors stored in it; every store
+is built through the product path (``VectorIndex.from_blocks`` / ``build_indexes`` for FAISS,
+``medsearch.stores.milvus_sync.sync_store`` for Milvus: insert, index, recall tuning on held-out
+vectors). Queries are fresh draws from the same distribution. Recall@10 is against exact top-10
+(over the filtered subset for the filtered rows). Per store: build seconds, single-query latency
+p50/p95 (one query per call, after warm-up), batched queries/s (``--batch`` per call), recall@10,
+unfiltered and with the 1% filter. FAISS's filter is the catalog's id list (its lookup time is
+reported apart); Milvus's is a boolean expression evaluated inside Milvus. Then ``remove`` of
+one patient (``medsearch.erasure.remove``) on the Milvus home and on a FAISS flat home.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np  # noqa: E402
+from common import load_avg  # noqa: E402
+from synth import Synth  # noqa: E402
+
+PER_CASE = 10
+FILTER = {"modality": "pet"}
+
+
+def make_home(home: Path, n: int, dim: int, seed: int) -> None:
+    """Catalog rows + stored vectors for ``n`` images (reused when the home already holds them)."""
+    from medsearch.catalog import Catalog
+    from medsearch.records import CaseRecord, ImageRecord
+
+    cat = Catalog.open(home / "catalog.db")
+    if cat.count_vectors("bench", "image") == n:
+        cat.close()
+        return
+    synth = Synth(dim, seed=seed)
+    ids: list[int] = []
+    t0 = time.perf_counter()
+    for c in range(n // PER_CASE):
+        cid, _ = cat.upsert_case(CaseRecord(source="bench", key=f"case{c:07d}", split="train", patient_key=f"pt{c // 2:07d}"))
+        for j in range(PER_CASE):
+            g = c * PER_CASE + j
+            iid, _ = cat.upsert_image(
+                ImageRecord(source="bench", key=f"img{g:08d}", case_key=f"case{c:07d}", path=f"/archive/{g}.dcm",
+                            modality_type="PET" if g % 100 == 7 else ("CT", "MR", "XR")[g % 3],
+                            body_region=("Head", "Thorax", "Abdomen")[c % 3], split="train"),
+                cid, sha256=f"{g}", nbytes=1, width=512, height=512,
+            )  # fmt: skip
+            ids.append(iid)
+    arr = np.array(ids, dtype=np.int64)
+    for (_, x), s in zip(synth.blocks(n, 16384), range(0, n, 16384), strict=True):
+        cat.put_vectors("bench", "image", arr[s : s + len(x)].tolist(), x)
+    print(f"catalog: {n} images in {time.perf_counter() - t0:.0f} s", flush=True)
+    cat.close()
+
+
+def pct(a, q) -> float:
+    return float(np.percentile(np.asarray(a) * 1e3, q))
+
+
+def measure(search, xq1, xqb, batch, truth, k=10):
+    search(xq1[:2], k)  # warm-up
+    search(xq1[:2], k)
+    lat = []
+    for i in range(len(xq1)):
+        t = time.perf_counter()
+        search(xq1[i : i + 1], k)
+        lat.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    parts = [search(xqb[s : s + batch], k)[1] for s in range(0, len(xqb), batch)]
+    qps = len(xqb) / (time.perf_counter() - t)
+    I = np.concatenate(parts)
+    recall = float(np.mean([len(set(a[a >= 0]) & set(b[b >= 0])) / max(1, len(b[b >= 0])) for a, b in zip(I, truth, strict=True)]))
+    return {"p50_ms": round(pct(lat, 50), 2), "p95_ms": round(pct(lat, 95), 2), "batch_qps": round(qps, 1),
+            "recall_at_10": round(recall, 4)}  # fmt: skip
+
+
+def exact(xq, xb, ids, k=10, mask=None):
+    import faiss
+
+    if mask is not None:
+        xb, ids = xb[mask], ids[mask]
+    _, P = faiss.knn(np.ascontiguousarray(xq), np.ascontiguousarray(xb), k, metric=faiss.METRIC_INNER_PRODUCT)
+    return ids[P]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--faiss-kinds", default="flat,ivfpq")
+    ap.add_argument("--milvus-kinds", default="flat,hnsw,ivf_flat,ivf_sq8")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/store-bench"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    from medsearch.catalog import Catalog
+    from medsearch.config import IndexConfig, Paths
+    from medsearch.erasure import remove
+    from medsearch.stores.faiss import VectorIndex
+    from medsearch.stores.milvus import MilvusStore, close_clients
+    from medsearch.stores.milvus_sync import sync_store
+
+    home = args.work / f"home-{args.n}-{args.dim}"
+    home.mkdir(parents=True, exist_ok=True)
+    make_home(home, args.n, args.dim, args.seed)
+    cat = Catalog.open(home / "catalog.db")
+    paths = Paths(home)
+    synth = Synth(args.dim, seed=args.seed)
+    xq = synth.queries(args.queries * 2)
+    xq1, xqb = xq[: args.queries], xq[args.queries :]
+    ids_l, vec_l = zip(*cat.iter_vectors("bench", "image"), strict=True)
+    ids, xb = np.concatenate(ids_l), np.concatenate(vec_l)
+    t = time.perf_counter()
+    allowed = cat.image_ids_where(FILTER)
+    lookup_ms = (time.perf_counter() - t) * 1e3
+    mask = np.isin(ids, allowed)
+    truth = {False: exact(xqb, xb, ids), True: exact(xqb, xb, ids, mask=mask)}
+    rows: list[dict] = []
+    blocks = functools.partial(cat.iter_vectors, "bench", "image")
+
+    def record(store, kind, build_s, search_plain, search_filtered, extra=None):
+        for filtered, fn in ((False, search_plain), (True, search_filtered)):
+            r = {"store": store, "kind": kind, "filter": "1%" if filtered else "none", "build_s": round(build_s, 1),
+                 **measure(fn, xq1, xqb, args.batch, truth[filtered]), **(extra or {})}  # fmt: skip
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+
+    for kind in [k for k in args.faiss_kinds.split(",") if k]:
+        t = time.perf_counter()
+        idx = VectorIndex.from_blocks(blocks, model_id="bench", weights_hash="w", space="image", dim=args.dim,
+                                      count=len(ids), config=IndexConfig(kind=kind))  # fmt: skip
+        record("faiss", kind, time.perf_counter() - t, idx.search, lambda q, k, idx=idx: idx.search(q, k, allowed=allowed),
+               {"tuned": idx.manifest.params.get("tuned_recall_at_10")})
+        del idx
+
+    directory = paths.index_dir("bench")
+    last = None
+    for kind in args.milvus_kinds.split(","):
+        t = time.perf_counter()
+        sync_store(cat, directory, model_id="bench", weights_hash="w", space="image", dim=args.dim,
+                   config=IndexConfig(kind=kind))  # fmt: skip
+        build = time.perf_counter() - t
+        last = store = MilvusStore.load(directory, "image")
+        p = store.manifest.params
+        record("milvus-lite", kind, build, store.search, lambda q, k, s=store: s.search(q, k, filters=FILTER),
+               {"tuned": p.get("tuned_recall_at_10"), "knob": p.get("search_params")})
+    assert last is not None
+    with cat.atomic():
+        cat.set_meta("store", "milvus")
+    t = time.perf_counter()
+    out = remove(cat, paths, patient="pt0000123")
+    rm_milvus = time.perf_counter() - t
+    print(f"remove one patient on Milvus: {rm_milvus:.2f} s {out}", flush=True)
+    close_clients()
+    from indexer.embed import build_indexes
+
+    build_indexes(cat, paths, model_id="bench", weights_hash="w", dims={"image": args.dim},
+                  config=IndexConfig(kind="flat"), store="faiss")  # fmt: skip
+    t = time.perf_counter()
+    out2 = remove(cat, paths, patient="pt0000456")
+    rm_faiss = time.perf_counter() - t
+    print(f"remove one patient on FAISS flat: {rm_faiss:.2f} s {out2}", flush=True)
+    result = {"n": args.n, "dim": args.dim, "queries": args.queries, "batch": args.batch,
+              "filter_fraction": round(float(mask.mean()), 4), "catalog_filter_lookup_ms": round(lookup_ms, 1),
+              "rows": rows, "remove_patient_s": {"milvus-lite": round(rm_milvus, 2), "faiss-flat": round(rm_faiss, 2)},
+              "images_removed": out["images"], "load_avg": load_avg(), "cpus": os.cpu_count()}  # fmt: skip
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    cat.close()
+    if os.environ.get("STORE_BENCH_KEEP") != "1":
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
