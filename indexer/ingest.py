@@ -49,6 +49,7 @@ class IngestSummary:
     slices_deferred: int = 0  # slices of the series read now catalogued without a vector
     notes: list[Note] = field(default_factory=list)  # e.g. a series ordered by InstanceNumber
     reports_unmatched: list[str] = field(default_factory=list)  # RIS rows that matched no study ("row 17")
+    reports: dict[str, int] = field(default_factory=dict)  # cases whose report came from "sr"/"ris"; "scrubbed"
 
     @property
     def counts(self) -> dict[str, int]:
@@ -74,6 +75,7 @@ class IngestSummary:
             "seconds": round(self.seconds, 2),
             "skipped_items": [{"item": s.item, "reason": s.reason} for s in self.skipped],
             "notes": [{"item": n.item, "message": n.message} for n in self.notes],
+            "reports": self.reports,
             "reports_unmatched": self.reports_unmatched,
         }
 
@@ -104,11 +106,14 @@ def ingest_path(
     progress: Callable[[Item], None] | None = None,
     slices: int | None = DEFAULT_SLICES,
     reports: Path | None = None,
+    deid_reports: bool = True,
 ) -> IngestSummary:
     """Ingest one dataset folder, image folder, DICOM tree or file into the catalog.
 
     ``slices``: per DICOM series, how many slices to embed (None: all). ``reports``: a RIS export
     (CSV/JSONL) joined to the DICOM studies in memory by accession number or StudyInstanceUID.
+    ``deid_reports``: report text from DICOM SR and the RIS export goes through the text scrubber
+    (``medsearch.deid.scrub_sections``) unless False.
     """
     p = Path(path)
     try:
@@ -121,7 +126,8 @@ def ingest_path(
         def lookup(accession: str | None, study_uid: str) -> dict[str, str] | None:
             return ris.lookup(accession_number=accession, study_instance_uid=study_uid)
 
-    items = read_path(p, source=source, salt=catalog.salt, sidecar=sidecar, slices=slices, reports=lookup, config=imaging)
+    items = read_path(p, source=source, salt=catalog.salt, sidecar=sidecar, slices=slices, reports=lookup, config=imaging,
+                      deid_reports=deid_reports)
     summary = ingest_items(
         catalog, items, path=str(p.resolve()), layout=layout, splits=splits, imaging=imaging, chunk=chunk,
         deid_text=deid_text, progress=progress,
@@ -207,6 +213,11 @@ def ingest_items(
                         summary.filtered += 1
                         continue
                     rec = item
+                    if origin := item.meta.get("report_source"):
+                        for o in str(origin).split("+"):
+                            summary.reports[o] = summary.reports.get(o, 0) + 1
+                        if item.meta.get("report_scrubbed"):
+                            summary.reports["scrubbed"] = summary.reports.get("scrubbed", 0) + 1
                     if scrub is not None:
                         rec = replace(rec, sections={k: scrub(v) for k, v in rec.sections.items()})
                     sentences = [

@@ -20,7 +20,9 @@ def ingest(
     split: Split = None,
     source: Annotated[str | None, typer.Option(help="Source name stored with each row (default: folder name).")] = None,
     sidecar: Annotated[Path | None, typer.Option(help="CSV/JSONL of reports for an image folder.")] = None,
-    deid_text: Annotated[bool, typer.Option("--deid-text", help="Scrub names, dates, phone numbers, MRNs from report text.")] = False,
+    deid_text: Annotated[bool, typer.Option("--deid-text", help="Scrub names, dates, phone numbers, MRNs from dataset and sidecar report text (SR/RIS text is always scrubbed unless --no-deid-text).")] = False,
+    reports: Annotated[Path | None, typer.Option("--reports", help="RIS export (CSV or JSONL) joined to DICOM studies by accession_number or study_instance_uid; the key is never stored.")] = None,
+    no_deid_text: Annotated[bool, typer.Option("--no-deid-text", help="Keep DICOM SR / RIS report text as written (no scrubbing).")] = False,
     chunk: Annotated[int, typer.Option(min=1, help="Items per catalog transaction (a crash redoes at most these).")] = 256,
     since: Annotated[str | None, typer.Option(help="PACS: studies from this date on (YYYYMMDD); default: where the last sync stopped.")] = None,
     modality: Annotated[list[str] | None, typer.Option("--modality", help="PACS: only studies with this modality (repeatable).")] = None,
@@ -54,6 +56,7 @@ def ingest(
             summary = ingest_path(
                 cat, path, source=source, splits=split, sidecar=sidecar, deid_text=deid_text, chunk=chunk,
                 progress=progress.ticker(f"ingest {path.name}") if progress.enabled else None, slices=n_slices,
+                reports=reports, deid_reports=not no_deid_text,
             )  # fmt: skip
     finally:
         cat.close()
@@ -71,6 +74,15 @@ def ingest(
             f"  {summary.series_added} series added, {summary.series_updated} updated; {summary.slices_selected} slices "
             f"to embed, {summary.slices_deferred} catalogued without a vector (--slices all adds them)"
         )
+    if summary.reports:
+        got = ", ".join(f"{n} from {'DICOM SR' if k == 'sr' else 'the RIS export'}" for k, n in summary.reports.items()
+                        if k in ("sr", "ris"))  # fmt: skip
+        scrubbed = summary.reports.get("scrubbed", 0)
+        output.line(f"  reports: {got}; {scrubbed} scrubbed of identifiers" + ("" if scrubbed else " (--no-deid-text)"))
+    if reports is not None:
+        output.line(f"  RIS export: {len(summary.reports_unmatched)} rows matched no study"
+                    + (f" ({', '.join(summary.reports_unmatched[:10])}{' ...' if len(summary.reports_unmatched) > 10 else ''})"
+                       if summary.reports_unmatched else ""))  # fmt: skip
     for n in summary.notes[:20]:
         output.problem(f"  note {n.item}: {n.message}")
     if summary.filtered:

@@ -160,19 +160,31 @@ def _emit(
         return
     first = st.instances[0]
     sections: dict[str, str] = {}
+    origin: list[str] = []
     for rep in st.reports:
         for name, text in rep.sections.items():
             sections[name] = f"{sections[name]}\n\n{text}" if name in sections else text
+    if sections:
+        origin.append("sr")
     if reports is not None:
         ris = reports(first.accession, first.study_uid)
+        if ris and any(name not in sections for name in ris):
+            origin.append("ris")
         for name, text in (ris or {}).items():
             sections.setdefault(name, text)  # an SR in the study wins over the RIS row
+    redactions = 0
     if sections and deid_reports:
-        from medsearch.deid import scrub_text
+        from medsearch.deid import scrub_sections
 
         names = {n for inst in st.instances for n in inst.names}
-        sections = {name: scrub_text(text, known_names=names) for name, text in sections.items()}
-    yield case_record(first, source, dates, sections)
+        sections, redactions = scrub_sections(sections, known_names=names)
+    case = case_record(first, source, dates, sections)
+    if origin:  # where the report text came from, for the ingest summary and `medsearch audit-phi`
+        from dataclasses import replace
+
+        case = replace(case, meta={**case.meta, "report_source": "+".join(origin), "report_scrubbed": deid_reports,
+                                   "report_redactions": redactions})  # fmt: skip
+    yield case
     by_series: dict[str, list[Instance]] = {}
     for inst in st.instances:
         by_series.setdefault(inst.series_key, []).append(inst)

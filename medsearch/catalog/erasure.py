@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .core import Catalog, _chunks, now
+from .core import Catalog
+from .util import chunks as _chunks
+from .util import now
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS erasures (

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .core import Catalog, _chunks
+from .core import Catalog
+from .util import chunks as _chunks
 from .schema import FILTER_COLUMNS
 
 # filter name -> images column, in a fixed order
