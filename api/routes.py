@@ -230,6 +230,7 @@ def search_image(
 @router.get("/cases/{case_ref}", response_model=S.CaseOut, tags=["cases"], responses=responses(404, 422, *_READ))
 def get_case(
     state: State,
+    who: Caller,
     audit: AuditCase,
     case_ref: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,200}$", description="Case id (or key, e.g. MPX1007).")],
 ) -> S.CaseOut:
@@ -250,8 +251,25 @@ def get_case(
     return S.CaseOut(
         case_id=cv.case_id, case_key=cv.case_key, source=cv.source, split=cv.split, title=cv.title,
         diagnosis=cv.diagnosis, category=cv.category, sections=cv.sections, labels=cv.labels, images=images,
-        series=series,
+        series=series, viewer_url=_viewer_url(state, who, cv.source, cv.case_key),
     )  # fmt: skip
+
+
+def _viewer_url(state, who, source: str, case_key: str) -> str | None:
+    """The hospital viewer's URL of a study: admin keys only, with --viewer-url and a link back in the home."""
+    template = state.settings.viewer_url
+    if not template or not who.allows("admin"):
+        return None
+    from medsearch.catalog.links import LinkStore, viewer_url
+
+    store = LinkStore.open(state.paths.home)
+    if store is None:
+        return None
+    try:
+        uid = store.uid(source, case_key)
+    finally:
+        store.close()
+    return viewer_url(template, uid) if uid else None
 
 
 _PNG = {

@@ -168,6 +168,7 @@ class CaseOut(BaseModel):
     labels: dict[str, Any]
     images: list[ImageInfo]
     series: list[SeriesOut] = []
+    viewer_url: str | None = Field(None, description="Admin keys only, when the server has --viewer-url and the home a link back: the study in the hospital viewer.")
 
 
 class IndexInfo(BaseModel):

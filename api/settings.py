@@ -50,6 +50,7 @@ class ApiSettings:
     draft_generators: tuple[str, ...] = ("extractive",)  # generators a client may ask for
     llm: LLMConfig | None = None  # LLM generators' settings (server-side only); None: LLMConfig()
     draft_fallback: bool = False  # an LLM failure drafts with the extractive generator instead
+    viewer_url: str | None = None  # e.g. "https://pacs/viewer?StudyInstanceUIDs={uid}": admin keys only, needs the link back
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:

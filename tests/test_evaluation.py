@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medsearch.errors import InvalidInput
-from medsearch.eval.retrieval import (
+from medsearch.metrics import (
     average_precision,
     bootstrap_ci,
     chance_recall_at_k,

@@ -252,6 +252,9 @@ def audit_phi(
         report = run_audit(cat, examples=examples)
     finally:
         cat.close()
+    from medsearch.catalog.links import link_status
+
+    report["link_back"] = link_status(h)  # the optional pseudonym -> Study Instance UID file (re-identifying)
     if json_out:
         output.print_json(report)
     else:
@@ -265,6 +268,12 @@ def audit_phi(
             output.problem(f"{kind:<14} {k['count']:>7}  {where}")
             for ex in k["examples"]:
                 output.line(f"{'':<24}{ex['where']} {ex['field']}: {ex['text']}")
+        for src, c in report.get("report_sources", {}).items():
+            output.line(f"reports from {'DICOM SR' if src == 'sr' else 'RIS export' if src == 'ris' else src}: "
+                        f"{c['cases']} cases, {c['scrubbed']} scrubbed")  # fmt: skip
+        lb = report["link_back"]
+        output.line(f"link back: {lb['path']} maps {lb['studies']} studies to their Study Instance UIDs (admin only)"
+                    if lb["exists"] else "link back: none (no file maps pseudonyms to UIDs)")  # fmt: skip
         if report["findings"]:
             output.line(f"{report['findings']} PHI-like spans: review them; `medsearch ingest --deid-text` scrubs report text")
         else:

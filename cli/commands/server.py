@@ -36,6 +36,7 @@ def serve(
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM): serve https.")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="Private key (PEM) of --ssl-certfile.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Allow plain http beyond loopback (only behind a TLS proxy).")] = False,
+    viewer_url: Annotated[str | None, typer.Option("--viewer-url", help="Hospital viewer URL template with {uid}, e.g. https://pacs/viewer?StudyInstanceUIDs={uid}; shown to admin keys for studies ingested with --link-back.")] = None,
     *,
     draft: DraftConfig,
 ) -> None:
@@ -49,6 +50,10 @@ def serve(
     from api.app import create_app
     from api.settings import ApiSettings
 
+    if viewer_url is not None and "{uid}" not in viewer_url:
+        from medsearch.errors import InvalidInput
+
+        raise InvalidInput(f"--viewer-url {viewer_url!r} has no {{uid}}", hint="e.g. https://pacs/viewer?StudyInstanceUIDs={uid}")
     if auth not in ("auto", "required", "off"):
         raise typer.BadParameter("use auto, required or off", param_hint="--auth")
     settings = ApiSettings(
@@ -56,6 +61,7 @@ def serve(
         rate_per_minute=rate_limit, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         cors_origins=tuple(cors_origin or ()), audit_log=audit_log, watch_seconds=watch,
         draft_generators=tuple(generator or ("extractive",)), draft_fallback=draft.fallback, llm=draft.llm,
+        viewer_url=viewer_url,
     )  # fmt: skip
     application = create_app(settings)  # checks the catalog and the keys before binding
     tls = _tls_options(host, ssl_certfile, ssl_keyfile, insecure)  # then TLS, still before binding

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from .core import Catalog
-from .util import chunks as _chunks
 from .schema import FILTER_COLUMNS
+from .util import chunks as _chunks
 
 # filter name -> images column, in a fixed order
 SCALAR_FIELDS = tuple(FILTER_COLUMNS)
