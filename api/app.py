@@ -161,9 +161,19 @@ def _document_uploads(app: FastAPI, settings: ApiSettings) -> None:
                     "description": f"Query image ({UPLOAD_TYPES}). Send this or `image_id`, not both.",
                 }  # fmt: skip
                 schema["oneOf"] = [{"required": ["file"]}, {"required": ["image_id"]}]
+                if "files" in schema["properties"]:  # a whole study: several slices, instead of file / image_id
+                    schema["properties"]["files"] = {
+                        "type": "array", "minItems": 1, "maxItems": 64, "title": "Files",
+                        "items": {"type": "string", "contentMediaType": "application/octet-stream", "minLength": 1},
+                        "description": f"Slices of one study ({UPLOAD_TYPES}): one hit per prior study. Instead of "
+                                       "`file` / `image_id`.",
+                    }  # fmt: skip
+                    schema["oneOf"].append({"required": ["files"]})
                 if "generator" in schema["properties"]:
                     schema["properties"]["generator"]["enum"] = list(settings.draft_generators)
                 body["encoding"] = {"file": {"contentType": UPLOAD_TYPES}}
+                if "files" in schema["properties"]:
+                    body["encoding"]["files"] = {"contentType": UPLOAD_TYPES}
             app.openapi_schema = spec
         return app.openapi_schema
 

@@ -102,6 +102,18 @@ def _headers(e: MedsearchError) -> dict[str, str] | None:
     return None
 
 
+def _allowed(request: Request) -> str:
+    """Every method some route serves at the request's path (Starlette's 405 names only the first route's)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "__none__"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return ", ".join(sorted(methods))
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(MedsearchError)
     async def _medsearch_error(request: Request, e: MedsearchError) -> JSONResponse:
@@ -122,7 +134,10 @@ def install_handlers(app: FastAPI) -> None:
         message = str(e.detail)
         if e.status_code == 400:
             message = f"the request body cannot be parsed ({message.rstrip('.')})"
-        return error_response(e.status_code, code, message, hint, request, headers=e.headers)
+        headers = e.headers
+        if e.status_code == 405:  # one path served by several routes (GET and DELETE /v1/cases/{ref}): allow them all
+            headers = {**(headers or {}), "Allow": _allowed(request)}
+        return error_response(e.status_code, code, message, hint, request, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-FilterValue = list[str] | None
+FilterValue = list[str] | str | None  # one value or several; a single string is read as a list of one
 
 
 class Filters(BaseModel):

@@ -424,7 +424,12 @@ def manifest_checks(home: Path, con: sqlite3.Connection, weights: str | None) ->
 
 
 class _CatalogView:
-    """Just enough of Catalog (``.db.execute``) for ``medsearch.bm25.catalog_docs``."""
+    """Just enough of Catalog for ``medsearch.bm25.catalog_docs``: the catalog's own named query, run on
+    the checker's read-only connection (the query reads ``self.db.execute`` only)."""
+
+    from medsearch.catalog.reads import ReadQueries
+
+    texts_of_kinds = ReadQueries.texts_of_kinds
 
     def __init__(self, con: sqlite3.Connection) -> None:
         self.db = con

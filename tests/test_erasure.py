@@ -55,9 +55,9 @@ def _victim(home: Path, source: str = "medpix-2.0") -> dict:
                 continue
             sentences = cat.case_texts([cv.case_id]).get(cv.case_id, [])
             if cv.source == source and sentences and cv.images:
-                text = max((s["text"] for s in sentences), key=len)
+                text = max((s.text for s in sentences), key=len)
                 row = cat.image_rows([cv.images[0]["image_id"]])[cv.images[0]["image_id"]]
-                return {"key": cv.case_key, "case_id": cv.case_id, "patient": row["patient_key"], "text": text,
+                return {"key": cv.case_key, "case_id": cv.case_id, "patient": row.patient_key, "text": text,
                         "images": [im["image_id"] for im in cv.images]}  # fmt: skip
     finally:
         cat.close()
@@ -118,7 +118,7 @@ def test_remove_patient_and_source(small_home, tmp_path):
     assert v["patient"]
     cat = Catalog.open(home / "catalog.db")
     keys = [cat.get_case(i).case_key for i in range(1, 100) if _has(cat, i) and cat.get_case(i).source == "covid-chestxray"]
-    same_patient = [k for k in keys if cat.image_rows([cat.get_case(k).images[0]["image_id"]]).popitem()[1]["patient_key"] == v["patient"]]
+    same_patient = [k for k in keys if cat.image_rows([cat.get_case(k).images[0]["image_id"]]).popitem()[1].patient_key == v["patient"]]
     cat.close()
     res = runner.invoke(app, ["remove", "--home", str(home), "--patient", v["patient"], "--json"])
     assert res.exit_code == 0, res.output

@@ -14,6 +14,7 @@ WAL is checkpointed and truncated afterwards, so no page of the file keeps the r
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from .core import Catalog
@@ -107,6 +108,25 @@ def unfinished(catalog: Catalog) -> list[dict[str, Any]]:
     return [dict(id=r[0], kind=r[1], digest=r[2], state=r[3], plan=json.loads(r[4])) for r in rows]
 
 
+def _remove_links(catalog: Catalog, keys: list[tuple[str, str]]) -> None:
+    """Drop the link-back entries (pseudonym -> Study Instance UID) of erased studies, if the home keeps any."""
+    if catalog.path is None or not keys:
+        return
+    from .links import LinkStore
+
+    store = LinkStore.open(Path(catalog.path).parent)
+    if store is None:
+        return
+    try:
+        by_source: dict[str, list[str]] = {}
+        for source, key in keys:
+            by_source.setdefault(source, []).append(key)
+        for source, ks in by_source.items():
+            store.remove(source, ks)
+    finally:
+        store.close()
+
+
 def delete_rows(catalog: Catalog, erasure_id: int, plan: dict[str, Any]) -> dict[str, int]:
     """Delete the plan's vectors (every model), labels, texts, images and cases in one transaction,
     mark the vector stores dirty and the erasure ``purging``; idempotent. Returns row counts."""
@@ -120,8 +140,14 @@ def delete_rows(catalog: Catalog, erasure_id: int, plan: dict[str, Any]) -> dict
                 counts["vectors"] += catalog.db.execute(
                     f"DELETE FROM vectors WHERE space = ? AND item_id IN ({qs})", [space, *chunk]
                 ).rowcount
+        has_sync = catalog.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sync_state'").fetchone()
         for chunk in _chunks(list(plan["cases"]), 900):
             qs = ",".join("?" * len(chunk))
+            keys = catalog.db.execute(f"SELECT source, key FROM cases WHERE id IN ({qs})", chunk).fetchall()
+            if has_sync:  # a PACS study's sync record: a later sync may bring the study back, by design
+                catalog.db.executemany("DELETE FROM sync_state WHERE source = ? AND study_key = ?", keys)
+            _remove_links(catalog, keys)
+            catalog.db.execute(f"DELETE FROM series WHERE case_id IN ({qs})", chunk)
             counts["labels"] += catalog.db.execute(f"DELETE FROM labels WHERE case_id IN ({qs})", chunk).rowcount
             counts["texts"] += catalog.db.execute(f"DELETE FROM texts WHERE case_id IN ({qs})", chunk).rowcount
             counts["images"] += catalog.db.execute(f"DELETE FROM images WHERE case_id IN ({qs})", chunk).rowcount
