@@ -113,7 +113,7 @@ def health(state: State) -> S.HealthOut:
         status = "degraded"
     return S.HealthOut(
         status=status, version=medsearch.__version__, model=s.model_id if s else state.model_id(),
-        shared_space=bool(getattr(s.encoder, "shared_space", False)) if s else None, indexes=indexes,
+        shared_space=bool(s.encoder.shared_space) if s else None, indexes=indexes,
         catalog=state.catalog.counts(), auth_required=state.settings.auth_required,
         drafts_available=state.drafts_available,
         loaded_at=state.loaded_at, last_reload_error=state.last_reload_error,

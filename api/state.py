@@ -17,13 +17,14 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from medsearch.catalog import Catalog
 from medsearch.config import ImagingConfig, Paths
+from medsearch.encoders.registry import default_model
 from medsearch.errors import IndexInconsistent, IndexNotBuilt, MedsearchError
+from medsearch.fileio import utc_now as _now
 from medsearch.search import Searcher
 
 from .keys import KeyStore
@@ -33,10 +34,6 @@ from .settings import ApiSettings
 log = logging.getLogger("medsearch.api")
 SPACES = ("image", "text")
 _WARMED: weakref.WeakSet[Any] = weakref.WeakSet()  # encoders already warmed up in this process
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -179,7 +176,7 @@ class AppState:
         return s
 
     def model_id(self) -> str | None:
-        return self.settings.model or self.catalog.get_meta("default_model")
+        return self.settings.model or default_model(self.paths, self.catalog)
 
     def _stamp(self, model_id: str | None) -> tuple[Any, ...]:
         """What changes when `medsearch index` writes a new generation: the manifests' mtimes."""

@@ -23,6 +23,7 @@ import numpy as np
 
 from .catalog import Catalog
 from .config import ImagingConfig, Paths, SearchConfig
+from .encoders.registry import default_model
 from .errors import IndexInconsistent, IndexNotBuilt, InvalidInput, MedsearchError
 from .records import Hit
 from .vectors import VectorIndex
@@ -85,7 +86,7 @@ class Searcher:
         self.imaging = imaging
         self.device = device
         self._encoder = encoder
-        self.model_id = model or (encoder.model_id if encoder else None) or self.catalog.get_meta("default_model")
+        self.model_id = model or (encoder.model_id if encoder else None) or default_model(self.paths, self.catalog)
         if not self.model_id:
             raise IndexNotBuilt(f"no index has been built in {self.paths.home}", hint="run `medsearch index` first")
         self._indexes: dict[str, VectorIndex] = {}
@@ -176,7 +177,7 @@ class Searcher:
         k = k or self.config.k
         per_case = self.config.per_case if per_case is None else per_case
         enc = self.encoder
-        shared = bool(getattr(enc, "shared_space", False))
+        shared = bool(enc.shared_space)
         if mode == "image" and not shared:
             raise InvalidInput(
                 f"model {self.model_id} has no shared image-text space, so text cannot search images directly",

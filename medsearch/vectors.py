@@ -24,6 +24,7 @@ from . import ann
 from .config import IndexConfig
 from .errors import IndexInconsistent, IndexMismatch, IndexNotBuilt, StorageError
 from .fileio import sha256_file
+from .fileio import utc_now as _now
 
 FORMAT_VERSION = 1
 
@@ -371,9 +372,3 @@ def _fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -81,7 +81,7 @@ def select_evidence(
 ) -> EvidencePack:
     """Retrieve, cut and load the evidence for one query image (see the module docstring)."""
     enc = searcher.encoder
-    shared = bool(getattr(enc, "shared_space", False))
+    shared = bool(enc.shared_space)
     hits = searcher.similar(
         image, k=config.k_max, filters=filters, per_case=True,
         exclude_same_case=config.exclude_same_case, exclude_same_patient=config.exclude_same_patient,
