@@ -18,7 +18,6 @@ Excluded items are taken out of the ranking, not just pushed down.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -39,6 +38,7 @@ from medsearch.metrics import (  # noqa: F401  (re-exported: the metrics of this
     ranked_relevance,
     recall_at_k,
     reciprocal_rank,
+    rounded,
     summarize,
 )
 
@@ -47,14 +47,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from medsearch.encoders.base import Encoder
 
 Progress = Callable[[str, int, int], None]
-
-
-def _num(x: float | None, nd: int = 4) -> float | None:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return None
-    if isinstance(x, float) and math.isinf(x):
-        return x
-    return round(float(x), nd)
 
 
 # =========================================================================== the retrieval report
@@ -256,11 +248,11 @@ def _rank_summary(rel: np.ndarray, n_valid: np.ndarray, n_rel: np.ndarray, cfg: 
     out: dict[str, Any] = {"n_queries": int(len(rel)), "pool": int(np.median(n_valid)) if len(n_valid) else 0}
     for k in cfg.ks:
         out[f"R@{k}"] = summarize(recall_at_k(rel, k), n_boot=cfg.n_boot, seed=cfg.seed)
-        out[f"chance R@{k}"] = _num(float(chance_recall_at_k(n_rel, n_valid, k).mean()))
+        out[f"chance R@{k}"] = rounded(float(chance_recall_at_k(n_rel, n_valid, k).mean()))
     out["median rank"] = summarize(fr, n_boot=cfg.n_boot, seed=cfg.seed, stat="median")
     out["MRR"] = summarize(reciprocal_rank(fr), n_boot=cfg.n_boot, seed=cfg.seed)
-    out["curve"] = [_num(float(recall_at_k(rel, k).mean())) for k in range(1, cfg.curve_k + 1)]
-    out["chance curve"] = [_num(float(chance_recall_at_k(n_rel, n_valid, k).mean())) for k in range(1, cfg.curve_k + 1)]
+    out["curve"] = [rounded(float(recall_at_k(rel, k).mean())) for k in range(1, cfg.curve_k + 1)]
+    out["chance curve"] = [rounded(float(chance_recall_at_k(n_rel, n_valid, k).mean())) for k in range(1, cfg.curve_k + 1)]
     return out
 
 
@@ -383,7 +375,7 @@ def _image_image(es: EvalSet, images: np.ndarray, cfg: EvalConfig) -> dict[str, 
         out[name] = {
             "P@10": summarize(precision_at_k(rr, 10), n_boot=cfg.n_boot, seed=cfg.seed),
             "mAP": summarize(average_precision(rr), n_boot=cfg.n_boot, seed=cfg.seed),
-            "chance P@10": _num(float((n_rel / np.maximum(n_valid, 1)).mean())),
+            "chance P@10": rounded(float((n_rel / np.maximum(n_valid, 1)).mean())),
             "n_classes": int(len({x for x in lab if x is not None})),
         }
     return out
@@ -417,7 +409,7 @@ def _classify(es: EvalSet, emb: Embeddings, cfg: EvalConfig, prompts: bool) -> d
             res["zero-shot"] = summarize((zs == truth).astype(float), n_boot=cfg.n_boot, seed=cfg.seed)
         vals, counts = np.unique(np.array([x for x in lab if x is not None], dtype=str), return_counts=True)
         majority = vals[np.argmax(counts)]
-        res["chance (majority class)"] = _num(float((truth == majority).mean()))
+        res["chance (majority class)"] = rounded(float((truth == majority).mean()))
         res["majority class"] = str(majority)
         out[name] = res
     return out
