@@ -29,8 +29,7 @@ import numpy as np
 from .errors import InvalidInput
 
 
-def rounded(x: float | None, nd: int = 4) -> float | None:
-    """A metric for a report: rounded to ``nd`` places; None for a missing value or NaN; inf stays inf."""
+def _num(x: float | None, nd: int = 4) -> float | None:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return None
     if isinstance(x, float) and math.isinf(x):
@@ -148,7 +147,7 @@ def summarize(values: np.ndarray, *, n_boot: int = 1000, seed: int = 0, stat: st
         return {"value": None, "ci95": [None, None], "n": 0}
     value = float(fn(v))
     lo, hi = bootstrap_ci(v, n_boot=n_boot, seed=seed, stat=fn)
-    return {"value": rounded(value), "ci95": [rounded(lo), rounded(hi)], "n": int(len(v))}
+    return {"value": _num(value), "ci95": [_num(lo), _num(hi)], "n": int(len(v))}
 
 
 def knn_vote(sims: np.ndarray, neighbour_labels: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:

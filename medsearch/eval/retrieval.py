@@ -29,6 +29,7 @@ from medsearch.catalog.train_queries import has_source, pool_images, source_spli
 from medsearch.config import Paths, SearchConfig
 from medsearch.errors import InvalidInput, NotFound
 from medsearch.metrics import (  # noqa: F401  (re-exported: the metrics of this report)
+    _num,
     average_precision,
     bootstrap_ci,
     chance_recall_at_k,
@@ -38,7 +39,6 @@ from medsearch.metrics import (  # noqa: F401  (re-exported: the metrics of this
     ranked_relevance,
     recall_at_k,
     reciprocal_rank,
-    rounded,
     summarize,
 )
 
@@ -248,11 +248,11 @@ def _rank_summary(rel: np.ndarray, n_valid: np.ndarray, n_rel: np.ndarray, cfg: 
     out: dict[str, Any] = {"n_queries": int(len(rel)), "pool": int(np.median(n_valid)) if len(n_valid) else 0}
     for k in cfg.ks:
         out[f"R@{k}"] = summarize(recall_at_k(rel, k), n_boot=cfg.n_boot, seed=cfg.seed)
-        out[f"chance R@{k}"] = rounded(float(chance_recall_at_k(n_rel, n_valid, k).mean()))
+        out[f"chance R@{k}"] = _num(float(chance_recall_at_k(n_rel, n_valid, k).mean()))
     out["median rank"] = summarize(fr, n_boot=cfg.n_boot, seed=cfg.seed, stat="median")
     out["MRR"] = summarize(reciprocal_rank(fr), n_boot=cfg.n_boot, seed=cfg.seed)
-    out["curve"] = [rounded(float(recall_at_k(rel, k).mean())) for k in range(1, cfg.curve_k + 1)]
-    out["chance curve"] = [rounded(float(chance_recall_at_k(n_rel, n_valid, k).mean())) for k in range(1, cfg.curve_k + 1)]
+    out["curve"] = [_num(float(recall_at_k(rel, k).mean())) for k in range(1, cfg.curve_k + 1)]
+    out["chance curve"] = [_num(float(chance_recall_at_k(n_rel, n_valid, k).mean())) for k in range(1, cfg.curve_k + 1)]
     return out
 
 
@@ -375,7 +375,7 @@ def _image_image(es: EvalSet, images: np.ndarray, cfg: EvalConfig) -> dict[str, 
         out[name] = {
             "P@10": summarize(precision_at_k(rr, 10), n_boot=cfg.n_boot, seed=cfg.seed),
             "mAP": summarize(average_precision(rr), n_boot=cfg.n_boot, seed=cfg.seed),
-            "chance P@10": rounded(float((n_rel / np.maximum(n_valid, 1)).mean())),
+            "chance P@10": _num(float((n_rel / np.maximum(n_valid, 1)).mean())),
             "n_classes": int(len({x for x in lab if x is not None})),
         }
     return out
@@ -409,7 +409,7 @@ def _classify(es: EvalSet, emb: Embeddings, cfg: EvalConfig, prompts: bool) -> d
             res["zero-shot"] = summarize((zs == truth).astype(float), n_boot=cfg.n_boot, seed=cfg.seed)
         vals, counts = np.unique(np.array([x for x in lab if x is not None], dtype=str), return_counts=True)
         majority = vals[np.argmax(counts)]
-        res["chance (majority class)"] = rounded(float((truth == majority).mean()))
+        res["chance (majority class)"] = _num(float((truth == majority).mean()))
         res["majority class"] = str(majority)
         out[name] = res
     return out
