@@ -20,6 +20,7 @@ from typing import Any
 from medsearch.audit import AuditLog
 from medsearch.catalog import Catalog, now
 from medsearch.config import ImagingConfig, Paths
+from medsearch.encoders.registry import default_model
 from medsearch.errors import IndexInconsistent, IndexNotBuilt, MedsearchError
 from medsearch.search import Searcher
 
@@ -80,7 +81,7 @@ class AppState:
         return s
 
     def model_id(self) -> str | None:
-        return self.settings.model or self.catalog.get_meta("default_model")
+        return self.settings.model or default_model(self.paths, self.catalog)
 
     def _stamp(self, model_id: str | None) -> tuple[Any, ...]:
         """What changes when `medsearch index` writes a new generation: the manifests' mtimes."""

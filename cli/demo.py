@@ -81,8 +81,8 @@ def run_demo(home: Path, data: Path | None, *, device: str = "auto", echo: Calla
             f"{c['unchanged']} unchanged; {c['skipped']} skipped"
         )
     model = "towers"
-    if importlib.util.find_spec("medsearch.training") is not None:
-        from medsearch.training import ensure_trained_for_demo
+    if importlib.util.find_spec("medsearch.train") is not None:
+        from medsearch.train import ensure_trained_for_demo
 
         model = ensure_trained_for_demo(cat, Paths(home), device=device, echo=echo)
     enc = load_encoder(model, device=device, models_dir=home / "models")

@@ -150,19 +150,9 @@ def draft_options(fn):
     return wrapper
 
 
-def default_model(home: Path) -> str:
-    """The model for `index` when --model is not given: lite when trained, else the towers."""
-    from medsearch.catalog import Catalog
+def default_model(home: Path | None) -> str:
+    """The model when --model is not given: the core's one rule (``medsearch.encoders.registry.default_model``)."""
+    from medsearch.config import Paths
+    from medsearch.encoders.registry import default_model as rule
 
-    paths_home = home_dir(home)
-    if (paths_home / "catalog.db").exists():
-        cat = Catalog.open(paths_home / "catalog.db")
-        try:
-            recorded = cat.get_meta("default_model")
-        finally:
-            cat.close()
-        if recorded:
-            return recorded
-    if (paths_home / "models" / "lite" / "config.json").exists():
-        return "lite"
-    return "towers"
+    return rule(Paths(home_dir(home)))

@@ -513,7 +513,3 @@ def _bar(total: int, desc: str, unit: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1)
-
-
-def home_paths(home: str | Path) -> Paths:
-    return Paths(Path(home).expanduser().resolve())

@@ -29,6 +29,7 @@ import numpy as np
 
 from .catalog import CaseRow, Catalog, ImageRow, TextRow
 from .config import ImagingConfig, Paths, SearchConfig
+from .encoders.registry import default_model
 from .errors import IndexInconsistent, IndexNotBuilt, InvalidInput, MedsearchError, NotFound, NotSupportedByModel
 from .records import Hit
 from .stores import VectorStore, open_store
@@ -91,7 +92,7 @@ class Searcher:
         self.imaging = imaging
         self.device = device
         self._encoder = encoder
-        self.model_id = model or (encoder.model_id if encoder else None) or self.catalog.get_meta("default_model")
+        self.model_id = model or (encoder.model_id if encoder else None) or default_model(self.paths, self.catalog)
         if not self.model_id:
             raise IndexNotBuilt(f"no index has been built in {self.paths.home}", hint="run `medsearch index` first")
         self._indexes: dict[str, VectorStore] = {}

@@ -314,3 +314,114 @@ def test_encoder_modules_import_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ the default-model rule
+
+
+def test_default_model_rule(tmp_path: Path) -> None:
+    """recorded by `index` > a trained lite model > the towers; with or without an open catalog."""
+    from medsearch.catalog import Catalog
+    from medsearch.config import Paths
+    from medsearch.encoders.lite import make_heads, model_dir, save_model
+    from medsearch.encoders.registry import default_model
+
+    paths = Paths(tmp_path / "home")
+    assert default_model(paths) == "towers"  # nothing at all: no catalog file is created
+    assert not paths.catalog.exists()
+    cat = Catalog.open(paths.catalog)
+    assert default_model(paths, cat) == default_model(paths) == "towers"
+    cfg = {"dims": {"image_in": 1280, "text_in": 384, "hidden": 8, "out": 4}, "dropout": 0.0}
+    heads = make_heads(cfg)
+    save_model(model_dir(paths.models), {f"heads.{k}": v for k, v in heads.state_dict().items()}, cfg)
+    assert default_model(paths, cat) == default_model(paths) == "lite"
+    save_model(model_dir(paths.models, "other"), {f"heads.{k}": v for k, v in heads.state_dict().items()}, cfg)
+    assert default_model(paths) == "lite"  # a named model is only used when named
+    cat.set_meta("default_model", "open_clip:ViT-B-32:/x.pt")
+    assert default_model(paths, cat) == "open_clip:ViT-B-32:/x.pt"
+    cat.close()
+    assert default_model(paths) == "open_clip:ViT-B-32:/x.pt"  # read from the file (read-only) too
+
+
+# ------------------------------------------------------------------ the feature cache
+
+
+def test_feature_store_computes_each_key_once(tmp_path: Path) -> None:
+    from medsearch.encoders.features import FeatureStore
+
+    store = FeatureStore(tmp_path, "abc", "cpu-fp32")
+    calls: list[list[int]] = []
+
+    def compute(missing: list[int]) -> np.ndarray:
+        calls.append(missing)
+        return np.array([[float(k[1:]), 1.0] for k in (keys[i] for i in missing)], dtype=np.float32)
+
+    keys = [f"k{i}" for i in range(7)]
+    first = store.get("demo", keys, compute, chunk=3)
+    assert calls == [[0, 1, 2], [3, 4, 5], [6]]  # written chunk by chunk
+    np.testing.assert_array_equal(first[:, 0], np.arange(7))
+    calls.clear()
+    keys = ["k6", "k9", "k0"]
+    again = store.get("demo", keys, compute)
+    assert calls == [[1]]  # only the new key
+    np.testing.assert_array_equal(again[:, 0], [6, 9, 0])
+    files = sorted((store.dir / "demo").iterdir())
+    assert all(f.suffix == ".npz" and not f.name.startswith(".") for f in files) and len(files) == 4
+    with np.load(files[0]) as z:
+        lost = z["keys"].tolist()
+    files[0].write_bytes(b"not a zip")  # a broken file is skipped and its keys recomputed
+    calls.clear()
+    keys = [f"k{i}" for i in (*range(7), 9)]
+    np.testing.assert_array_equal(store.get("demo", keys, compute)[:, 0], [*range(7), 9])
+    assert calls == [sorted(keys.index(k) for k in lost)]
+    assert set(store.read_all("demo")) == {f"k{i}" for i in (*range(7), 9)}
+
+
+# ------------------------------------------------------------------ layering
+
+
+def _imports(path: Path, module: str, known: set[str]) -> set[str]:
+    """Modules ``module`` imports anywhere in its file (function-level too), relative imports resolved."""
+    import ast
+
+    out: set[str] = set()
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(parts + ([base] if base else []))
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        for n in names:
+            while n and n not in known:
+                n = n.rpartition(".")[0]
+            if n:
+                out.add(n)
+    return out
+
+
+def test_inference_never_reaches_training_or_evaluation() -> None:
+    """Following every import (function-level too) from search, rag, encoders and api never reaches
+    medsearch.train or medsearch.eval (open_clip's split: inference never imports training)."""
+    files = {}
+    for top in ("medsearch", "api"):
+        for p in (REPO / top).rglob("*.py"):
+            name = ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+            files[name] = p
+    known = set(files)
+    seeds = [m for m in known if m == "medsearch.search" or m.startswith(("medsearch.rag", "medsearch.encoders", "api"))]
+    seen, todo, via = set(seeds), list(seeds), {}
+    while todo:
+        m = todo.pop()
+        for t in _imports(files[m], m, known):
+            if t not in seen:
+                seen.add(t)
+                via[t] = m
+                todo.append(t)
+    bad = sorted(m for m in seen if m.startswith(("medsearch.train", "medsearch.eval")))
+    assert not bad, [f"{b} <- {via.get(b)}" for b in bad]
+    assert "medsearch.encoders.features" in seen and "medsearch.encoders.lite" in seen  # the walk does reach them

@@ -186,3 +186,42 @@ def test_knn_vote_matches_brute_force(n, seed):
                 votes[labels[j]] = votes.get(labels[j], 0.0) + max(sims[q, j], 0.0) + 1e-6
         want = max(votes, key=lambda lab: votes[lab]) if votes else None
         assert got[q] == want
+
+
+# ---------------------------------------------------------------------------- `medsearch eval retrieval`
+
+
+@pytest.mark.slow
+def test_evaluate_dataset_reads_a_folder_that_is_not_ingested_into_memory(tmp_path):
+    """The core resolves DATASET: not in the home -> the shell's ingest fills an in-memory catalog;
+    the default model of an empty home is the towers; the home is left without a catalog."""
+    from conftest import MEDPIX, balanced_medpix_cases, make_slice
+
+    from indexer.ingest import ingest_path
+    from medsearch.config import Paths
+    from medsearch.errors import NotFound
+    from medsearch.eval.report import markdown
+    from medsearch.eval.retrieval import EvalConfig, evaluate_dataset
+
+    data = make_slice(tmp_path / "medpix-2.0", MEDPIX, balanced_medpix_cases(1, split="dev"))
+    n_images = sum(1 for _ in open(data / "images.jsonl"))
+    paths = Paths(tmp_path / "home")
+    with pytest.raises(NotFound, match="no source 'nowhere'"):
+        evaluate_dataset(paths, "nowhere")
+    said: list[str] = []
+    ingested: list[str] = []
+
+    def ingest(cat, folder, source):
+        ingested.append(source)
+        ingest_path(cat, folder, source=source)
+
+    report = evaluate_dataset(paths, str(data), EvalConfig(n_boot=100), device="cpu", ingest=ingest, log=said.append)
+    assert ingested == ["medpix-2.0"] and any("into memory" in m for m in said)
+    assert report["model"] == "towers" and report["source"] == "medpix-2.0" and report["split"] == "dev"
+    assert report["pool"]["images"] == report["pool"]["query images"] == n_images
+    assert "cross-modal" not in report  # the towers have no shared space
+    assert 0 <= report["image->image"]["model"]["modality_type"]["P@10"]["value"] <= 1
+    assert not paths.catalog.exists()  # nothing was written into the home's catalog
+    assert "image->image P@10 modality_type" in markdown(report)
+    with pytest.raises(NotFound, match="split 'nope' has no images"):
+        evaluate_dataset(paths, str(data), EvalConfig(split="nope"), device="cpu", ingest=ingest)

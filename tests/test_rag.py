@@ -430,7 +430,7 @@ def test_shared_space_draft_uses_image_to_text(tmp_path_factory):
     from medsearch.catalog import Catalog
     from medsearch.config import EmbedConfig, Paths
     from medsearch.encoders.registry import load_encoder
-    from medsearch.training import TrainConfig, train
+    from medsearch.train import TrainConfig, train
 
     base = tmp_path_factory.mktemp("lite")
     data = make_slice(base / "medpix-2.0", MEDPIX, balanced_medpix_cases(1))

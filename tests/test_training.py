@@ -35,7 +35,7 @@ def home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(home):
-    from medsearch.training import TrainConfig, train
+    from medsearch.train import TrainConfig, train
 
     cat = Catalog.open(home / "catalog.db")
     logs: list[str] = []
@@ -65,11 +65,12 @@ def test_training_lowers_the_loss_and_saves_a_described_model(trained, home):
 def test_lite_loads_and_gives_identical_embeddings_after_reload(trained, home):
     import torch
 
+    from medsearch.catalog.train_queries import pool_images
     from medsearch.encoders.registry import clear_encoder_cache, load_encoder
     from medsearch.imaging import load_image
 
     cat = Catalog.open(home / "catalog.db")
-    rows = cat.db.execute("SELECT path, caption FROM images ORDER BY id LIMIT 4").fetchall()
+    rows = [(im.path, im.caption) for im in pool_images(cat)[:4]]
     cat.close()
     enc = load_encoder("lite", device="cpu", models_dir=home / "models")
     assert enc.model_id == "lite" and enc.shared_space and enc.image_dim == enc.text_dim == 256
@@ -91,7 +92,7 @@ def test_lite_loads_and_gives_identical_embeddings_after_reload(trained, home):
 
 
 def test_training_is_deterministic_for_a_seed(trained, home):
-    from medsearch.training import TrainConfig, train
+    from medsearch.train import TrainConfig, train
 
     cat = Catalog.open(home / "catalog.db")
     train(cat, Paths(home), TrainConfig(**FAST, name="again"), device="cpu")
@@ -110,7 +111,7 @@ def test_training_is_deterministic_for_a_seed(trained, home):
 
 
 def test_bad_inputs_leave_the_previous_model_intact(trained, home, tmp_path):
-    from medsearch.training import TrainConfig, train
+    from medsearch.train import TrainConfig, train
 
     before = _files(home / "models" / "lite")
     cat = Catalog.open(home / "catalog.db")
@@ -130,7 +131,7 @@ def test_no_pairs_is_a_clear_error(tmp_path):
     from PIL import Image
 
     from indexer.ingest import ingest_path
-    from medsearch.training import TrainConfig, train
+    from medsearch.train import TrainConfig, train
 
     folder = tmp_path / "plain"
     folder.mkdir()
@@ -158,7 +159,7 @@ def test_unfreeze_trains_the_last_block_and_reloads(trained, home):
 
     from medsearch.encoders.registry import clear_encoder_cache, load_encoder
     from medsearch.imaging import load_image
-    from medsearch.training import TrainConfig, train
+    from medsearch.train import TrainConfig, train
 
     cat = Catalog.open(home / "catalog.db")
     res = train(cat, Paths(home), TrainConfig(**{**FAST, "crops": 0, "steps": 20}, unfreeze=1, name="unfrozen"),
@@ -197,7 +198,7 @@ def test_open_clip_local_checkpoint_fine_tunes_and_resumes(home, tmp_path):
     import torch
 
     from medsearch.encoders.registry import load_encoder
-    from medsearch.training import TrainConfig, train
+    from medsearch.train import TrainConfig, train
 
     cfg_dir = tmp_path / "configs"
     cfg_dir.mkdir()
@@ -234,7 +235,7 @@ def test_open_clip_local_checkpoint_fine_tunes_and_resumes(home, tmp_path):
 
 
 def test_demo_reuses_a_trained_model(trained, home):
-    from medsearch.training import ensure_trained_for_demo
+    from medsearch.train import ensure_trained_for_demo
 
     said: list[str] = []
     cat = Catalog.open(home / "catalog.db")
@@ -281,7 +282,7 @@ def test_cli_train_then_eval_retrieval(trained, home, tmp_path):
 
 def test_label_positives_follow_catalog_metadata(home):
     """Image-image positives by metadata: equal and known on every listed field, nothing else."""
-    from medsearch.training import collect_pairs, label_mask
+    from medsearch.train import collect_pairs, label_mask
 
     cat = Catalog.open(home / "catalog.db", readonly=True)
     pairs = collect_pairs(cat, "train")

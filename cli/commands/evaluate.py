@@ -48,7 +48,7 @@ def train(
 
     from medsearch.catalog import Catalog
     from medsearch.config import Paths
-    from medsearch.training import TrainConfig, train
+    from medsearch.train import TrainConfig, train
 
     h = _home(home)
     cfg = TrainConfig(base=base, seed=seed, split=split, dev_split=dev_split, unfreeze=unfreeze, epochs=epochs,
@@ -108,64 +108,21 @@ def eval_retrieval(
     json_out: JsonOut = False,
 ) -> None:
     """Recall@K, P@K, mAP, MRR, median rank and label accuracy with 95% CIs, against chance and the frozen towers."""
-    from medsearch.catalog import Catalog
-    from medsearch.encoders.registry import load_encoder
-    from medsearch.eval.retrieval import (
-        EvalConfig,
-        embed_eval_set,
-        evaluate_retrieval,
-        load_eval_set,
-        markdown,
-        plot_recall_curves,
-    )
+    from medsearch.config import Paths
+    from medsearch.eval.report import markdown
+    from medsearch.eval.retrieval import EvalConfig, evaluate_dataset
 
-    h = _home(home)
-    path = Path(dataset).expanduser()
-    source = path.name if path.exists() else dataset
-    cat = None
-    if (h / "catalog.db").exists():
-        cat = Catalog.open(h / "catalog.db", readonly=True)
-        if not cat.db.execute("SELECT 1 FROM images WHERE source = ? LIMIT 1", [source]).fetchone():
-            cat.close()
-            cat = None
-    if cat is None:
-        if not path.is_dir():
-            from medsearch.errors import NotFound
-
-            raise NotFound(f"no source {dataset!r} in {h / 'catalog.db'} and no dataset folder at {path}",
-                           hint="pass a dataset folder, or `medsearch ingest DATASET` first")  # fmt: skip
+    def ingest(cat: Any, folder: Path, source: str) -> None:  # a dataset folder not in the home: read into memory
         from indexer.ingest import ingest_path
 
-        if not json_out:
-            typer.echo(f"{source} is not in {h}; reading {path} into memory", err=True)
-        cat = Catalog.open(None)
-        ingest_path(cat, path, source=source)
-    spec = model or ("lite" if (h / "models" / "lite" / "model.safetensors").exists() else "towers")
-    enc = load_encoder(spec, device=device, models_dir=h / "models")
-    towers = load_encoder("towers", device=device)
-    cfg = EvalConfig(split=split, pool=pool, source=source, knn_k=knn_k, n_boot=n_boot, seed=seed)
-    es = load_eval_set(cat, cfg)
-    bars: dict[str, Any] = {}
+        ingest_path(cat, folder, source=source)
 
-    def progress(stage: str, done: int, total: int) -> None:
-        if json_out:
-            return
-        from tqdm import tqdm
-
-        bar = bars.setdefault(stage, tqdm(total=total, desc=stage, dynamic_ncols=True, file=sys.stderr, leave=False))
-        bar.total = total
-        bar.update(done - bar.n)
-
-    try:
-        emb = embed_eval_set(es, enc, cache_dir=h / "models" / "cache", progress=progress)
-        base = emb if enc is towers else embed_eval_set(es, towers, cache_dir=h / "models" / "cache", progress=progress)
-    finally:
-        for bar in bars.values():
-            bar.close()
-        cat.close()
-    report = evaluate_retrieval(es, emb, base, cfg)
-    if plot is not None:
-        report["plot"] = str(plot_recall_curves(report, plot))
+    cfg = EvalConfig(split=split, pool=pool, knn_k=knn_k, n_boot=n_boot, seed=seed)
+    with Progress(not json_out, leave=False) as progress:
+        report = evaluate_dataset(
+            Paths(_home(home)), dataset, cfg, model=model, device=device, ingest=ingest, plot=plot, progress=progress,
+            log=None if json_out else (lambda m: typer.echo(m, err=True)),
+        )  # fmt: skip
     if json_out:
         _print_json(report)
         return

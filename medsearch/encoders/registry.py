@@ -10,7 +10,10 @@ Specs:
 
 Loaded encoders are cached per (spec, device, models_dir) in-process, so a server loads a
 model once. The key also carries the size/mtime of the weight files a spec points at, so
-re-training ``lite`` or overwriting a checkpoint loads the new weights.
+re-training ``lite`` or overwriting a checkpoint loads the new weights. A lite model gets the
+process's one ``towers`` encoder from here (built first, outside the lock of the lite load).
+
+``default_model(paths)`` is the one rule for which model a command uses when none is named.
 """
 
 from __future__ import annotations
@@ -18,10 +21,15 @@ from __future__ import annotations
 import importlib.util
 import threading
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from medsearch.encoders.base import Encoder, pick_device
 from medsearch.errors import ModelNotAvailable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medsearch.catalog import Catalog
+    from medsearch.config import Paths
+    from medsearch.encoders.towers import TowersEncoder
 
 VALID_SPECS = (
     "towers",
@@ -32,7 +40,7 @@ VALID_SPECS = (
 )
 
 _cache: dict[tuple[object, ...], Encoder] = {}
-_lock = threading.RLock()  # re-entrant: lite.load() asks the registry for the shared towers
+_lock = threading.Lock()  # one build at a time: two requests for one model load it once
 
 
 def _stamp(path: Path) -> tuple[object, ...]:
@@ -46,7 +54,7 @@ def _stamp(path: Path) -> tuple[object, ...]:
 
 
 def _freshness(spec: str, models_dir: Path | None) -> tuple[object, ...]:
-    if spec == "lite" or spec.startswith("lite:"):
+    if _is_lite(spec):
         return _stamp(models_dir / "lite") if models_dir is not None else ()
     if spec.startswith("open_clip:"):
         from medsearch.encoders.openclip import parse_spec
@@ -60,13 +68,12 @@ def _freshness(spec: str, models_dir: Path | None) -> tuple[object, ...]:
     return ()
 
 
-def _load_lite(spec: str, device: str, models_dir: Path | None) -> Encoder:
-    # ---- HOOK: the trained "lite" model -------------------------------------------------
-    # medsearch/encoders/lite.py (written separately) must provide
-    #     load(models_dir: Path, device: str, name: str | None = None) -> Encoder
-    # reading models_dir/"lite" (safetensors heads + JSON config over TowersEncoder features)
-    # and raising ModelNotAvailable when nothing is trained there. "lite:NAME" passes NAME.
-    # -------------------------------------------------------------------------------------
+def _is_lite(spec: str) -> bool:
+    return spec == "lite" or spec.startswith("lite:")
+
+
+def _load_lite(spec: str, device: str, models_dir: Path | None, towers: TowersEncoder | None) -> Encoder:
+    """The trained lite heads under ``models_dir/lite`` (``lite:NAME``: ``lite/NAME``) over ``towers``."""
     hint = "run `medsearch train` to train the built-in model, or use --model towers"
     if models_dir is None:
         raise ModelNotAvailable("the lite model needs a models folder and none was given", hint=hint)
@@ -74,21 +81,22 @@ def _load_lite(spec: str, device: str, models_dir: Path | None) -> Encoder:
         raise ModelNotAvailable("the lite model is not available in this installation", hint=hint)
     from medsearch.encoders import lite
 
+    assert towers is not None  # load_encoder builds them first
     name = spec.split(":", 1)[1] if ":" in spec else None
     try:
         # cast: LiteEncoder exposes weights_hash as a read-only property (the Protocol declares a variable)
-        return cast(Encoder, lite.load(models_dir, device=device, name=name))
+        return cast(Encoder, lite.load(models_dir, towers, device=device, name=name))
     except FileNotFoundError as e:
         raise ModelNotAvailable(f"no trained lite model under {models_dir / 'lite'}", hint=hint) from e
 
 
-def _build(spec: str, device: str, models_dir: Path | None) -> Encoder:
+def _build(spec: str, device: str, models_dir: Path | None, towers: TowersEncoder | None) -> Encoder:
     if spec == "towers":
         from medsearch.encoders.towers import TowersEncoder
 
         return TowersEncoder(device=device)
-    if spec == "lite" or spec.startswith("lite:"):
-        return _load_lite(spec, device, models_dir)
+    if _is_lite(spec):
+        return _load_lite(spec, device, models_dir, towers)
     if spec.startswith(("open_clip:", "hf-hub:")):
         from medsearch.encoders.openclip import OpenClipEncoder
 
@@ -107,13 +115,15 @@ def load_encoder(spec: str, device: str = "auto", models_dir: Path | None = None
     """
     spec = (spec or "").strip()
     resolved = pick_device(device)
-    uses_dir = spec == "lite" or spec.startswith("lite:")
+    uses_dir = _is_lite(spec)
     mdir = Path(models_dir).expanduser().resolve() if models_dir is not None and uses_dir else None
+    # the lite heads sit on the process's shared towers: get those first (their own cache entry)
+    towers = cast("TowersEncoder", load_encoder("towers", resolved)) if uses_dir and mdir is not None else None
     key = (spec, resolved, str(mdir), _freshness(spec, mdir))
     with _lock:  # one load at a time: two requests for one model load it once
         enc = _cache.get(key)
         if enc is None:
-            enc = _build(spec, resolved, mdir)
+            enc = _build(spec, resolved, mdir, towers)
             for old in [k for k in _cache if k[:3] == key[:3]]:  # stale weights of the same spec
                 del _cache[old]
             _cache[key] = enc
@@ -124,3 +134,33 @@ def clear_encoder_cache() -> None:
     """Forget every loaded encoder (tests; freeing memory)."""
     with _lock:
         _cache.clear()
+
+
+def default_model(paths: Paths, catalog: Catalog | None = None) -> str:
+    """The model every command and both shells use when none is named (``--model`` / settings):
+
+    1. the model the last ``medsearch index`` recorded in the catalog (meta ``default_model``):
+       what the home's indexes hold;
+    2. else ``lite`` when a lite model is trained in the home (``models/lite/model.safetensors``);
+    3. else ``towers`` (the frozen towers: nothing to train, always available).
+
+    ``catalog``: an open catalog of ``paths`` (else the catalog file is opened read-only, when it exists).
+    """
+    from medsearch.encoders.lite import WEIGHTS_FILE, model_dir
+
+    recorded = None
+    if catalog is not None:
+        recorded = catalog.get_meta("default_model")
+    elif paths.catalog.exists():
+        from medsearch.catalog import Catalog
+
+        cat = Catalog.open(paths.catalog, create=False, readonly=True)
+        try:
+            recorded = cat.get_meta("default_model")
+        finally:
+            cat.close()
+    if recorded:
+        return recorded
+    if (model_dir(paths.models) / WEIGHTS_FILE).is_file():
+        return "lite"
+    return "towers"

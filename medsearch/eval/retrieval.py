@@ -1,6 +1,12 @@
-"""Retrieval evaluation: metrics (pure numpy), bootstrap intervals and the ``eval retrieval`` report.
+"""Retrieval evaluation: the pool of a split, its embeddings, and the ``eval retrieval`` report.
 
-Metric conventions (every function takes per-query arrays; nothing is averaged inside):
+    evaluate_dataset(paths, dataset)       what `medsearch eval retrieval DATASET` runs: finds the source
+      -> load_eval_set(catalog, config)    pool images + their captions, findings and report sections
+      -> embed_eval_set(es, encoder)       vectors (the towers' cached features when the towers are frozen)
+      -> evaluate_retrieval(es, emb, ...)  cross-modal, findings->case, image->image, label accuracy + 95% CIs
+    eval.report: headline / markdown / plot_recall_curves render a report.
+
+The metrics are ``medsearch.metrics`` (pure numpy; re-exported here). Conventions:
 
     scores   (nq, n) float   similarity of each query to each pool item, higher = better
     relevant (nq, n) bool    which pool items count as correct for the query
@@ -8,33 +14,24 @@ Metric conventions (every function takes per-query arrays; nothing is averaged i
 
 Ranking is by descending score with ties broken by pool index (stable and deterministic).
 Excluded items are taken out of the ranking, not just pushed down.
-
-- ``recall_at_k``: 1 if at least one relevant item is in the top k, else 0 (the usual
-  cross-modal "R@K"; with one relevant item it equals recall).
-- ``precision_at_k``: relevant items in the top k divided by k.
-- ``average_precision``: mean of precision@rank over the ranks of the relevant items (NaN for a
-  query with no relevant item; such queries are left out of mAP).
-- ``reciprocal_rank``: 1 / rank of the first relevant item (0 when none).
-- ``first_relevant_rank``: rank (1-based) of the first relevant item (inf when none).
-
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medsearch.config import SearchConfig
+from medsearch.catalog.train_queries import has_source, pool_images, source_splits
+from medsearch.config import Paths, SearchConfig
 from medsearch.errors import InvalidInput, NotFound
-from medsearch.metrics import (
+from medsearch.metrics import (  # noqa: F401  (re-exported: the metrics of this report)
     _num,
     average_precision,
+    bootstrap_ci,
     chance_recall_at_k,
     first_relevant_rank,
     knn_vote,
@@ -48,6 +45,8 @@ from medsearch.metrics import (
 if TYPE_CHECKING:  # pragma: no cover
     from medsearch.catalog import Catalog
     from medsearch.encoders.base import Encoder
+
+Progress = Callable[[str, int, int], None]
 
 
 # =========================================================================== the retrieval report
@@ -72,12 +71,6 @@ PROMPT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "body_region": ("image of the {w}", "{w} imaging", "scan of the {w}"),
 }
 LABELS = ("modality_type", "body_region", "category")
-TARGETS = {  # medpix-2.0 dev, pool = dev images (issue 3)
-    "caption->image R@10": 0.45,
-    "caption->case R@10": 0.65,
-    "image->image P@10 modality_type": 0.90,
-    "modality_type accuracy (kNN vote)": 0.92,
-}
 
 
 @dataclass(frozen=True)
@@ -121,36 +114,26 @@ def load_eval_set(catalog: Catalog, config: EvalConfig = EvalConfig()) -> EvalSe
     """Read the pool of an evaluation from the catalog (ok images only)."""
     if config.pool not in ("split", "all"):
         raise InvalidInput(f"unknown pool {config.pool!r}", hint="use --pool split or --pool all")
-    where, params = "i.status = 'ok'", []
-    if config.source:
-        where += " AND i.source = ?"
-        params.append(config.source)
-    splits = {r[0] for r in catalog.db.execute(f"SELECT DISTINCT i.split FROM images i WHERE {where}", params)}
+    splits = source_splits(catalog, config.source)
     if config.split not in splits:
         have = ", ".join(sorted(str(s) for s in splits)) or "none"
         raise NotFound(
             f"split {config.split!r} has no images" + (f" in source {config.source!r}" if config.source else ""),
             hint=f"splits present: {have}",
         )
-    if config.pool == "split":
-        where += " AND i.split = ?"
-        params.append(config.split)
-    rows = catalog.db.execute(
-        "SELECT i.id, i.sha256, i.frame, i.path, i.case_id, i.split, i.modality_type, i.body_region, c.category, "
-        f"i.caption, c.sections FROM images i JOIN cases c ON c.id = i.case_id WHERE {where} ORDER BY i.id",
-        params,
-    ).fetchall()
-    caption = np.array([(" ".join(r[9].split()) if r[9] and r[9].strip() else None) for r in rows], dtype=object)
-    case = np.array([r[4] for r in rows], dtype=np.int64)
-    is_query = np.array([r[5] == config.split for r in rows], dtype=bool)
+    rows = pool_images(catalog, source=config.source, split=config.split if config.pool == "split" else None)
+    caption = np.array([(" ".join(r.caption.split()) if r.caption and r.caption.strip() else None) for r in rows],
+                       dtype=object)  # fmt: skip
+    case = np.array([r.case_id for r in rows], dtype=np.int64)
+    is_query = np.array([r.split == config.split for r in rows], dtype=bool)
     findings: dict[int, str] = {}
     sections_of: dict[int, dict[str, str]] = {}
     for r in rows:
-        if r[4] not in sections_of:
-            sections_of[r[4]] = json.loads(r[10] or "{}")
-            f = " ".join((sections_of[r[4]].get("findings") or "").split())
-            if f and r[5] == config.split:
-                findings[r[4]] = f
+        if r.case_id not in sections_of:
+            sections_of[r.case_id] = r.sections
+            f = " ".join((r.sections.get("findings") or "").split())
+            if f and r.split == config.split:
+                findings[r.case_id] = f
     docs: list[str] = []
     doc_case: list[int] = []
     doc_image: list[int] = []
@@ -168,13 +151,13 @@ def load_eval_set(catalog: Catalog, config: EvalConfig = EvalConfig()) -> EvalSe
                 doc_image.append(-1)
     return EvalSet(
         split=config.split, pool=config.pool,
-        image_ids=np.array([r[0] for r in rows], dtype=np.int64),
-        keys=[f"{r[1]}:{r[2] if r[2] is not None else ''}" for r in rows],
-        paths=[r[3] for r in rows], frames=[r[2] for r in rows], case=case, is_query=is_query,
+        image_ids=np.array([r.id for r in rows], dtype=np.int64),
+        keys=[f"{r.sha256}:{r.frame if r.frame is not None else ''}" for r in rows],
+        paths=[r.path for r in rows], frames=[r.frame for r in rows], case=case, is_query=is_query,
         labels={
-            "modality_type": np.array([r[6] for r in rows], dtype=object),
-            "body_region": np.array([r[7] for r in rows], dtype=object),
-            "category": np.array([r[8] for r in rows], dtype=object),
+            "modality_type": np.array([r.modality_type for r in rows], dtype=object),
+            "body_region": np.array([r.body_region for r in rows], dtype=object),
+            "category": np.array([r.category for r in rows], dtype=object),
         },
         caption=caption, findings=findings, docs=docs,
         doc_case=np.array(doc_case, dtype=np.int64), doc_image=np.array(doc_image, dtype=np.int64),
@@ -196,8 +179,7 @@ class Embeddings:
 
 
 def embed_eval_set(
-    es: EvalSet, encoder: Encoder, *, cache_dir: Path | None = None, progress: Callable[[str, int, int], None] | None = None,
-    batch: int = 16,
+    es: EvalSet, encoder: Encoder, *, cache_dir: Path | None = None, progress: Progress | None = None, batch: int = 16,
 ) -> Embeddings:  # fmt: skip
     """Embed the pool images and texts with ``encoder``.
 
@@ -211,7 +193,7 @@ def embed_eval_set(
     if towers is None and getattr(encoder, "model_id", "") == "towers":
         towers = encoder
     if towers is not None and cache_dir is not None:
-        from medsearch.training import FeatureStore, ViewSpec, image_view_features, text_features
+        from medsearch.encoders.features import FeatureStore, ViewSpec, image_view_features, text_features
 
         store = FeatureStore.for_towers(cache_dir, towers)
         feats = image_view_features(
@@ -233,7 +215,7 @@ def embed_eval_set(
     dim = img.shape[1] if tv is None else tv.shape[1]
     docs = np.stack([vec[t] for t in es.docs]) if es.docs else np.zeros((0, dim), np.float32)
     return Embeddings(
-        model_id=encoder.model_id, shared=bool(getattr(encoder, "shared_space", False)), images=img, docs=docs,
+        model_id=encoder.model_id, shared=bool(encoder.shared_space), images=img, docs=docs,
         findings={c: vec[t] for c, t in es.findings.items()}, captions={c: vec[c] for c in es.caption if c},
         encode_texts=encoder.encode_texts,
     )  # fmt: skip
@@ -467,126 +449,78 @@ def evaluate_retrieval(
     return report
 
 
-def headline(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rows of the summary table: metric, model value + CI, towers baseline, chance, target."""
-    rows: list[dict[str, Any]] = []
+# =========================================================================== `medsearch eval retrieval`
 
-    def val(d: dict[str, Any] | None) -> tuple[Any, Any]:
-        return (d or {}).get("value"), tuple((d or {}).get("ci95") or (None, None))
-
-    cm = report.get("cross-modal", {})
-    for name in ("caption->image", "caption->case", "image->caption"):
-        if name in cm:
-            for k in report["config"]["ks"]:
-                v, ci = val(cm[name][f"R@{k}"])
-                rows.append({"metric": f"{name} R@{k}", "value": v, "ci95": ci, "towers": None,
-                             "chance": cm[name][f"chance R@{k}"], "target": TARGETS.get(f"{name} R@{k}")})  # fmt: skip
-            v, ci = val(cm[name]["median rank"])
-            rows.append({"metric": f"{name} median rank", "value": v, "ci95": ci, "towers": None, "chance": None,
-                         "target": None})  # fmt: skip
-    fm = report.get("findings->same case R@10", {})
-    tw = (fm.get("towers text") or {}).get("R@10", {}).get("value")
-    for mode in ("image", "text", "bm25", "hybrid"):
-        if mode in fm:
-            v, ci = val(fm[mode]["R@10"])
-            rows.append({"metric": f"findings->same case R@10 ({mode})", "value": v, "ci95": ci,
-                         "towers": tw if mode == "text" else None, "chance": fm[mode]["chance R@10"], "target": None})  # fmt: skip
-    ii = report["image->image"]
-    for name, d in ii["model"].items():
-        for m in ("P@10", "mAP"):
-            v, ci = val(d[m])
-            t = (ii.get("towers", {}).get(name) or {}).get(m, {}).get("value")
-            rows.append({"metric": f"image->image {m} {name}", "value": v, "ci95": ci, "towers": t,
-                         "chance": d["chance P@10"] if m == "P@10" else None,
-                         "target": TARGETS.get(f"image->image {m} {name}")})  # fmt: skip
-    cl = report["classification"]
-    for name, d in cl["model"].items():
-        for how in ("kNN vote", "zero-shot"):
-            if how in d:
-                v, ci = val(d[how])
-                t = (cl.get("towers", {}).get(name) or {}).get(how, {}).get("value") if how == "kNN vote" else None
-                rows.append({"metric": f"{name} accuracy ({how})", "value": v, "ci95": ci, "towers": t,
-                             "chance": d["chance (majority class)"], "target": TARGETS.get(f"{name} accuracy ({how})")})  # fmt: skip
-    return rows
+Ingest = Callable[["Catalog", Path, str], object]  # (in-memory catalog, dataset folder, source name)
 
 
-def markdown(report: dict[str, Any]) -> str:
-    """A markdown table of ``headline(report)`` with the pool and the duplicate-caption note."""
+def open_eval_catalog(
+    paths: Paths, dataset: str, *, ingest: Ingest | None = None, log: Callable[[str], None] | None = None
+) -> tuple[Catalog, str]:
+    """(catalog, source) that ``dataset`` names: a catalog source, or a dataset folder whose name is the source.
 
-    def f(x: Any) -> str:
-        if x is None:
-            return "-"
-        if isinstance(x, float) and math.isinf(x):
-            return "inf"
-        return f"{x:.3f}" if isinstance(x, float) and abs(x) < 10 else f"{x:g}"
+    The home's catalog when it holds images of that source (opened read-only); else, for a folder,
+    an in-memory catalog that ``ingest(catalog, folder, source)`` fills (the shell passes the
+    indexer's ingest: the core does not import the pipeline). The caller closes the catalog.
+    """
+    from medsearch.catalog import Catalog
 
-    p = report["pool"]
-    lines = [
-        f"### Retrieval: model `{report['model']}`, split `{report['split']}`"
-        + (f", source `{report['source']}`" if report.get("source") else ""),
-        "",
-        f"Pool: {p['kind']} = {p['images']} images of {p['cases']} cases; {p['query images']} query images, "
-        f"{p['query cases with findings']} query cases with findings.",
-        "",
-        "| metric | model [95% CI] | frozen towers | chance | target |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for r in headline(report):
-        lo, hi = r["ci95"]
-        ci = f" [{f(lo)}, {f(hi)}]" if lo is not None else ""
-        target = f">= {r['target']:.2f}" if r["target"] is not None else ""
-        if target and r["value"] is not None:
-            target += " ✓" if r["value"] >= r["target"] else " ✗"
-        lines.append(f"| {r['metric']} | {f(r['value'])}{ci} | {f(r['towers'])} | {f(r['chance'])} | {target} |")
-    notes = [report["conventions"]]
-    if report.get("cross-modal", {}).get("duplicates"):
-        notes.append("Duplicate captions: " + report["cross-modal"]["duplicates"] + ".")
-    if report.get("findings->same case R@10", {}).get("note"):
-        notes.append("Findings: " + report["findings->same case R@10"]["note"] + ".")
-    notes.append(
-        "Chance for accuracy = always predicting the pool's majority class; 'frozen towers' = EfficientNet-"
-        "Lite0 image features (image->image, kNN) and MiniLM text features (text mode), no training."
-    )
-    return "\n".join(lines + [""] + [f"- {n}" for n in notes])
-
-
-def plot_recall_curves(report: dict[str, Any], path: Path) -> Path:
-    """PNG of Recall@K curves (K = 1..curve_k) for every ranked task of ``report``, chance dashed."""
+    path = Path(dataset).expanduser()
+    source = path.name if path.exists() else dataset
+    if paths.catalog.exists():
+        cat = Catalog.open(paths.catalog, readonly=True)
+        if has_source(cat, source):
+            return cat, source
+        cat.close()
+    if not path.is_dir() or ingest is None:
+        raise NotFound(
+            f"no source {dataset!r} in {paths.catalog} and no dataset folder at {path}",
+            hint="pass a dataset folder, or `medsearch ingest DATASET` first",
+        )
+    if log:
+        log(f"{source} is not in {paths.home}; reading {path} into memory")
+    cat = Catalog.open(None)
     try:
-        import matplotlib
-    except ImportError as e:
-        raise InvalidInput("--plot needs matplotlib, which is not installed", hint="pip install 'medsearch[eval]'") from e
+        ingest(cat, path, source)
+    except BaseException:
+        cat.close()
+        raise
+    return cat, source
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    panels: list[tuple[str, dict[str, dict[str, Any]]]] = []
-    cm = report.get("cross-modal", {})
-    if cm:
-        panels.append(("cross-modal", {k: v for k, v in cm.items() if isinstance(v, dict)}))
-    fm = report.get("findings->same case R@10", {})
-    if fm:
-        panels.append(("findings -> same case", {k: v for k, v in fm.items() if isinstance(v, dict)}))
-    if not panels:
-        raise InvalidInput("the report has no ranked task to plot", hint="evaluate a model with texts and images")
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.4), squeeze=False)
-    for ax, (title, curves) in zip(axes[0], panels, strict=True):
-        for i, (name, d) in enumerate(curves.items()):
-            ks = np.arange(1, len(d["curve"]) + 1)
-            line = ax.plot(ks, d["curve"], label=name, color=f"C{i}")[0]
-            ax.plot(ks, d["chance curve"], linestyle=":", color=line.get_color(), alpha=0.6)
-        ax.set_xscale("log")
-        ax.set_xlabel("K")
-        ax.set_ylabel("Recall@K")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.set_title(title)
-        ax.legend(fontsize=8, loc="lower right")
-    p = report["pool"]
-    fig.suptitle(f"{report['model']} on {report['split']} (pool: {p['kind']}, {p['images']} images); dotted = chance")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def evaluate_dataset(
+    paths: Paths,
+    dataset: str,
+    config: EvalConfig = EvalConfig(),
+    *,
+    model: str | None = None,
+    device: str = "auto",
+    ingest: Ingest | None = None,
+    plot: Path | None = None,
+    progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """`medsearch eval retrieval DATASET`: the report of ``model`` (default: ``default_model(paths)``) on a split.
+
+    ``dataset`` is resolved by ``open_eval_catalog`` (``config.source`` is set from it); the frozen
+    towers are the baseline; vectors reuse the home's feature cache (``HOME/models/cache``).
+    With ``plot``, a PNG of the Recall@K curves is written there and its path is ``report["plot"]``.
+    """
+    from medsearch.encoders.registry import default_model, load_encoder
+    from medsearch.eval.report import plot_recall_curves
+
+    cat, source = open_eval_catalog(paths, dataset, ingest=ingest, log=log)
+    cfg = replace(config, source=source)
+    cache = paths.models / "cache"
+    try:
+        es = load_eval_set(cat, cfg)
+    finally:
+        cat.close()
+    enc = load_encoder(model or default_model(paths), device=device, models_dir=paths.models)
+    towers = load_encoder("towers", device=device)
+    emb = embed_eval_set(es, enc, cache_dir=cache, progress=progress)
+    base = emb if enc is towers else embed_eval_set(es, towers, cache_dir=cache, progress=progress)
+    report = evaluate_retrieval(es, emb, base, cfg)
+    if plot is not None:
+        report["plot"] = str(plot_recall_curves(report, plot))
+    return report

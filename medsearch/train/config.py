@@ -1,0 +1,66 @@
+"""What a training run is told (``TrainConfig``) and what it reports back (``TrainResult``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Log = Callable[[str], None]
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings. The defaults are the measured lite recipe (see the README)."""
+
+    base: str = "lite"  # lite | open_clip:ARCH:CKPT | open_clip:ARCH:TAG | hf-hub:ORG/NAME
+    name: str | None = None  # lite:NAME / output folder name; None = the default model
+    split: str = "train"
+    dev_split: str | None = "auto"  # "auto": "dev" when the catalog has it, else no early stopping
+    sources: tuple[str, ...] = ()  # only these catalog sources (empty = all)
+    steps: int = 1300  # optimiser steps (upper bound with early stopping)
+    epochs: int | None = None  # when set, steps = epochs * batches per epoch
+    batch_size: int = 256
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    hidden: int = 512
+    dim: int = 256
+    dropout: float = 0.7
+    in_dropout: float = 0.0
+    init_temperature: float = 0.07
+    image_image: float = 1.0  # weight of an image-image term (two views; same case = positive)
+    # image-image positives also by catalog metadata: images of the train split whose listed fields
+    # are all known and equal count as positives of each other (images without them: same case only)
+    label_positives: tuple[str, ...] = ("modality_type", "body_region")
+    text_text: float = 0.5  # weight of a text-text term (same case or identical text = positive)
+    case_positives: str = "findings"  # findings: case-level texts of the same case are positives; all: any text
+    crops: int = 4  # random crops per training image, besides the centre view
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    flip: bool = True
+    seed: int = 0
+    eval_every: int = 50
+    patience: int = 8  # evaluations without a better dev score before stopping
+    warmup: int = 50
+    unfreeze: int = 0  # lite: last EfficientNet blocks; open_clip: last blocks per tower (0 = all)
+    grad_accum: int = 1  # open_clip: micro-batches per optimiser step
+    amp: bool = True  # bf16 autocast on CUDA
+    checkpoint_every: int = 200  # open_clip: steps between checkpoints
+    resume: bool = True  # open_clip: continue from the newest checkpoint of the same run
+    image_batch: int = 16  # images per tower call while caching (the towers micro-batch on CPU themselves)
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` did; ``model_id`` is what ``--model`` takes."""
+
+    model_id: str
+    path: Path
+    config: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model_id, "path": str(self.path), "seconds": round(self.seconds, 1),
+                "config": self.config, "history": self.history}  # fmt: skip
