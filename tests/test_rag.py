@@ -461,3 +461,12 @@ def test_shared_space_draft_uses_image_to_text(tmp_path_factory):
     assert enc.images_encoded == 0
     pack = drafter.evidence(base / "new-bytes.png")
     assert enc.images_encoded == 1 and pack.image_text is not None
+
+
+def test_a_citation_cut_short_by_max_tokens_leaves_no_marker():
+    from medsearch.rag.grounding import extract_citations
+
+    assert extract_citations("A mass in the right lobe [C1") == ("A mass in the right lobe", [])
+    assert extract_citations("Effusion [C") == ("Effusion", [])
+    assert extract_citations("A mass [C1][C3].") == ("A mass.", [1, 3])
+    assert extract_citations("C1-C2 subluxation") == ("C1-C2 subluxation", [])

@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
 # [C1], [C 2], [C1, C3], [C1; 2], [c4] (one bracket group, several numbers)
 _CITE_GROUP = re.compile(r"\[\s*[Cc]\s*\d+(?:\s*(?:[,;/&]|and)\s*[Cc]?\s*\d+)*\s*\]")
 _CITE_NUM = re.compile(r"\d+")
+# a citation the completion left unclosed ("... lobe [C1" or "[C" where max_tokens cut it): not a citation, not text
+_CITE_BROKEN = re.compile(r"\[\s*[Cc]\s*\d*(?:\s*(?:[,;/&]|and)\s*[Cc]?\s*\d*)*\s*(?=$|[^\]\w])")
 # Section headings the models write: "FINDINGS:", "**Impression**", "## Findings", "Conclusion -"
 _HEADING = re.compile(
     r"(?im)^[ \t]*(?:#{1,6}[ \t]*)?(?:\*\*|__)?[ \t]*(findings?|impressions?|conclusions?|summary|diagnosis|captions?)[ \t]*(?:\*\*|__)?"
@@ -62,7 +64,7 @@ def extract_citations(sentence: str) -> tuple[str, list[int]]:
         for d in _CITE_NUM.findall(m.group(0)):
             if int(d) not in nums:
                 nums.append(int(d))
-    text = _CITE_GROUP.sub(" ", sentence)
+    text = _CITE_BROKEN.sub(" ", _CITE_GROUP.sub(" ", sentence))
     text = re.sub(r"\s+([.,;:!?])", r"\1", re.sub(r"\s+", " ", text)).strip()
     return text, nums
 
