@@ -43,6 +43,7 @@ def search(
     mode: Annotated[str, typer.Option(help="auto/hybrid (RRF of all available), image (cross-modal), text (report/caption vectors), bm25 (report/caption words).")] = "auto",
     all_images: Annotated[bool, typer.Option("--all-images", help="Several images per case.")] = False,
     reports: Annotated[bool, typer.Option("--reports", help="Return cases by report text.")] = False,
+    understand: Annotated[bool, typer.Option("--understand/--no-understand", help="Read modality, plane, body region, contrast from the query and rank matching images higher (never a filter).")] = True,
     model: Model = None,
     device: Device = "auto",
     json_out: JsonOut = False,
@@ -50,10 +51,14 @@ def search(
     """Text -> matching images and cases."""
     s = searcher(home, model, device)
     f = filters(modality, body_region, split)
+    u = None
     if reports:
         hits = s.search_reports(query, k=k, filters=f)
     else:
-        hits = s.search_text(query, k=k, filters=f, per_case=not all_images, mode=mode)
+        u = s.understand(query) if understand else None
+        hits = s.search_text(query, k=k, filters=f, per_case=not all_images, mode=mode, understand=u or False)
+    if u is not None:  # on stderr with --json, so the JSON on stdout stays the list of hits
+        typer.echo(f"understood: {u.summary() or '(nothing)'}", err=json_out)
     if json_out:
         output.print_json([h.to_dict() for h in hits])
     else:
