@@ -191,7 +191,7 @@ class QueryModel:
 
     @classmethod
     def train(cls, texts: Sequence[str], labels: dict[str, Sequence[str | None]], *, min_df: int = 2,
-              l2: float = 1e-3, steps: int = 300, lr: float = 0.5) -> QueryModel:  # fmt: skip
+              l2: float = 1e-3, steps: int = 300, lr: float = 4.0) -> QueryModel:  # fmt: skip
         """Fit one multinomial logistic regression per label (full-batch gradient descent, numpy)."""
         df: dict[str, int] = {}
         for t in texts:
@@ -265,7 +265,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------- parse
 def understand(query: str, vocab: Vocabulary, model: QueryModel | None = None, *,
-               min_confidence: float = 0.8) -> Understood:  # fmt: skip
+               min_confidence: float = 0.7) -> Understood:  # fmt: skip
     """Parse a text query (rules first; the model only for fields the rules left silent)."""
     found: list[Constraint] = []
 
