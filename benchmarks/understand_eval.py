@@ -114,9 +114,8 @@ def retrieval_eval(home: Path, split: str, weight: float) -> None:
     from medsearch.search import Filters, Searcher
 
     s = Searcher(home, config=SearchConfig(understand_weight=weight), device="cpu")
-    vocab = Vocabulary.from_catalog(s.catalog)
-    s.understand("warm")  # fits the caption model once
-    model = s._understanding[1] if s._understanding else None
+    s.understand("warm")  # fits the caption model once and reads the indexed images' metadata
+    vocab, model = s._understanding.vocab, s._understanding.model
     imgs = s.catalog.image_rows(range(1, s.catalog.counts()["images"] + 1))
     by_key = {r.image_key: r for r in imgs.values()}
     qs = [q for q in _queries(split) if q["image_id"] in by_key]

@@ -32,8 +32,7 @@ from .config import ImagingConfig, Paths, SearchConfig
 from .errors import IndexInconsistent, IndexNotBuilt, InvalidInput, MedsearchError, NotFound, NotSupportedByModel
 from .records import Hit
 from .stores import VectorStore, open_store
-from .understand import QueryModel, Understood, Vocabulary, as_rrf, boost
-from .understand import understand as understand_query
+from .understand import Understanding, Understood
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -98,7 +97,7 @@ class Searcher:
             raise IndexNotBuilt(f"no index has been built in {self.paths.home}", hint="run `medsearch index` first")
         self._indexes: dict[str, VectorStore] = {}
         self._bm25: Any = None  # medsearch.bm25.BM25 once loaded
-        self._understanding: tuple[Vocabulary, QueryModel | None] | None = None  # built on first use
+        self._understanding: Understanding | None = None  # built on first use
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading
@@ -233,23 +232,22 @@ class Searcher:
             matched = {i: "fused" for i, _ in ordered}
         u = understand if isinstance(understand, Understood) else self.understand(query) if understand else None
         if u is not None and not u.empty:
-            rows = self.catalog.image_rows([i for i, _ in ordered])
-            base = ordered if len(rankings) > 1 else as_rrf(ordered, self.config.rrf_k)
-            ordered = boost(base, rows, u, rrf_k=self.config.rrf_k, weight=self.config.understand_weight)
+            if self._understanding is None:  # an Understood made elsewhere: build the metadata table
+                self.understand(query)
+            ordered = self._understanding.rerank(ordered, u, fused=len(rankings) > 1, rrf_k=self.config.rrf_k,
+                                                 weight=self.config.understand_weight)  # fmt: skip
         return self._hits(ordered, k, per_case, matched=matched, excerpts={i: best[i][2] for i, _ in ordered})
 
     def understand(self, query: str) -> Understood:
         """What ``query`` says about image metadata (rules on the catalog's values + the caption model)."""
         with self._lock:
             if self._understanding is None:
-                model = None
-                if self.config.understand_model:
-                    from .catalog.scalars import stored_ids
+                from .catalog.scalars import stored_ids
 
-                    model = QueryModel.from_catalog(self.catalog, stored_ids(self.catalog, self.model_id, "image"))
-                self._understanding = (Vocabulary.from_catalog(self.catalog), model)
-            vocab, model = self._understanding
-        return understand_query(query, vocab, model, min_confidence=self.config.understand_confidence)
+                ids = stored_ids(self.catalog, self.model_id, "image")
+                self._understanding = Understanding(self.catalog, ids, use_model=self.config.understand_model)
+            und = self._understanding
+        return und.parse(query, min_confidence=self.config.understand_confidence)
 
     def similar(
         self,

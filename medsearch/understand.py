@@ -364,3 +364,24 @@ def boost(ordered: Sequence[tuple[int, float]], rows: dict[int, ImageRow], u: Un
 def as_rrf(ordered: Sequence[tuple[int, float]], rrf_k: int) -> list[tuple[int, float]]:
     """One raw-score ranking as RRF scores, so a boost weighs the same whatever the mode."""
     return [(i, 1.0 / (rrf_k + r)) for r, (i, _) in enumerate(ordered, 1)]
+
+
+class Understanding:
+    """What a :class:`~medsearch.search.Searcher` keeps for query understanding: the vocabulary, the
+    caption model and the metadata of the indexed images (so a boost reads no catalog rows per query)."""
+
+    def __init__(self, catalog: Catalog, image_ids: Iterable[int], *, use_model: bool = True) -> None:
+        self.catalog = catalog
+        self.vocab = Vocabulary.from_catalog(catalog)
+        self.rows = catalog.image_rows(list(image_ids))
+        self.model = QueryModel.from_catalog(catalog, list(self.rows)) if use_model else None
+
+    def parse(self, query: str, *, min_confidence: float) -> Understood:
+        return understand(query, self.vocab, self.model, min_confidence=min_confidence)
+
+    def rerank(self, ordered: Sequence[tuple[int, float]], u: Understood, *, fused: bool, rrf_k: int,
+               weight: float) -> list[tuple[int, float]]:  # fmt: skip
+        """``boost`` of fused (or, ``fused=False``, one raw-score ranking's) candidates."""
+        missing = [i for i, _ in ordered if i not in self.rows]
+        rows = {**self.rows, **self.catalog.image_rows(missing)} if missing else self.rows
+        return boost(ordered if fused else as_rrf(ordered, rrf_k), rows, u, rrf_k=rrf_k, weight=weight)

@@ -57,11 +57,11 @@ def search(
     else:
         u = s.understand(query) if understand else None
         hits = s.search_text(query, k=k, filters=f, per_case=not all_images, mode=mode, understand=u or False)
-    if u is not None:  # on stderr with --json, so the JSON on stdout stays the list of hits
-        typer.echo(f"understood: {u.summary() or '(nothing)'}", err=json_out)
-    if json_out:
+    if json_out:  # the list of hits, as before (the API's response carries the understood object)
         output.print_json([h.to_dict() for h in hits])
     else:
+        if u is not None:
+            output.line(f"understood: {u.summary() or '(nothing)'}")
         output.print_hits(hits, f'"{query}"')
 
 
