@@ -117,6 +117,8 @@ def retrieval_eval(home: Path, split: str, weight: float) -> None:
     s.understand("warm")  # fits the caption model once and reads the indexed images' metadata
     vocab, model = s._understanding.vocab, s._understanding.model
     imgs = s.catalog.image_rows(range(1, s.catalog.counts()["images"] + 1))
+    if any(r.caption for r in imgs.values() if r.split == split):
+        raise SystemExit(f"{split} captions are visible in {home}: ingest the `prepare` copy (a caption would find itself)")
     by_key = {r.image_key: r for r in imgs.values()}
     qs = [q for q in _queries(split) if q["image_id"] in by_key]
     cap_of = {q["image_id"]: " ".join(q["caption"].split()) for q in qs}
