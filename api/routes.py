@@ -169,15 +169,19 @@ def search_text(body: S.TextSearchRequest, state: State, audit: AuditText) -> S.
                target=body.target, results=0)  # fmt: skip
     s = state.current()
     f = _core_filters(body.filters)
+    u = None
     if body.target == "reports":
         hits = s.search_reports(body.query, k=body.k, filters=f)
     else:
-        hits = s.search_text(body.query, k=body.k, filters=f, per_case=body.per_case, mode=body.mode)
+        u = s.understand(body.query) if body.understand else None
+        hits = s.search_text(body.query, k=body.k, filters=f, per_case=body.per_case, mode=body.mode,
+                             understand=u or False)  # fmt: skip
     audit.note(results=len(hits))
     state.metrics.search_hits.labels(kind="text").observe(len(hits))
     return S.SearchResponse(
         hits=[hit_out(i, h) for i, h in enumerate(hits, 1)], count=len(hits), model=s.model_id,
         generation=state.generations(s), took_ms=round((time.perf_counter() - t0) * 1000, 2),
+        understood=S.Understood(**u.to_dict()) if u is not None else None,
     )  # fmt: skip
 
 

@@ -54,6 +54,10 @@ class TextSearchRequest(BaseModel):
     target: Literal["images", "reports"] = Field(
         "images", description="images: hits are images; reports: cases by report text."
     )
+    understand: bool = Field(
+        True, description="Read modality, plane, body region, contrast from the query and rank images whose "
+        "metadata matches higher (a soft boost, never a filter); false turns it off.",
+    )
 
     @field_validator("query")
     @classmethod
@@ -98,6 +102,21 @@ class QueryImage(BaseModel):
     height: int | None = None
 
 
+class UnderstoodConstraint(BaseModel):
+    field: str = Field(description="modality_type, sequence, contrast, plane, body_region or laterality.")
+    label: str
+    values: list[str] = Field(description="Catalog values an image must carry to get the boost.")
+    confidence: float
+    span: list[int] | None = Field(None, description="[start, end) characters of the query (null: the model).")
+    source: Literal["rule", "model"]
+
+
+class Understood(BaseModel):
+    enabled: bool
+    summary: str = Field(examples=["CT, axial, abdomen"])
+    constraints: list[UnderstoodConstraint]
+
+
 class SearchResponse(BaseModel):
     hits: list[Hit]
     count: int
@@ -105,6 +124,7 @@ class SearchResponse(BaseModel):
     generation: dict[str, int] = Field(description="Index generation per space that answered.")
     took_ms: float
     query_image: QueryImage | None = None
+    understood: Understood | None = Field(None, description="What the text query was read to say (text search).")
 
 
 class ImageInfo(BaseModel):

@@ -33,6 +33,7 @@ from .encoders.registry import default_model
 from .errors import IndexInconsistent, IndexNotBuilt, InvalidInput, MedsearchError, NotFound, NotSupportedByModel
 from .records import Hit
 from .stores import VectorStore, open_store
+from .understand import Understanding, Understood
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -97,6 +98,7 @@ class Searcher:
             raise IndexNotBuilt(f"no index has been built in {self.paths.home}", hint="run `medsearch index` first")
         self._indexes: dict[str, VectorStore] = {}
         self._bm25: Any = None  # medsearch.bm25.BM25 once loaded
+        self._understanding: Understanding | None = None  # built on first use
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading
@@ -136,6 +138,7 @@ class Searcher:
         with self._lock:
             self._indexes = {}
             self._bm25 = None
+            self._understanding = None
 
     def warm(self) -> dict[str, VectorStore]:
         """Load the encoder and every built index now and check they match (server start-up, hot swap).
@@ -174,8 +177,13 @@ class Searcher:
         *,
         per_case: bool | None = None,
         mode: str = "auto",
+        understand: bool | Understood = True,
     ) -> list[Hit]:
-        """Text -> images (one per case by default), best first."""
+        """Text -> images (one per case by default), best first.
+
+        ``understand``: True parses the query (``medsearch.understand``) and boosts images whose
+        metadata matches (never a filter); an :class:`Understood` from :meth:`understand` is used as is.
+        """
         query = (query or "").strip()
         if not query:
             raise InvalidInput("the query text is empty", hint='give a text such as "left lower lobe consolidation"')
@@ -223,7 +231,24 @@ class Searcher:
         else:
             ordered = rrf(rankings, k=self.config.rrf_k)
             matched = {i: "fused" for i, _ in ordered}
+        u = understand if isinstance(understand, Understood) else self.understand(query) if understand else None
+        if u is not None and not u.empty:
+            if self._understanding is None:  # an Understood made elsewhere: build the metadata table
+                self.understand(query)
+            ordered = self._understanding.rerank(ordered, u, fused=len(rankings) > 1, rrf_k=self.config.rrf_k,
+                                                 weight=self.config.understand_weight)  # fmt: skip
         return self._hits(ordered, k, per_case, matched=matched, excerpts={i: best[i][2] for i, _ in ordered})
+
+    def understand(self, query: str) -> Understood:
+        """What ``query`` says about image metadata (rules on the catalog's values + the caption model)."""
+        with self._lock:
+            if self._understanding is None:
+                from .catalog.scalars import stored_ids
+
+                ids = stored_ids(self.catalog, self.model_id, "image")
+                self._understanding = Understanding(self.catalog, ids, use_model=self.config.understand_model)
+            und = self._understanding
+        return und.parse(query, min_confidence=self.config.understand_confidence)
 
     def similar(
         self,

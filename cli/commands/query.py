@@ -43,6 +43,7 @@ def search(
     mode: Annotated[str, typer.Option(help="auto/hybrid (RRF of all available), image (cross-modal), text (report/caption vectors), bm25 (report/caption words).")] = "auto",
     all_images: Annotated[bool, typer.Option("--all-images", help="Several images per case.")] = False,
     reports: Annotated[bool, typer.Option("--reports", help="Return cases by report text.")] = False,
+    understand: Annotated[bool, typer.Option("--understand/--no-understand", help="Read modality, plane, body region, contrast from the query and rank matching images higher (never a filter).")] = True,
     model: Model = None,
     device: Device = "auto",
     json_out: JsonOut = False,
@@ -50,13 +51,17 @@ def search(
     """Text -> matching images and cases."""
     s = searcher(home, model, device)
     f = filters(modality, body_region, split)
+    u = None
     if reports:
         hits = s.search_reports(query, k=k, filters=f)
     else:
-        hits = s.search_text(query, k=k, filters=f, per_case=not all_images, mode=mode)
-    if json_out:
+        u = s.understand(query) if understand else None
+        hits = s.search_text(query, k=k, filters=f, per_case=not all_images, mode=mode, understand=u or False)
+    if json_out:  # the list of hits, as before (the API's response carries the understood object)
         output.print_json([h.to_dict() for h in hits])
     else:
+        if u is not None:
+            output.line(f"understood: {u.summary() or '(nothing)'}")
         output.print_hits(hits, f'"{query}"')
 
 
