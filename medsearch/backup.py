@@ -7,6 +7,8 @@
                         generation being served, copied under the folder's save lock (so no
                         `medsearch index` swaps a file halfway through the copy)
     models/             trained weights (written by rename, so each file is whole)
+    images/             de-identified display images of PACS studies (written by rename)
+    private/links.db    the link back (pseudonym -> Study Instance UID), only with ``with_links``
     api_keys.json       the hashed API keys
     audit.log*          the audit log, its rotated files and head (copied under the log's lock)
     backup.json         this backup's manifest: every file's size, sha256 and mode, the
@@ -114,7 +116,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- backup
-def backup(home: str | Path, dest: str | Path, *, audit: bool = True) -> dict[str, Any]:
+def backup(home: str | Path, dest: str | Path, *, audit: bool = True, with_links: bool = False) -> dict[str, Any]:
     """Take a consistent backup of ``home`` into the new folder ``dest``; returns its manifest summary.
 
     Safe while the home is served and written. ``dest`` must not exist (or be an empty folder).
@@ -137,7 +139,7 @@ def backup(home: str | Path, dest: str | Path, *, audit: bool = True) -> dict[st
     stage = dest.parent / f".{dest.name}.partial-{secrets.token_hex(4)}"
     stage.mkdir(mode=0o700)
     try:
-        man = _build(paths, stage, audit)
+        man = _build(paths, stage, audit, with_links)
         man["seconds"] = round(time.perf_counter() - t0, 3)
         man["checksum"] = _manifest_checksum(man)
         with open(stage / MANIFEST, "w") as f:
@@ -160,7 +162,7 @@ def backup(home: str | Path, dest: str | Path, *, audit: bool = True) -> dict[st
     return summary(man, dest)
 
 
-def _build(paths: Paths, stage: Path, audit: bool) -> dict[str, Any]:
+def _build(paths: Paths, stage: Path, audit: bool, with_links: bool = False) -> dict[str, Any]:
     files: dict[str, dict[str, Any]] = {}
 
     def record(rel: str, src: Path, sha: str, size: int) -> None:
@@ -176,11 +178,18 @@ def _build(paths: Paths, stage: Path, audit: bool) -> dict[str, Any]:
             generations[d.name] = _copy_generation(d, stage / "indexes" / d.name, f"indexes/{d.name}", record)
         index_seconds = time.perf_counter() - t
         cat = snapshot(paths.catalog, stage / "catalog.db")
-    for sub in (paths.models,):
+    # models, and the de-identified display images of PACS studies (each written by rename before the
+    # catalog names it, so every image the snapshot refers to is whole and present)
+    for sub in (paths.models, paths.home / "images"):
         if sub.is_dir():
             for p in _walk(sub):
                 rel = p.relative_to(paths.home).as_posix()
                 record(rel, p, *_copy(p, stage / rel))
+    links = paths.home / "private" / "links.db"
+    if with_links and links.is_file():  # re-identifying: only when asked (--with-links)
+        (stage / "private").mkdir(mode=0o700, exist_ok=True)
+        snapshot(links, stage / "private" / "links.db")
+        record("private/links.db", links, *_sha256(stage / "private" / "links.db"))
     keys = paths.home / "api_keys.json"
     if keys.is_file():
         record("api_keys.json", keys, *_copy(keys, stage / "api_keys.json"))

@@ -122,6 +122,10 @@ def test_sync_pulls_selected_slices_whole_studies_and_no_identifiers(orthanc, tm
     assert not (home / "private").exists()  # the link back is off by default
 
 
+def keys_case(ref: str) -> str:
+    return ref.split(":", 1)[1]
+
+
 def test_link_back_maps_pseudonyms_to_uids_in_a_private_file(orthanc, tmp_path):
     from indexer.sources.dicomweb import DicomwebConfig, sync_dicomweb
     from medsearch.catalog.links import LinkStore, link_status, viewer_url
@@ -136,13 +140,37 @@ def test_link_back_maps_pseudonyms_to_uids_in_a_private_file(orthanc, tmp_path):
     key = cat.db.execute("SELECT key FROM cases WHERE key IN (SELECT key FROM cases)").fetchall()
     cat.close()
     store = LinkStore.open(home)
-    keys = [k for (k,) in key if store.uid("pacs", k) == study_uid]
-    assert len(keys) == 1
+    keys_found = [k for (k,) in key if store.uid("pacs", k) == study_uid]
+    assert len(keys_found) == 1
     assert (home / "private" / "links.db").stat().st_mode & 0o077 == 0
     assert study_uid not in (home / "catalog.db").read_bytes().decode("latin-1")
     store.close()
     assert link_status(home)["exists"] is True and link_status(home)["studies"] >= 1
     assert viewer_url("https://pacs/viewer?StudyInstanceUIDs={uid}", "1.2.3") == "https://pacs/viewer?StudyInstanceUIDs=1.2.3"
+    # backups leave the link out unless asked; the display images of the PACS studies go in
+    from medsearch.backup import backup
+
+    backup(home, tmp_path / "b1")
+    assert not (tmp_path / "b1" / "private").exists() and list((tmp_path / "b1" / "images").rglob("*.png"))
+    backup(home, tmp_path / "b2", with_links=True)
+    assert (tmp_path / "b2" / "private" / "links.db").is_file()
+    # the API shows the viewer URL to admin keys only
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.keys import KeyStore
+    from api.settings import ApiSettings
+
+    keys = tmp_path / "keys.json"
+    _, admin = KeyStore(keys).add("admin", "ops")
+    _, reader = KeyStore(keys).add("read", "viewer")
+    app = create_app(ApiSettings(home=home, keys_file=keys, viewer_url="https://pacs/viewer?StudyInstanceUIDs={uid}",
+                                 watch_seconds=0))  # fmt: skip
+    with TestClient(app) as c:
+        case = f"pacs:{keys_found[0]}"
+        got = c.get(f"/v1/cases/{keys_case(case)}", headers={"X-API-Key": admin}).json()
+        assert got["viewer_url"] == f"https://pacs/viewer?StudyInstanceUIDs={study_uid}"
+        assert c.get(f"/v1/cases/{keys_case(case)}", headers={"X-API-Key": reader}).json()["viewer_url"] is None
 
 
 def test_unreachable_pacs_names_the_url_and_stores_nothing(tmp_path):

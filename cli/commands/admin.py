@@ -39,12 +39,13 @@ def backup_cmd(
     dest: Annotated[Path, typer.Argument(help="New folder for the backup (must not exist, or be empty).")],
     home: Home = None,  # type: ignore[assignment]
     no_audit: Annotated[bool, typer.Option("--no-audit", help="Leave the audit log out.")] = False,
+    with_links: Annotated[bool, typer.Option("--with-links", help="Include HOME/private/links.db (pseudonym -> Study Instance UID; re-identifying).")] = False,
     json_out: JsonOut = False,
 ) -> None:
     """Consistent copy of a home while it is served and written: catalog, served index generation, models, keys."""
     from medsearch.backup import backup
 
-    out = backup(home_dir(home), dest, audit=not no_audit)
+    out = backup(home_dir(home), dest, audit=not no_audit, with_links=with_links)
     if json_out:
         output.print_json(out)
         return
