@@ -202,6 +202,24 @@ async function openCase(caseId, opener) {
           el("button", { type: "button", class: "small ghost", text: "Full size",
             "aria-label": `Open image ${im.key} at full size`, onclick: () => openFull(im.image_url) })));
     }));
+    // a DICOM study: its series, each with its slices in slice order (thumbnails of the embedded ones)
+    const series = $("#case-series");
+    series.replaceChildren(...(c.series || []).map((sr) => {
+      const embedded = sr.slices.filter((sl) => sl.status === "ok").length;
+      const title = `Series ${sr.number ?? "-"}: ${[sr.modality, sr.plane, sr.body_region].filter(Boolean).join(" ")}, ` +
+        `${sr.slice_count} slices (${embedded} embedded), ordered by ${(sr.ordered_by || "position").replace("_", " ")}`;
+      const strip = el("div", { class: "case-images series-slices" }, ...sr.slices.filter((sl) => sl.status === "ok").map((sl) => {
+        const n = (sl.slice_index ?? 0) + 1;
+        const img = el("img", { loading: "lazy", alt: `Slice ${n} of ${sr.slice_count}` });
+        setImage(img, sl.thumbnail_url);
+        return el("figure", {}, img, el("figcaption", { text: `slice ${n}/${sr.slice_count}` +
+          (sl.position != null ? ` · ${Number(sl.position).toFixed(1)} mm` : "") }));
+      }));
+      return el("section", { class: "series", "aria-label": title }, el("h3", { text: title }), strip);
+    }));
+    if (c.viewer_url) {
+      series.append(el("p", {}, el("a", { href: c.viewer_url, target: "_blank", rel: "noopener", text: "Open in the hospital viewer" })));
+    }
     const report = $("#case-report");
     report.replaceChildren();
     for (const [name, text] of Object.entries(c.sections)) {
