@@ -137,7 +137,7 @@ def select_evidence(
         strict = [c for c in case_order if fit[c] >= 2.0 or (target.modality is None or target.region is None)]
         if len(strict) >= config.k_min:
             case_order = strict
-        case_order = case_order[: max(keep, config.k_min)]
+        case_order = sorted(case_order[: max(keep, config.k_min)], key=lambda c: -by_case[c]["score"])  # C1 = closest
     elif config.coherent_labels and len(case_order) > config.k_min:
         mod = _weighted_majority([labels[c][0] for c in case_order], weights)
         reg = _weighted_majority([labels[c][1] for c in case_order], weights)
