@@ -21,9 +21,9 @@ from rag_helpers import POISON, CountingEncoder, check_draft, make_poisoned_home
 from rag_helpers import medpix_image as _medpix_image
 
 from medsearch.errors import GenerationError, InvalidImage, LLMUnavailable, NotFound
+from medsearch.eval.drafts import dx_match
 from medsearch.rag import DraftConfig, Drafter, LLMConfig
 from medsearch.rag.evidence import EvidencePack, adaptive_cut
-from medsearch.eval.drafts import dx_match
 from medsearch.rag.fit import Target, allowed_terms, foreign_terms, metadata_fit, query_target
 from medsearch.rag.generators.extractive import (
     ExtractiveConfig,

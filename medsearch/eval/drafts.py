@@ -36,9 +36,9 @@ from medsearch.errors import InvalidInput, MedsearchError, ModelNotAvailable, No
 from medsearch.search import Filters
 
 if TYPE_CHECKING:  # pragma: no cover
+    from medsearch.encoders.base import Encoder
     from medsearch.rag.drafter import Drafter
     from medsearch.rag.records import Draft
-    from medsearch.encoders.base import Encoder
     from medsearch.search import ImageQuery, Searcher
 
 LABELS = ("modality_type", "body_region", "category")
