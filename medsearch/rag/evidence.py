@@ -25,7 +25,7 @@ import numpy as np
 from medsearch.catalog import CaseRow, ImageRow
 from medsearch.errors import NotFound
 from medsearch.rag.config import EvidenceConfig
-from medsearch.rag.fit import Target, allowed_terms, foreign_terms, metadata_fit, query_target
+from medsearch.rag.fit import Target, allowed_terms, foreign_terms, metadata_fit, norm_modality, query_target
 from medsearch.rag.guard import neutralise
 from medsearch.rag.records import EvidenceCase, EvidenceSentence
 from medsearch.search import Filters, ImageQuery, rrf
@@ -134,7 +134,12 @@ def select_evidence(
         # image similarity plus agreement with the query's own (or voted) modality, region and plane
         fit = {c: metadata_fit(target, labels[c]) for c in case_order}
         case_order = sorted(case_order, key=lambda c: -(by_case[c]["score"] + config.metadata_weight * fit[c]))
-        strict = [c for c in case_order if fit[c] >= 2.0 or (target.modality is None or target.region is None)]
+        # keep the cases agreeing on the query's OWN modality and region (voted labels only rerank)
+        strict = [
+            c for c in case_order
+            if (not target.modality_own or norm_modality(labels[c][0]) == target.modality)
+            and (not target.region_own or (labels[c][1] or "").lower() == target.region)
+        ]  # fmt: skip
         if len(strict) >= config.k_min:
             case_order = strict
         case_order = sorted(case_order[: max(keep, config.k_min)], key=lambda c: -by_case[c]["score"])  # C1 = closest
