@@ -151,6 +151,11 @@ def _pack(towers, texts_by_case: list[list[str]], scores: list[float], dxs: list
             sec.append("findings")
             txt.append(t)
             seq.append(i / max(len(texts) - 1, 1))
+        if dxs:  # the diagnosis as a (guarded) evidence sentence: the only text the impression vote reads
+            owner.append(n - 1)
+            sec.append("diagnosis")
+            txt.append(dxs[n - 1])
+            seq.append(0.0)
     return EvidencePack(cases=cases, sent_case=np.array(owner), sent_section=sec, sent_text=txt,
                         sent_seq=np.array(seq, dtype=np.float32), sent_vecs=towers.encode_texts(txt),
                         image_text=None, own=None, query="q")  # fmt: skip

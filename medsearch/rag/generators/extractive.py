@@ -174,16 +174,18 @@ def diagnosis_votes(pack: EvidencePack, cfg: ExtractiveConfig) -> list[tuple[str
     """[(diagnosis, share of the case weight, citing case numbers)] best first, from the evidence cases' diagnoses."""
     w = case_weights(pack, cfg)
     votes: dict[str, list] = {}
+    voters: list[int] = []
     for k, case in enumerate(pack.cases):
-        key = _norm_dx(case.diagnosis)
+        # only the guarded diagnosis sentences (never the raw catalog field: it may carry instructions)
+        dx = [t for sec, t, _ in _case_texts(pack, k) if sec == "diagnosis"]
+        key = _norm_dx(" ".join(dx))
         if not key:
             continue
-        # the diagnosis as its evidence sentence reads (its stored vector is reused in grounding)
-        text = next((t for sec, t, k2 in _case_texts(pack, k) if sec == "diagnosis" and _norm_dx(t) == key), None)
-        v = votes.setdefault(key, [text or case.diagnosis.strip(), 0.0, []])
+        voters.append(k)
+        v = votes.setdefault(key, [dx[0] if len(dx) == 1 else " ".join(dx), 0.0, []])
         v[1] += float(w[k])
         v[2].append(case.n)
-    total = float(w[[k for k, c in enumerate(pack.cases) if _norm_dx(c.diagnosis)]].sum()) if votes else 0.0
+    total = float(w[voters].sum()) if voters else 0.0
     ranked = sorted(votes.values(), key=lambda v: -v[1])
     return [(v[0], v[1] / total, v[2]) for v in ranked] if total > 0 else []
 
