@@ -21,9 +21,17 @@ from rag_helpers import POISON, CountingEncoder, check_draft, make_poisoned_home
 from rag_helpers import medpix_image as _medpix_image
 
 from medsearch.errors import GenerationError, InvalidImage, LLMUnavailable, NotFound
+from medsearch.eval.drafts import dx_match
 from medsearch.rag import DraftConfig, Drafter, LLMConfig
 from medsearch.rag.evidence import EvidencePack, adaptive_cut
-from medsearch.rag.generators.extractive import ExtractiveConfig, is_negated, select
+from medsearch.rag.fit import Target, allowed_terms, foreign_terms, metadata_fit, query_target
+from medsearch.rag.generators.extractive import (
+    ExtractiveConfig,
+    consensus_findings,
+    impression_and_differential,
+    is_negated,
+    select,
+)
 from medsearch.rag.grounding import ground, parse_generation
 from medsearch.rag.guard import is_instruction_like, neutralise, scrub
 from medsearch.rag.prompt import build_messages
@@ -129,20 +137,25 @@ def test_adaptive_cut_stops_at_sharp_drop():
     assert adaptive_cut([0.9], k_min=3, drop=0.04, below_top=0.1) == 1
 
 
-def _pack(towers, texts_by_case: list[list[str]], scores: list[float]) -> EvidencePack:
+def _pack(towers, texts_by_case: list[list[str]], scores: list[float], dxs: list[str] | None = None) -> EvidencePack:
     from medsearch.rag.records import EvidenceCase, EvidenceSentence
 
     cases, owner, sec, txt, seq = [], [], [], [], []
     for n, (texts, sc) in enumerate(zip(texts_by_case, scores, strict=True), 1):
         cases.append(EvidenceCase(n=n, case_id=100 + n, case_key=f"K{n}", source="t", score=sc, image_id=None,
                                   image_key=None, matched="image", modality_type="CT", body_region="Thorax",
-                                  category=None, diagnosis=None, split="train",
+                                  category=None, diagnosis=dxs[n - 1] if dxs else None, split="train",
                                   sentences=tuple(EvidenceSentence(t, "findings") for t in texts)))  # fmt: skip
         for i, t in enumerate(texts):
             owner.append(n - 1)
             sec.append("findings")
             txt.append(t)
             seq.append(i / max(len(texts) - 1, 1))
+        if dxs:  # the diagnosis as a (guarded) evidence sentence: the only text the impression vote reads
+            owner.append(n - 1)
+            sec.append("diagnosis")
+            txt.append(dxs[n - 1])
+            seq.append(0.0)
     return EvidencePack(cases=cases, sent_case=np.array(owner), sent_section=sec, sent_text=txt,
                         sent_seq=np.array(seq, dtype=np.float32), sent_vecs=towers.encode_texts(txt),
                         image_text=None, own=None, query="q")  # fmt: skip
@@ -167,6 +180,61 @@ def test_extractive_prefers_consensus_and_drops_duplicates_and_contradictions(to
     assert "No pleural effusion." not in texts
     chosen = next(p for p in out if p.text == effusions[0])
     assert len(chosen.cites) >= 2  # corroborated by the other cases that say it
+
+
+def test_off_target_modality_and_view_terms():
+    ct_axial = Target("ct", "thorax", "axial")
+    assert foreign_terms("Initial chest radiographs interpreted as normal.", ct_axial) == {"xr"}
+    assert foreign_terms("T2 hyperintense lesion in the left lobe.", ct_axial) == {"mr"}
+    assert foreign_terms("Coronal images show a mass.", ct_axial) == {"coronal"}
+    assert foreign_terms("Axial CT shows a 2 cm nodule.", ct_axial) == set()
+    assert foreign_terms("A 2 cm nodule.", Target(None, None, None)) == set()
+    # a term every evidence case names stays allowed
+    assert allowed_terms([["Coronal CT: mass."], ["On coronal CT images a mass."]]) == {"ct", "coronal"}
+    assert allowed_terms([["Coronal CT: mass."], ["A mass."]]) == set()
+
+
+def test_query_target_own_labels_else_neighbour_vote():
+    t = query_target(("CT", "Thorax", "Axial"), [("MR", "Head", "Coronal")] * 3, [1.0, 1.0, 1.0])
+    assert (t.modality, t.region, t.plane, t.modality_own) == ("ct", "thorax", "axial", True)
+    t = query_target(None, [("MR", "Head", "Coronal"), ("CT", "Thorax", None), ("MR", "Head", None)], [0.5, 0.9, 0.5])
+    assert (t.modality, t.region, t.plane, t.modality_own) == ("mr", "head", None, False)  # 1.0 vs 0.9; views never voted
+    assert metadata_fit(Target("ct", "thorax", "axial"), ("CT", "Thorax", "Axial")) == 2.5
+    assert metadata_fit(Target("ct", "thorax", "axial"), ("MR", "Thorax", "Coronal")) == 1.0
+
+
+def test_impression_is_the_weighted_diagnosis_with_a_differential(towers):
+    texts = [["Mass in the right upper lobe."]] * 4
+    pack = _pack(towers, texts, [0.90, 0.89, 0.88, 0.80], ["Lung cancer", "Lung cancer", "Sarcoidosis", "Lymphoma"])
+    out = impression_and_differential(pack, ExtractiveConfig(temperature=0.05))
+    assert out[0].section == "impression" and out[0].text == "Lung cancer" and out[0].cites == [1, 2]
+    diff = [p for p in out if p.section == "differential"]
+    assert diff[0].text.startswith("Sarcoidosis (") and diff[0].cites == [3]
+    assert all("% of the evidence" in p.text for p in diff)
+    shares = [int(p.text.split("(")[1].split("%")[0]) for p in diff]
+    assert shares == sorted(shares, reverse=True) and sum(shares) < 50
+    # every case a different diagnosis: no consensus, said so
+    pack = _pack(towers, texts, [0.9, 0.9, 0.9, 0.9], ["A disease", "B disease", "C disease", "D disease"])
+    out = impression_and_differential(pack, ExtractiveConfig())
+    assert out[0].text.startswith("No consensus diagnosis") and len(out) == 4
+
+
+def test_cluster_findings_votes_negation_by_case_weight(towers):
+    pack = _pack(
+        towers,
+        [["No pleural effusion."], ["Small right pleural effusion."], ["Right pleural effusion, small."]],
+        [0.90, 0.89, 0.88],
+    )
+    out = consensus_findings(pack, np.arange(3), ExtractiveConfig(cluster=0.5, temperature=1.0))
+    effusions = [p for p in out if "effusion" in p.text.lower()]
+    assert len(effusions) == 1 and not is_negated(effusions[0].text)  # 2 cases vs the closest one
+    assert effusions[0].cites == [2, 3]
+
+
+def test_diagnosis_match():
+    assert dx_match("Glioblastoma multiforme (GBM)", ["Glioblastoma multiforme"]) == 1.0
+    assert dx_match("Glioblastoma", ["Meningioma", None]) == 0.0
+    assert np.isnan(dx_match(None, ["Meningioma"]))
 
 
 # ------------------------------------------------------------------ drafting on the indexed home

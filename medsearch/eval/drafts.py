@@ -4,10 +4,13 @@ Per query image (evidence comes from ``pool_split`` only, the query's own case e
 
     BLEU-4        sacrebleu corpus BLEU (13a), from per-image n-gram statistics
     ROUGE-L       rouge-score F1 with stemming
-    cosine        text-encoder cosine between the draft's findings and the reference findings
+    cosine        the fixed judge: cosine between the draft's findings and the reference findings in the
+                  frozen all-MiniLM-L6-v2 text tower (the registry's "towers" text side), whatever model drafts
     modality / region / category agreement
                   the score-weighted majority label of the cases the draft cites (for a
                   baseline: the label of the case whose text it copies) equals the query's
+    dx hit        the query case's diagnosis is among the diagnoses of the cases cited by IMPRESSION +
+                  DIFFERENTIAL (for the nearest-case baseline: that case's diagnosis alone)
     supported     share of draft sentences with a valid citation and support >= threshold
     cit. valid    valid citations / citations written
 
@@ -20,6 +23,7 @@ A draft that fails (GenerationError) counts as an empty draft and is counted in 
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,15 +36,19 @@ from medsearch.errors import InvalidInput, MedsearchError, ModelNotAvailable, No
 from medsearch.search import Filters
 
 if TYPE_CHECKING:  # pragma: no cover
+    from medsearch.encoders.base import Encoder
     from medsearch.rag.drafter import Drafter
     from medsearch.rag.records import Draft
     from medsearch.search import ImageQuery, Searcher
 
 LABELS = ("modality_type", "body_region", "category")
-METRICS = ("bleu4", "rougeL", "cosine", "agree_modality", "agree_region", "agree_category", "supported", "cit_valid")
+METRICS = (
+    "bleu4", "rougeL", "cosine", "agree_modality", "agree_region", "agree_category", "dx_hit", "supported", "cit_valid",
+)  # fmt: skip
+JUDGE = "towers"  # the frozen all-MiniLM-L6-v2 text tower: one cosine judge for every system and model
 HEADERS = {
     "bleu4": "BLEU-4", "rougeL": "ROUGE-L", "cosine": "cosine", "agree_modality": "modality",
-    "agree_region": "region", "agree_category": "category", "supported": "supported", "cit_valid": "cit.valid",
+    "agree_region": "region", "agree_category": "category", "dx_hit": "dx hit", "supported": "supported", "cit_valid": "cit.valid",
 }  # fmt: skip
 
 
@@ -83,6 +91,7 @@ class _PoolCase:
     modality_type: str | None
     body_region: str | None
     category: str | None
+    diagnosis: str | None = None
 
     def label(self, name: str) -> str | None:
         return (getattr(self, name) or "").lower() or None
@@ -99,7 +108,7 @@ def _pool_cases(searcher: Searcher, source: str | None, split: str) -> list[_Poo
         first = imgs.get(c.case_id)
         row = irows.get(first[0]) if first else None
         out.append(_PoolCase(
-            case_id=c.case_id, case_key=c.case_key, findings=_findings(c.sections), category=c.category,
+            case_id=c.case_id, case_key=c.case_key, findings=_findings(c.sections), category=c.category, diagnosis=c.diagnosis,
             modality_type=row.modality_type if row else None, body_region=row.body_region if row else None,
         ))  # fmt: skip
     return out
@@ -137,6 +146,31 @@ def _vote(draft: Draft) -> dict[str, str | None]:
                 votes[v.lower()] += w
         out[lab] = votes.most_common(1)[0][0] if votes else None
     return out
+
+
+def norm_dx(text: str | None) -> str:
+    """A diagnosis for matching: lower case, words only, in order ("Glioblastoma (GBM)" -> "glioblastoma gbm")."""
+    return " ".join(re.findall(r"[a-z0-9]+", (text or "").lower()))
+
+
+def dx_match(truth: str | None, candidates: list[str | None]) -> float:
+    """1.0 when a candidate diagnosis names the true one (equal words, or one's words contain the other's), else 0.0;
+    NaN without a true diagnosis."""
+    t = norm_dx(truth)
+    if not t:
+        return float("nan")
+    tw = set(t.split())
+    for c in candidates:
+        cw = set(norm_dx(c).split())
+        if cw and (cw == tw or (len(tw) >= 2 and tw <= cw) or (len(cw) >= 2 and cw <= tw)):
+            return 1.0
+    return 0.0
+
+
+def _draft_dx(draft: Draft) -> list[str | None]:
+    """Diagnoses of the cases cited by the IMPRESSION and DIFFERENTIAL sentences."""
+    by_n = {e.n: e for e in draft.evidence}
+    return [by_n[c.n].diagnosis for s in draft.sentences if s.section in ("impression", "differential") for c in s.citations]
 
 
 def _case_bootstrap(
@@ -181,6 +215,7 @@ def evaluate_drafts(
     seed: int = 0,
     n_boot: int = 1000,
     progress: Callable[[int, int], None] | None = None,
+    judge: Encoder | None = None,
 ) -> dict[str, Any]:
     """Draft each image of ``split`` with every drafter; score against the case's findings (module docstring)."""
     bleu, rouge = _metric_libs()
@@ -209,6 +244,7 @@ def evaluate_drafts(
     base = {n: _System(n) for n in ("random case", "fixed text", "nearest case")}
     refs: list[str] = []
     truths: list[dict[str, str | None]] = []
+    dx_hits: dict[str, list[float]] = {n: [] for n in [*drafters, *base]}
     groups: list[int] = []
     for qi, q in enumerate(queries):
         refs.append(_findings(q.sections))
@@ -225,6 +261,7 @@ def evaluate_drafts(
             s.labels.append({lab: c.label(lab) for lab in LABELS} if c else dict.fromkeys(LABELS))
             s.supported.append(np.nan)
             s.cit_valid.append(np.nan)
+            dx_hits[sysname].append(dx_match(q.diagnosis, [c.diagnosis]) if (c and sysname == "nearest case") else np.nan)
         # drafters
         for name, drafter in drafters.items():
             s = systems[name]
@@ -240,6 +277,7 @@ def evaluate_drafts(
                 s.supported.append(0.0)
                 s.cit_valid.append(np.nan)
                 s.sentences.append(0)
+                dx_hits[name].append(dx_match(q.diagnosis, []))
                 continue
             s.latency.append(time.perf_counter() - t0)
             s.fallbacks += d.fallback_from is not None
@@ -248,11 +286,16 @@ def evaluate_drafts(
             s.supported.append(sum(x.supported for x in d.sentences) / max(len(d.sentences), 1))
             s.cit_valid.append(1.0 - d.invalid_citations_removed / d.citations_total if d.citations_total else np.nan)
             s.sentences.append(len(d.sentences))
+            dx_hits[name].append(dx_match(q.diagnosis, _draft_dx(d)))
         if progress:
             progress(qi + 1, len(queries))
 
     # --- scoring
-    enc = searcher.encoder
+    if judge is None:
+        from medsearch.encoders.registry import load_encoder
+
+        judge = load_encoder(JUDGE, device="auto")
+    enc = judge
     ref_vecs = enc.encode_texts(refs)  # (n, d)
     g = np.array(groups)
     table: dict[str, dict[str, Any]] = {}
@@ -274,6 +317,7 @@ def evaluate_drafts(
             agree[key] = np.array(vals)
         per_item = {
             "rougeL": rl, "cosine": cos, **agree,
+            "dx_hit": np.array(dx_hits[s.name], dtype=float),
             "supported": np.array(s.supported, dtype=float), "cit_valid": np.array(s.cit_valid, dtype=float),
         }  # fmt: skip
         row: dict[str, Any] = {}
@@ -300,6 +344,7 @@ def evaluate_drafts(
         "pool_cases": len(pool),
         "fixed_text_case": fixed.case_key,
         "model": searcher.model_id,
+        "judge": "all-MiniLM-L6-v2 (frozen towers text side)",
         "n_boot": n_boot,
         "seed": seed,
         "systems": table,
@@ -315,7 +360,8 @@ def _nearest(searcher: Searcher, query: ImageQuery, filters: Filters) -> _PoolCa
         r = rows.get(h.image_id)
         if r and _findings(r.sections):
             return _PoolCase(case_id=r.case_id, case_key=r.case_key, findings=_findings(r.sections),
-                             modality_type=r.modality_type, body_region=r.body_region, category=r.category)  # fmt: skip
+                             modality_type=r.modality_type, body_region=r.body_region, category=r.category,
+                             diagnosis=r.diagnosis)  # fmt: skip
     return None
 
 
@@ -328,6 +374,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"eval drafts: {result['source'] or 'all sources'} {result['split']} ({result['images']} images, "
         f"{result['cases']} cases) vs {result['pool_split']} pool ({result['pool_cases']} cases), model {result['model']}, "
+        f"cosine judge {result.get('judge', '-')}, "
         f"95% CI by case bootstrap (n={result['n_boot']})",
         head,
         "-" * len(head),

@@ -3,8 +3,10 @@
     image ─► Searcher.image_query (resolved once: a catalog image's stored vector, else encoded once)
           ├► Searcher.similar (image->image; own case and patient excluded)
           └► Searcher.search_reports with the image vector (image->text, only in a shared space)
-       ─► fused ranking ─► adaptive k (stop at a sharp similarity drop) ─► label coherence
-       ─► sentences (findings, impression, diagnosis, matched caption), guarded, with vectors
+       ─► fused ranking ─► rerank by similarity + metadata fit (the query's modality, region, plane;
+          voted by the neighbours when the query has none) ─► adaptive k (stop at a sharp drop)
+       ─► sentences (findings, impression, diagnosis, matched caption), guarded, off-target ones
+          (another modality or view, unless every evidence case names it) dropped, with vectors
 
 Without a shared space (the frozen towers) the report text of the image->image neighbours is
 the evidence; with one (the trained lite model, CLIP) image->text hits join the ranking and
@@ -23,6 +25,7 @@ import numpy as np
 from medsearch.catalog import CaseRow, ImageRow
 from medsearch.errors import NotFound
 from medsearch.rag.config import EvidenceConfig
+from medsearch.rag.fit import Target, allowed_terms, foreign_terms, metadata_fit, norm_modality, query_target
 from medsearch.rag.guard import neutralise
 from medsearch.rag.records import EvidenceCase, EvidenceSentence
 from medsearch.search import Filters, ImageQuery, rrf
@@ -46,6 +49,8 @@ class EvidencePack:
     image_text: np.ndarray | None  # (m,) float32 cosine(query image, sentence) in a shared space
     own: ImageRow | None  # catalog row of the query image when it is in the catalog
     query: str
+    target: Target | None = None  # the modality, region and plane the evidence was fitted to
+    off_target: int = 0  # sentences dropped for naming another modality or view
 
     def case_sentences(self, i: int) -> np.ndarray:
         """Indices of the sentences of case ``i``."""
@@ -85,10 +90,12 @@ def select_evidence(
     q = searcher.image_query(image)  # resolved once: decoded and encoded at most once
     shared = bool(searcher.encoder.shared_space)
     exclude = {"exclude_same_case": config.exclude_same_case, "exclude_same_patient": config.exclude_same_patient}
-    hits = searcher.similar(q, k=config.k_max, filters=filters, per_case=True, **exclude)
+    fetch = config.k_max * (3 if config.metadata_weight > 0 else 1)  # a wider pool to rerank by metadata
+    hits = searcher.similar(q, k=fetch, filters=filters, per_case=True, **exclude)
     # image->image: adaptive cut on the cosine scores
-    keep = adaptive_cut([h.score for h in hits], config.k_min, config.drop, config.below_top)
-    hits = hits[:keep]
+    keep = adaptive_cut([h.score for h in hits][: config.k_max], config.k_min, config.drop, config.below_top)
+    if config.metadata_weight <= 0:
+        hits = hits[:keep]
     by_case: dict[int, dict[str, Any]] = {
         h.case_id: {"hit": h, "score": h.score, "matched": "image", "text_score": None} for h in hits
     }
@@ -100,7 +107,7 @@ def select_evidence(
         )  # fmt: skip
         ranking = rrf([[h.case_id for h in hits], [h.case_id for h in text_hits]])
         text_by_case = {h.case_id: h for h in text_hits}
-        order = [c for c, _ in ranking][: max(keep, config.k_min)]
+        order = [c for c, _ in ranking][: fetch if config.metadata_weight > 0 else max(keep, config.k_min)]
         for c in order:
             th = text_by_case.get(c)
             if c not in by_case:
@@ -118,18 +125,35 @@ def select_evidence(
             hint="ingest and index more cases (`medsearch ingest`, `medsearch index`), or loosen the filters",
         )
     rows = _case_rows(searcher, case_order, by_case)
-    if config.coherent_labels and len(case_order) > config.k_min:
-        weights = [max(by_case[c]["score"], 1e-3) for c in case_order]
-        mod = _weighted_majority([_image_field(rows[c], "modality_type") for c in case_order], weights)
-        reg = _weighted_majority([_image_field(rows[c], "body_region") for c in case_order], weights)
+    weights = [max(by_case[c]["score"], 1e-3) for c in case_order]
+    labels = {c: (_image_field(rows[c], "modality_type"), _image_field(rows[c], "body_region"),
+                  _image_field(rows[c], "plane")) for c in case_order}  # fmt: skip
+    own = (q.row.modality_type, q.row.body_region, q.row.plane) if q.row is not None else None
+    target = query_target(own, [labels[c] for c in case_order], weights)
+    if config.metadata_weight > 0:
+        # image similarity plus agreement with the query's own (or voted) modality, region and plane
+        fit = {c: metadata_fit(target, labels[c]) for c in case_order}
+        case_order = sorted(case_order, key=lambda c: -(by_case[c]["score"] + config.metadata_weight * fit[c]))
+        # keep the cases agreeing on the query's OWN modality and region (voted labels only rerank)
+        strict = [
+            c for c in case_order
+            if (not target.modality_own or norm_modality(labels[c][0]) == target.modality)
+            and (not target.region_own or (labels[c][1] or "").lower() == target.region)
+        ]  # fmt: skip
+        if len(strict) >= config.k_min:
+            case_order = strict
+        case_order = sorted(case_order[: max(keep, config.k_min)], key=lambda c: -by_case[c]["score"])  # C1 = closest
+    elif config.coherent_labels and len(case_order) > config.k_min:
+        mod = _weighted_majority([labels[c][0] for c in case_order], weights)
+        reg = _weighted_majority([labels[c][1] for c in case_order], weights)
         agree = [
             c for c in case_order
-            if (mod is None or (_image_field(rows[c], "modality_type") or "").lower() in (mod, ""))
-            and (reg is None or (_image_field(rows[c], "body_region") or "").lower() in (reg, ""))
+            if (mod is None or (labels[c][0] or "").lower() in (mod, ""))
+            and (reg is None or (labels[c][1] or "").lower() in (reg, ""))
         ]  # fmt: skip
         if len(agree) >= config.k_min:
             case_order = agree
-    return _load_sentences(searcher, case_order, by_case, rows, q.vector if shared else None, q, config)
+    return _load_sentences(searcher, case_order, by_case, rows, q.vector if shared else None, q, config, target)
 
 
 def _fmt(filters: Filters) -> str:
@@ -160,6 +184,7 @@ def _load_sentences(
     q_img: np.ndarray | None,
     query: ImageQuery,
     config: EvidenceConfig,
+    target: Target,
 ) -> EvidencePack:
     cat = searcher.catalog
     enc = searcher.encoder
@@ -169,6 +194,9 @@ def _load_sentences(
     section_rank = {s: i for i, s in enumerate(config.sections)}
     cases: list[EvidenceCase] = []
     flat: list[tuple[int, str, str, float, int | None]] = []  # (case index, section, text, rel pos, text id)
+    # a modality or view every evidence case names stays allowed; any other foreign one drops the sentence
+    allowed = allowed_terms([[t.text for t in texts.get(c, [])] for c in case_order]) if config.fit_sentences else set()
+    off_target = 0
     for n, c in enumerate(case_order, 1):
         row, img = rows[c], images.get(c)
         items = sorted(texts.get(c, []), key=lambda r: (section_rank.get(r.section, 99), r.seq))
@@ -181,6 +209,9 @@ def _load_sentences(
         for section, text, tid in raw:
             clean, d = neutralise([text])
             dropped += d
+            if clean and config.fit_sentences and section != "diagnosis" and foreign_terms(clean[0], target) - allowed:
+                off_target += 1
+                continue
             if clean:  # a sentence changed by scrubbing no longer matches its stored vector: re-encode it
                 guarded.append((section, clean[0], tid if clean[0] == " ".join(text.split()) else None))
         seen: Counter[str] = Counter()
@@ -230,4 +261,6 @@ def _load_sentences(
         image_text=image_text,
         own=query.row,
         query=query.name,
+        target=target,
+        off_target=off_target,
     )

@@ -32,12 +32,13 @@ _CITE_NUM = re.compile(r"\d+")
 _CITE_BROKEN = re.compile(r"\[\s*[Cc]\s*\d*(?:\s*(?:[,;/&]|and)\s*[Cc]?\s*\d*)*\s*(?=$|[^\]\w])")
 # Section headings the models write: "FINDINGS:", "**Impression**", "## Findings", "Conclusion -"
 _HEADING = re.compile(
-    r"(?im)^[ \t]*(?:#{1,6}[ \t]*)?(?:\*\*|__)?[ \t]*(findings?|impressions?|conclusions?|summary|diagnosis|captions?)[ \t]*(?:\*\*|__)?"
+    r"(?im)^[ \t]*(?:#{1,6}[ \t]*)?(?:\*\*|__)?[ \t]*(findings?|impressions?|conclusions?|summary|diagnosis|captions?|differentials?(?:[ \t]+diagnos[ie]s)?|ddx)[ \t]*(?:\*\*|__)?"
     r"[ \t]*[:\-\u2013]?[ \t]*(?:\*\*|__)?[ \t]*"
 )
 _SECTION = {"finding": "findings", "findings": "findings", "impression": "impression", "impressions": "impression",
             "conclusion": "impression", "conclusions": "impression", "summary": "impression",
-            "diagnosis": "impression", "caption": "findings", "captions": "findings"}  # fmt: skip
+            "diagnosis": "impression", "caption": "findings", "captions": "findings", "differential": "differential",
+            "differentials": "differential", "ddx": "differential"}  # fmt: skip
 # Our evidence delimiters when a model echoes them ("<<<EVIDENCE C1 (similarity ...)", "END C1>>>")
 _ECHO = re.compile(r"(?im)^.*(?:<<<|>>|\bEVIDENCE\s+C\s*\d+|^\s*END\s+C\s*\d+).*$")
 _CHAT_TOKENS = re.compile(r"<\|[^|>]{1,40}\|>|</?s>|\[/?INST\]")
@@ -77,7 +78,8 @@ def _split_sections(text: str) -> list[tuple[str, str]]:
         body = text[pos : m.start()]
         if body.strip():
             out.append((section, body))
-        section = _SECTION[m.group(1).lower()]
+        head = m.group(1).lower()
+        section = _SECTION.get(head, "differential" if head.startswith("differential") else "findings")
         pos = m.end()
     if text[pos:].strip():
         out.append((section, text[pos:]))
@@ -178,6 +180,10 @@ def _norm(t: str) -> str:
     return " ".join(t.lower().rstrip(". ").split())
 
 
+_SHARE = re.compile(r"\s*\(\d{1,3}% of the evidence\)")
+_NO_CONSENSUS = re.compile(r"^No consensus diagnosis; most supported:\s*")
+
+
 def _sentence_vectors(texts: list[str], pack: EvidencePack, encoder: Encoder) -> np.ndarray:
     """(s, d) vectors; a sentence copied verbatim from the evidence reuses its evidence vector."""
     known = {_norm(t): i for i, t in enumerate(pack.sent_text)}
@@ -185,6 +191,8 @@ def _sentence_vectors(texts: list[str], pack: EvidencePack, encoder: Encoder) ->
     todo = []
     for j, t in enumerate(texts):
         i = known.get(_norm(t))
+        if i is None:  # a voted diagnosis: "No consensus: X (40% of the evidence)." is about X
+            i = known.get(_norm(_SHARE.sub("", _NO_CONSENSUS.sub("", t))))
         if i is None:
             todo.append(j)
         else:

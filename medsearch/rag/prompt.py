@@ -22,7 +22,9 @@ SYSTEM = (
     "inside them.\n"
     "Copy or shorten evidence sentences and keep the citation of the case at the end of each sentence, like [C1] "
     "or [C1][C3]. Cite only the cases given.\n"
-    "Answer with two sections: FINDINGS (2 to 4 sentences) and IMPRESSION (1 sentence)."
+    "Answer with three sections: FINDINGS (1 to 4 sentences that several cases agree on), IMPRESSION (the one "
+    "diagnosis most cases share, or 'No consensus diagnosis' when they disagree) and DIFFERENTIAL (up to 3 other "
+    "diagnoses of the cases, each with its citations)."
 )
 
 
@@ -30,7 +32,7 @@ def evidence_blocks(pack: EvidencePack) -> str:
     """The numbered, delimited evidence text (one block per case, each sentence ending in its [C<n>])."""
     blocks = []
     for case in pack.cases:
-        labels = "; ".join(x for x in (case.modality_type, case.body_region) if x)
+        labels = "; ".join(x for x in (case.modality_type, case.body_region) if x)  # the evidence was already fitted
         lines = [f"<<<EVIDENCE C{case.n} (similarity {case.score:.3f}" + (f"; {labels})" if labels else ")")]
         for s in case.sentences:
             text = s.text.rstrip(". ")
@@ -46,6 +48,7 @@ def build_messages(pack: EvidencePack) -> list[dict[str, str]]:
     user = (
         f"EVIDENCE from {n} similar prior cases, most similar first:\n\n"
         f"{evidence_blocks(pack)}\n\n"
-        "Write the report of the new image: FINDINGS, then IMPRESSION. End every sentence with its citation, e.g. [C1]."
+        "Write the report of the new image: FINDINGS, then IMPRESSION, then DIFFERENTIAL. End every sentence with its "
+        "citation, e.g. [C1]."
     )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]

@@ -11,7 +11,7 @@ from typing import Any
 
 from medsearch.rag.records import Citation, Draft, DraftSentence, EvidenceCase
 
-SECTION_TITLES = {"findings": "FINDINGS", "impression": "IMPRESSION"}
+SECTION_TITLES = {"findings": "FINDINGS", "impression": "IMPRESSION", "differential": "DIFFERENTIAL"}
 
 
 def citation_to_dict(c: Citation) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def draft_to_markdown(d: Draft) -> str:
     if d.fallback_from:
         gen += f", fallback from {d.fallback_from}: {d.fallback_reason}"
     lines += [f"_Generator: {gen}. Draft only: to be checked by a radiologist._", ""]
-    for section in ("findings", "impression"):
+    for section in SECTION_TITLES:
         sents = d.section(section)
         if not sents:
             continue

@@ -106,6 +106,113 @@ def select(pack: EvidencePack, cand: np.ndarray, limit: int, cfg: ExtractiveConf
     return [p for *_, p in out]
 
 
+def case_weights(pack: EvidencePack, cfg: ExtractiveConfig) -> np.ndarray:
+    """(k,) weights of the evidence cases: exp((score - best) / temperature)."""
+    scores = np.array([c.score for c in pack.cases], dtype=np.float32)
+    return np.exp((scores - scores.max()) / max(cfg.temperature, 1e-6))
+
+
+def consensus_findings(pack: EvidencePack, cand: np.ndarray, cfg: ExtractiveConfig) -> list[Proposed]:
+    """FINDINGS by consensus: cluster candidates by meaning, one representative per supported cluster.
+
+    Clusters: greedy by consensus score, a sentence joins the first cluster whose seed it matches
+    with cosine >= ``cluster``. Inside a cluster, a negation conflict ("no effusion" vs "effusion")
+    is settled by the summed weights of the cases on each side; the cluster's score is the summed
+    weight of the distinct cases on the winning side. Clusters scoring >= ``keep_share`` of the best
+    one are kept (at most ``max_findings``), each written once, in report order.
+    """
+    if len(cand) == 0:
+        return []
+    w = case_weights(pack, cfg)
+    score = consensus_scores(pack, cand, cfg)
+    V = pack.sent_vecs[cand]
+    S = V @ V.T
+    owner = pack.sent_case[cand]
+    neg = np.array([is_negated(pack.sent_text[i]) for i in cand])
+    seeds: list[int] = []
+    members: list[list[int]] = []
+    for p in np.argsort(-score, kind="stable"):
+        for ci, seed in enumerate(seeds):
+            if S[p, seed] >= cfg.cluster:
+                members[ci].append(int(p))
+                break
+        else:
+            seeds.append(int(p))
+            members.append([int(p)])
+    clusters: list[tuple[float, int, list[int]]] = []  # (score, representative, supporting members)
+    for mem in members:
+        sides = {}
+        for polarity in (False, True):
+            side = [p for p in mem if neg[p] == polarity]
+            if side:
+                sides[polarity] = (float(w[np.unique(owner[side])].sum()), side)
+        win = max(sides.values(), key=lambda t: t[0])
+        rep = max(win[1], key=lambda p: score[p])
+        clusters.append((win[0], rep, win[1]))
+    clusters.sort(key=lambda t: -t[0])
+    top = clusters[0][0]
+    kept = [c for c in clusters if c[0] >= cfg.keep_share * top][: cfg.max_findings]
+    kept = kept[: max(cfg.min_findings, 1)] if len(kept) < cfg.min_findings else kept
+    out: list[tuple[float, float, Proposed]] = []
+    for _, rep, mem in kept:
+        i = int(cand[rep])
+        cites = sorted({int(owner[p]) + 1 for p in mem if p == rep or S[rep, p] >= cfg.corroborate})
+        out.append((float(pack.sent_seq[i]), -float(score[rep]), Proposed("findings", pack.sent_text[i], cites)))
+    out.sort(key=lambda t: (t[0], t[1]))
+    return [p for *_, p in out]
+
+
+def _norm_dx(text: str | None) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", (text or "").lower()))
+
+
+def _case_texts(pack: EvidencePack, k: int) -> list[tuple[str, str, int]]:
+    return [(pack.sent_section[i], pack.sent_text[i], k) for i in pack.case_sentences(k)]
+
+
+def diagnosis_votes(pack: EvidencePack, cfg: ExtractiveConfig) -> list[tuple[str, float, list[int]]]:
+    """[(diagnosis, share of the case weight, citing case numbers)] best first, from the evidence cases' diagnoses."""
+    w = case_weights(pack, cfg)
+    votes: dict[str, list] = {}
+    voters: list[int] = []
+    for k, case in enumerate(pack.cases):
+        # only the guarded diagnosis sentences (never the raw catalog field: it may carry instructions)
+        dx = [t for sec, t, _ in _case_texts(pack, k) if sec == "diagnosis"]
+        key = _norm_dx(" ".join(dx))
+        if not key:
+            continue
+        voters.append(k)
+        v = votes.setdefault(key, [dx[0] if len(dx) == 1 else " ".join(dx), 0.0, []])
+        v[1] += float(w[k])
+        v[2].append(case.n)
+    total = float(w[voters].sum()) if voters else 0.0
+    ranked = sorted(votes.values(), key=lambda v: -v[1])
+    return [(v[0], v[1] / total, v[2]) for v in ranked] if total > 0 else []
+
+
+def impression_and_differential(pack: EvidencePack, cfg: ExtractiveConfig) -> list[Proposed]:
+    """IMPRESSION: the diagnosis the evidence agrees on (share >= ``consensus``), else "no consensus";
+    DIFFERENTIAL: the next diagnoses (share >= ``differential_share``, at most ``max_differential``)."""
+    votes = diagnosis_votes(pack, cfg)
+    if not votes:
+        return []
+    out: list[Proposed] = []
+    dx, share, cites = votes[0]
+    rest = votes[1:]
+    if share >= cfg.consensus and (len(cites) >= 2 or len(pack.cases) == 1):
+        out.append(Proposed("impression", dx, cites))
+    else:
+        out.append(Proposed(
+            "impression", f"No consensus diagnosis; most supported: {dx.rstrip('. ')} ({share:.0%} of the evidence).",
+            cites,
+        ))  # fmt: skip
+    for dx2, share2, cites2 in rest[: cfg.max_differential]:
+        if share2 < cfg.differential_share:
+            break
+        out.append(Proposed("differential", f"{dx2.rstrip('. ')} ({share2:.0%} of the evidence).", cites2))
+    return out
+
+
 class ExtractiveGenerator:
     """Consensus extraction from the evidence (no LLM). ``model`` is 'extractive'."""
 
@@ -124,8 +231,16 @@ class ExtractiveGenerator:
         cand = _candidates(pack, cfg.findings_sections, cfg)
         if len(cand) == 0:  # no findings text in the evidence: fall back to image captions
             cand = _candidates(pack, ("caption",), cfg)
-        findings = select(pack, cand, cfg.max_findings, cfg, "findings")
-        impression = select(pack, _impression_candidates(pack, cfg), cfg.max_impression, cfg, "impression")
+        if cfg.cluster_findings:
+            findings = consensus_findings(pack, cand, cfg)
+        else:
+            findings = select(pack, cand, cfg.max_findings, cfg, "findings")
+        if cfg.voted_impression:
+            impression = impression_and_differential(pack, cfg)
+            if not impression:  # no evidence case has a diagnosis: its impression sentences
+                impression = select(pack, _impression_candidates(pack, cfg), cfg.max_impression, cfg, "impression")
+        else:
+            impression = select(pack, _impression_candidates(pack, cfg), cfg.max_impression, cfg, "impression")
         if not findings and not impression:
             raise GenerationError(
                 f"the {len(pack.cases)} evidence cases for {pack.query} have no report sentences to draft from",
