@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
+from pacs_data import PLANTED, ct_series, write_series
 from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
 from cli.main import app
 from medsearch.catalog import Catalog
-from pacs_data import PLANTED, ct_series, write_series
 
 
 def test_ris_export_joins_by_accession_scrubs_and_lists_unmatched_rows(tmp_path):
