@@ -115,6 +115,10 @@ class LlamaCppGenerator:
             common = dict(temperature=self.config.temperature, max_tokens=self.config.max_tokens, seed=self.config.seed,
                           repeat_penalty=self.config.repeat_penalty)  # fmt: skip
             templated = self._templated(llm, messages)
+            # a fresh KV cache per draft: llama.cpp reuses a cached prompt prefix, and evaluating the rest in
+            # other batch splits moves the logits enough to change a greedy completion; drafts must not
+            # depend on what was drafted before
+            llm.reset()
             try:
                 if templated is not None:
                     prompt, stop = templated
