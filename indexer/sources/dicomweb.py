@@ -42,6 +42,7 @@ from medsearch.deid import pseudonym
 from medsearch.errors import InvalidInput, RemoteUnavailable
 from medsearch.studies import SeriesRecord
 
+from .dicom import _int  # the DICOM reader's tolerant integer parse
 from .instances import StudyItems, add_instance, display_dir
 from .sr import TEXT_SR_CLASSES
 
@@ -363,12 +364,6 @@ def _series_record(
     )  # fmt: skip
     return rec, [images[so.order[r]] for r in sorted(chosen_ranks)]
 
-
-def _int(v: Any) -> int | None:
-    try:
-        return int(v) if v not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
 
 
 def _first_float(m: dict[str, Any], kw: str) -> float | None:

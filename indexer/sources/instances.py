@@ -28,6 +28,8 @@ from medsearch.fileio import write_atomic
 from medsearch.records import CaseRecord, ImageRecord, Skipped
 from medsearch.studies import SeriesRecord
 
+from .dicom import _int  # the DICOM reader's tolerant integer parse
+
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom import Dataset
 
@@ -213,12 +215,6 @@ def _position(ds: Dataset) -> list[float] | None:
     except (TypeError, ValueError):
         return None
 
-
-def _int(v: Any) -> int | None:
-    try:
-        return int(v) if v not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
 
 
 def iter_items(studies: Iterable[StudyItems]) -> Iterable[CaseRecord | ImageRecord | Skipped]:
