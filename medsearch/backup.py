@@ -35,7 +35,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,29 @@ def _storage_error(e: OSError, what: str, hint: str) -> MedsearchError:
     return StorageError(f"{what}: {e}", hint=hint)
 
 
+@contextmanager
+def _staging(stage: Path, what: str, hint: str) -> Iterator[Path]:
+    """A private folder that the block fills and publishes; on any failure it is removed, and an
+    OSError (a full disk) becomes a StorageError saying ``what`` and ``hint``."""
+    stage.mkdir(mode=0o700)
+    try:
+        yield stage
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise _storage_error(e, what, hint) from e
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _publish(stage: Path, target: Path) -> None:
+    """Rename the finished ``stage`` onto ``target`` (absent or an empty folder) and make it durable."""
+    if target.exists():
+        target.rmdir()
+    os.rename(stage, target)
+    _fsync_dir(target.parent)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -137,8 +160,8 @@ def backup(home: str | Path, dest: str | Path, *, audit: bool = True, with_links
     for old in dest.parent.glob(f".{dest.name}.partial-*"):  # left by a killed backup to the same folder
         shutil.rmtree(old, ignore_errors=True)
     stage = dest.parent / f".{dest.name}.partial-{secrets.token_hex(4)}"
-    stage.mkdir(mode=0o700)
-    try:
+    with _staging(stage, f"could not write the backup {dest}",
+                  "free disk space at the destination and run the backup again; the home was not changed"):  # fmt: skip
         man = _build(paths, stage, audit, with_links)
         man["seconds"] = round(time.perf_counter() - t0, 3)
         man["checksum"] = _manifest_checksum(man)
@@ -147,18 +170,7 @@ def backup(home: str | Path, dest: str | Path, *, audit: bool = True, with_links
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(stage)
-        if dest.exists():
-            dest.rmdir()
-        os.rename(stage, dest)
-        _fsync_dir(dest.parent)
-    except OSError as e:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise _storage_error(e, f"could not write the backup {dest}",
-                             "free disk space at the destination and run the backup again; the home was not changed",
-                             ) from e  # fmt: skip
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        _publish(stage, dest)
     return summary(man, dest)
 
 
@@ -374,8 +386,8 @@ def restore(src: str | Path, home: str | Path, *, force: bool = False) -> dict[s
                            hint="restore into a new folder, or pass --force to move the current home aside first")
     home.parent.mkdir(parents=True, exist_ok=True)
     stage = home.parent / f".{home.name}.restoring-{secrets.token_hex(4)}"
-    stage.mkdir(mode=0o700)
-    try:
+    with _staging(stage, f"could not restore into {home}",
+                  "free disk space beside the home and run the restore again; the home was not changed"):  # fmt: skip
         for rel, meta in man["files"].items():
             sha, _ = _copy(src / rel, stage / rel)
             if sha != meta["sha256"]:
@@ -395,18 +407,7 @@ def restore(src: str | Path, home: str | Path, *, force: bool = False) -> dict[s
         if occupied:
             aside = home.with_name(f"{home.name}.before-restore-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
             os.rename(home, aside)
-        elif home.exists():
-            home.rmdir()
-        os.rename(stage, home)
-        _fsync_dir(home.parent)
-    except OSError as e:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise _storage_error(e, f"could not restore into {home}",
-                             "free disk space beside the home and run the restore again; the home was not changed",
-                             ) from e  # fmt: skip
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        _publish(stage, home)
     return {
         "home": str(home), "backup": str(src), "created_at": man["created_at"], "files": len(man["files"]),
         "bytes": man["bytes"], "seconds": round(time.perf_counter() - t0, 3),
