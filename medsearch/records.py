@@ -97,3 +97,12 @@ class CaseView:
     sections: dict[str, str]
     labels: dict[str, Any]
     images: list[dict[str, Any]]
+
+
+def report_opening(sections: dict[str, str], n: int = 200) -> str | None:
+    """The first ``n`` characters of a report's findings (else impression, else history), whitespace folded."""
+    for s in ("findings", "impression", "history"):
+        if sections.get(s):
+            t = " ".join(sections[s].split())
+            return t if len(t) <= n else t[: n - 1] + "…"
+    return None

@@ -31,7 +31,7 @@ from .catalog import CaseRow, Catalog, ImageRow, TextRow
 from .config import ImagingConfig, Paths, SearchConfig
 from .encoders.registry import default_model
 from .errors import IndexInconsistent, IndexNotBuilt, InvalidInput, MedsearchError, NotFound, NotSupportedByModel
-from .records import Hit
+from .records import Hit, report_opening
 from .stores import VectorStore, open_store
 from .understand import Understanding, Understood
 
@@ -527,7 +527,7 @@ class Searcher:
                 if row.case_id in seen_cases:
                     continue
                 seen_cases.add(row.case_id)
-            ex = (excerpts or {}).get(image_id) or row.caption or _opening(row.sections or {})
+            ex = (excerpts or {}).get(image_id) or row.caption or report_opening(row.sections or {})
             hits.append(_hit(row, score, ex, matched.get(image_id, "image")))
             if len(hits) >= k:
                 break
@@ -567,14 +567,6 @@ _PATH_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".
 def _looks_like_path(ref: str) -> bool:
     """A reference meant as a file: a folder separator, a leading ~ or ., or an image file suffix."""
     return "/" in ref or "\\" in ref or ref.startswith(("~", ".")) or ref.lower().endswith(_PATH_SUFFIXES)
-
-
-def _opening(sections: dict[str, str], n: int = 200) -> str | None:
-    for s in ("findings", "impression", "history"):
-        if sections.get(s):
-            t = " ".join(sections[s].split())
-            return t if len(t) <= n else t[: n - 1] + "…"
-    return None
 
 
 def _hit(row: ImageRow | CaseRow, score: float, excerpt: str | None, matched: str) -> Hit:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import InvalidInput
-from .records import Hit
+from .records import Hit, report_opening
 from .studies import scores_from_sims, study_scores
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -85,7 +85,7 @@ def similar_study(
             score=round(float(score), 6), case_id=int(cid), case_key=r["case_key"], image_id=r["image_id"],
             image_key=r["image_key"], source=r["source"], modality_type=r["modality_type"], modality=r["modality"],
             body_region=r["body_region"], plane=r["plane"], split=r["split"], diagnosis=r["diagnosis"],
-            title=r["title"], excerpt=r["caption"] or _opening(r["sections"]), matched="study",
+            title=r["title"], excerpt=r["caption"] or report_opening(r["sections"]), matched="study",
         ))  # fmt: skip
     return hits
 
@@ -163,11 +163,3 @@ def _query_vectors(searcher: Any, images: Sequence[Any]) -> tuple[np.ndarray, se
     out = np.stack(vecs)
     out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return out, own
-
-
-def _opening(sections: dict[str, str], n: int = 200) -> str | None:
-    for s in ("findings", "impression", "history"):
-        if sections.get(s):
-            t = " ".join(sections[s].split())
-            return t if len(t) <= n else t[: n - 1] + "…"
-    return None
