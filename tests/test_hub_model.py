@@ -204,7 +204,7 @@ def test_draft_cites_the_nearest_cases(home, images, oracle):
     assert near[0]["case_key"] in evidence  # the nearest other case, in the hub model's space, is cited evidence
 
 
-def test_train_base_hub_then_index_the_fine_tune(home, hub, oracle):
+def test_train_base_hub_then_index_the_fine_tune(home, hub, oracle, tmp_path):
     """``train --base hf-hub:...`` writes an open_clip local-dir (config, weights, tokenizer) that
     ``--model`` loads, and indexing with it changes the vectors."""
     from safetensors.torch import load_file
@@ -230,6 +230,21 @@ def test_train_base_hub_then_index_the_fine_tune(home, hub, oracle):
     assert len(hits) == len(base)
     assert max(abs(x["score"] - base[x["image_key"]]) for x in hits) > 1e-3  # the fine-tuned model answered
     _cli("index", "--home", str(h), "--model", MODEL_SPEC, "--workers", "0", "--device", "cpu", "-q")  # back
+
+    # a copy of the folder without its tokenizer, or without weights: an error that says so, no random model
+    import shutil
+
+    from medsearch.encoders.registry import load_encoder
+    from medsearch.errors import ModelNotAvailable
+
+    for drop, said in ((("tokenizer.json", "tokenizer_config.json"), "no tokenizer files"),
+                       (("open_clip_model.safetensors",), "no weights")):  # fmt: skip
+        broken = tmp_path / f"no-{drop[0]}"
+        shutil.copytree(folder, broken)
+        for f in drop:
+            (broken / f).unlink()
+        with pytest.raises(ModelNotAvailable, match=said):
+            load_encoder(f"open_clip:local-dir:{broken}", device="cpu")
 
 
 @pytest.mark.parametrize(
