@@ -5,12 +5,15 @@ Spec forms (``model_id`` keeps the spec, with checkpoint paths made absolute):
     open_clip:ARCH:/path/to/checkpoint.pt   # local weights for a built-in/registered ARCH
     open_clip:ARCH:TAG                      # a pretrained tag whose weights are already cached
     hf-hub:ORG/NAME                         # a Hugging Face repo already in the local HF cache
+    open_clip:local-dir:/path/to/folder     # open_clip_config.json + weights (+ tokenizer) in a folder
 
 Nothing is downloaded: every Hub/transformers call runs inside ``hub_offline()`` and URL
 tags are looked up in the cache folder before open_clip is asked. Missing weights raise
 ``ModelNotAvailable`` whose hint is the command that fetches them on a machine with internet.
 A model is never created with random weights: a spec without weights is an error, and the
-hf-hub path fails if open_clip logs that it could not load the checkpoint.
+hf-hub path fails if open_clip logs that it could not load the checkpoint. A model whose config
+names a Hugging Face text tower (BiomedCLIP: ``text_cfg.hf_model_name`` / ``hf_tokenizer_name``, a
+second hub repo) is checked for that repo in the cache first, and the error names it.
 
 Long text is chunked on sentence boundaries to the tokenizer's context (77 for CLIP); the
 chunk vectors are averaged, weighted by their token counts, and re-normalised.
@@ -85,6 +88,40 @@ def _hub_fetch_hint(repo: str) -> str:
     )
 
 
+def _text_repo_hint(repo: str, model_id: str) -> str:
+    return (
+        f"{model_id} takes its text tower's config and tokenizer from the hub repo {repo}: on a machine with "
+        f"internet run `hf download {repo}` (older huggingface_hub: `huggingface-cli download {repo}`), "
+        "then copy ~/.cache/huggingface/hub to this machine"
+    )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+def _check_text_repos(model_cfg: dict[str, Any], model_id: str, cache_dir: str | None, local_tokenizer: bool) -> None:
+    """ModelNotAvailable naming the repo when the HF text tower's config or tokenizer repo is not cached.
+
+    The tower's ``AutoConfig`` is read from the default cache (open_clip passes no cache_dir to it), the
+    tokenizer from ``cache_dir``; ``local_tokenizer``: the tokenizer comes from a local-dir folder instead.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    text = model_cfg.get("text_cfg") or {}
+    wanted = [(text.get("hf_model_name"), ("config.json",), None)]
+    if not local_tokenizer:
+        wanted.append((text.get("hf_tokenizer_name"), TOKENIZER_FILES, cache_dir))
+    for repo, files, cdir in wanted:
+        if not repo or Path(repo).expanduser().is_dir():  # unset, or a local folder transformers reads itself
+            continue
+        if not any(isinstance(try_to_load_from_cache(repo, f, cache_dir=cdir), str) for f in files):
+            raise ModelNotAvailable(
+                f"{model_id} needs the Hugging Face repo {repo} (its text tower's "
+                f"{'config' if files == ('config.json',) else 'tokenizer'}), which is not in the local cache",
+                hint=_text_repo_hint(repo, model_id),
+            )
+
+
 def _tag_fetch_hint(arch: str, tag: str) -> str:
     return (
         f'on a machine with internet run `python -c "import open_clip; '
@@ -94,7 +131,8 @@ def _tag_fetch_hint(arch: str, tag: str) -> str:
 
 
 def parse_spec(spec: str) -> tuple[str, str | None, str]:
-    """Spec -> (kind, arch, source): ("hub", None, "ORG/NAME"), ("file", ARCH, PATH), ("tag", ARCH, TAG)."""
+    """Spec -> (kind, arch, source): ("hub", None, "ORG/NAME"), ("dir", None, FOLDER), ("file", ARCH, PATH),
+    ("tag", ARCH, TAG)."""
     if spec.startswith("open_clip:hf-hub:"):
         spec = spec[len("open_clip:") :]
     if spec.startswith("hf-hub:"):
@@ -102,6 +140,11 @@ def parse_spec(spec: str) -> tuple[str, str | None, str]:
         if repo.count("/") != 1 or not all(repo.split("/")):
             raise ModelNotAvailable(f"bad hf-hub id {spec!r}", hint="use hf-hub:ORG/NAME")
         return "hub", None, repo
+    if spec.startswith("open_clip:local-dir:"):
+        folder = spec[len("open_clip:local-dir:") :].strip()
+        if not folder:
+            raise ModelNotAvailable(f"open_clip spec {spec!r} names no folder", hint="use open_clip:local-dir:/path")
+        return "dir", None, folder
     if not spec.startswith("open_clip:"):
         raise ModelNotAvailable(f"not an open_clip spec: {spec!r}", hint="use open_clip:ARCH:/path/ckpt.pt")
     arch, _, source = spec[len("open_clip:") :].partition(":")
@@ -185,6 +228,31 @@ def _resolve_hub(repo: str, cache_dir: str | None) -> tuple[dict[str, Any], Path
         return json.load(f), Path(ckpt)
 
 
+CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                    "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth",
+                    "model.pth")  # fmt: skip  # open_clip's local-dir preference order
+
+
+def _resolve_dir(folder: Path) -> tuple[dict[str, Any], Path]:
+    """(open_clip_config.json contents, the checkpoint open_clip will load) of a local-dir folder."""
+    import json
+
+    hint = ("a local-dir folder holds open_clip_config.json, open_clip_model.safetensors and the tokenizer files "
+            "(what `medsearch train --base hf-hub:ORG/NAME` writes)")
+    cfg_path = folder / "open_clip_config.json"
+    if not cfg_path.is_file():
+        raise ModelNotAvailable(f"no open_clip_config.json in {folder}", hint=hint)
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    if not isinstance(cfg, dict) or "model_cfg" not in cfg:
+        raise InvalidInput(f"{cfg_path} has no model_cfg", hint=hint)
+    found = [p for ext in ("*.safetensors", "*.bin", "*.pth") for p in sorted(folder.glob(ext))]
+    if not found:
+        raise ModelNotAvailable(f"no weights in {folder} (open_clip looks for *.safetensors, *.bin, *.pth)", hint=hint)
+    rank = {n: i for i, n in enumerate(CHECKPOINT_NAMES)}
+    return cfg, min(found, key=lambda p: rank.get(p.name, len(rank)))  # stable: safetensors first, then by name
+
+
 class OpenClipEncoder:
     """An open_clip model in one shared image/text space. Vectors are float32, unit norm."""
 
@@ -195,10 +263,25 @@ class OpenClipEncoder:
         kind, arch, source = parse_spec(spec)
         self.device = pick_device(device)
         self.amp = amp
+        self.open_clip_config: dict[str, Any] | None = None  # open_clip_config.json of hub/local-dir models
         if kind == "hub":
-            _cfg, ckpt = _resolve_hub(source, cache_dir)
+            self.open_clip_config, ckpt = _resolve_hub(source, cache_dir)
             name, pretrained, hint = f"hf-hub:{source}", None, _hub_fetch_hint(source)
             self.model_id = f"hf-hub:{source}"
+            _check_text_repos(self.open_clip_config.get("model_cfg") or {}, self.model_id, cache_dir, False)
+        elif kind == "dir":
+            folder = Path(source).expanduser().resolve()
+            self.open_clip_config, ckpt = _resolve_dir(folder)
+            name, pretrained = f"local-dir:{folder}", None
+            hint = f"check that {folder} holds an open_clip model (config, weights and tokenizer files)"
+            self.model_id = f"open_clip:local-dir:{folder}"
+            model_cfg = self.open_clip_config["model_cfg"]
+            local_tok = bool((model_cfg.get("text_cfg") or {}).get("hf_tokenizer_name"))
+            if local_tok and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+                raise ModelNotAvailable(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)})",
+                                        hint="save the tokenizer beside the weights: "
+                                        "open_clip.get_tokenizer(BASE).save_pretrained(FOLDER)")  # fmt: skip
+            _check_text_repos(model_cfg, self.model_id, cache_dir, local_tok)
         elif kind == "file":
             assert arch is not None
             _check_arch(arch)

@@ -6,6 +6,7 @@ Specs:
     lite                                    trained projection heads over the towers (models_dir/lite)
     open_clip:ARCH:/path/to/checkpoint.pt   local open_clip checkpoint
     open_clip:ARCH:TAG                      open_clip pretrained tag, weights already cached
+    open_clip:local-dir:/path/to/folder     open_clip model folder (what train --base hf-hub:... writes)
     hf-hub:ORG/NAME                         open_clip model in the local Hugging Face cache
 
 Loaded encoders are cached per (spec, device, models_dir) in-process, so a server loads a
@@ -36,6 +37,7 @@ VALID_SPECS = (
     "lite",
     "open_clip:ARCH:/path/to/checkpoint.pt",
     "open_clip:ARCH:PRETRAINED_TAG",
+    "open_clip:local-dir:/path/to/folder",
     "hf-hub:ORG/NAME",
 )
 
@@ -56,15 +58,20 @@ def _stamp(path: Path) -> tuple[object, ...]:
 def _freshness(spec: str, models_dir: Path | None) -> tuple[object, ...]:
     if _is_lite(spec):
         return _stamp(models_dir / "lite") if models_dir is not None else ()
-    if spec.startswith("open_clip:"):
+    if spec.startswith(("open_clip:", "hf-hub:")):
         from medsearch.encoders.openclip import parse_spec
 
         try:
             kind, _arch, source = parse_spec(spec)
         except ModelNotAvailable:
             return ()
-        if kind == "file":
+        if kind in ("file", "dir"):
             return _stamp(Path(source).expanduser())
+        if kind == "hub":  # the cached snapshot (cache folder + revision): a new download loads anew
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(source, "open_clip_config.json")
+            return (found,) if isinstance(found, str) else ()
     return ()
 
 

@@ -115,11 +115,9 @@ def finetune_open_clip(
     micro-batch), a checkpoint every ``checkpoint_every`` steps under
     ``HOME/models/checkpoints/<run>/`` (resumed when the run matches), early stopping on dev.
     The best weights are saved as ``HOME/models/open_clip/<run>/open_clip_model.pt``, loadable with
-    ``--model open_clip:ARCH:<that file>``.
+    ``--model open_clip:ARCH:<that file>``; a hub or local-dir base gives an open_clip local-dir folder
+    (config, ``open_clip_model.safetensors``, tokenizer): ``--model open_clip:local-dir:<that folder>``.
     """
-    import copy
-    import json
-
     import open_clip
     import torch
     import torch.nn.functional as F
@@ -269,13 +267,19 @@ def finetune_open_clip(
                 log(f"early stop: no better dev score in {cfg.patience} evaluations")
                 break
     out_dir = paths.models / "open_clip" / run
-    weights = out_dir / "open_clip_model.pt"
-    _save_torch_atomic({"state_dict": best_state}, weights)
-    if kind == "hub":
-        src_cfg = copy.deepcopy(open_clip.get_model_config(enc.model_id) or {})
-        write_atomic(out_dir / "open_clip_config.json", lambda f: f.write(json.dumps({"model_cfg": src_cfg}, indent=2).encode()))
+    if kind in ("hub", "dir"):  # an open_clip local-dir: the base's config, the weights, the tokenizer
+        from safetensors.torch import save as safetensors_bytes
+
+        weights = out_dir / "open_clip_model.safetensors"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(weights, lambda f: f.write(safetensors_bytes({k: v.contiguous() for k, v in best_state.items()})))
+        write_json_atomic(out_dir / "open_clip_config.json", enc.open_clip_config)
+        if hasattr(enc._tokenizer, "save_pretrained"):  # HF tokenizer: open_clip reads it from the folder
+            enc._tokenizer.save_pretrained(str(out_dir))
         model_id = f"open_clip:local-dir:{out_dir}"
     else:
+        weights = out_dir / "open_clip_model.pt"
+        _save_torch_atomic({"state_dict": best_state}, weights)
         model_id = f"open_clip:{arch}:{weights}"
     meta = {
         "model_id": model_id, "base": enc.model_id, "base_weights_hash": enc.weights_hash, "unfreeze": cfg.unfreeze,
