@@ -38,7 +38,7 @@ Region = Annotated[list[str] | None, typer.Option("--body-region", help="Keep on
 Split = Annotated[list[str] | None, typer.Option("--split", help="Keep only this split (train, dev, ...).")]
 Model = Annotated[
     str | None,
-    typer.Option("--model", help="Model: towers, lite, open_clip:ARCH:CHECKPOINT, hf-hub:ORG/NAME. Default: the indexed one."),
+    typer.Option("--model", help="Model: towers, lite, open_clip:ARCH:CHECKPOINT, open_clip:local-dir:FOLDER, hf-hub:ORG/NAME. Default: the indexed one."),
 ]
 Device = Annotated[str, typer.Option("--device", envvar="MEDSEARCH_DEVICE", help="auto, cpu, cuda, cuda:N.")]
 ImageRef = Annotated[str, typer.Argument(help="Image file (PNG/JPEG/DICOM), or a catalog image id or key.")]
