@@ -244,6 +244,9 @@ def test_disconnect_mid_upload_leaves_no_temp_file(server):
     # a whole upload of the same size still works (the disconnect handling did not break uploads)
     r = httpx.post(f"{server.base}/v1/search/image", files={"file": ("q.png", body, "image/png")}, timeout=120)
     assert r.status_code in (400, 415), r.text  # random bytes after a PNG signature: refused by name, no 5xx
+    deadline = time.time() + 10  # the form's files are closed just after the response is sent
+    while time.time() < deadline and server.spool_fds():
+        time.sleep(0.1)
     assert server.spool_fds() == [] and list(server.spool.iterdir()) == []
 
 
