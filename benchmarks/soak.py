@@ -11,7 +11,7 @@ of ../shared/datasets), runs ``medsearch ingest`` and ``medsearch index``, and t
 each new generation (``--watch 1``). At seeded moments the writer is SIGKILLed (and run again, as
 an operator would: ingest is idempotent, index resumes), and once, the server itself.
 
-Printed (markdown) and written as JSON (``--out``): requests/s and p50/p95/p99 per kind, errors by
+Printed (markdown) and written as JSON (``--out``; times in seconds since the server was first launched): requests/s and p50/p95/p99 per kind, errors by
 status inside and outside the restart window, server RSS over time (mean of the first vs the last
 third of the longest-serving server process), the writer's rounds and kills; and the checks after
 the run: every hit, citation and case view names rows that exist in the catalog, no lost,
@@ -178,6 +178,7 @@ class Supervisor(threading.Thread):
         self.base = f"http://127.0.0.1:{port}"
         self.log = open(log, "a")  # noqa: SIM115 - closed in stop()
         self.incarnations: list[Incarnation] = []
+        self.served: list[tuple[float, int]] = []  # (t, image index generation) whenever it changes
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.proc: subprocess.Popen | None = None
@@ -194,17 +195,22 @@ class Supervisor(threading.Thread):
         self.incarnations.append(Incarnation(pid=self.proc.pid, started=self.now()))
 
     def _health(self) -> str | None:
+        """The server's status (None when it does not answer); notes the image generation it serves."""
         import httpx
 
         try:
             r = httpx.get(self.base + "/v1/health", timeout=5)
-            return r.json().get("status") if r.status_code == 200 else None
+            h = r.json() if r.status_code == 200 else {}
         except (httpx.HTTPError, ValueError):
             return None
+        gen = h.get("indexes", {}).get("image", {}).get("generation")
+        if gen is not None and (not self.served or self.served[-1][1] != gen):
+            self.served.append((round(self.now(), 1), gen))
+        return h.get("status")
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self.incarnations[-1].ready is None:
+        while (inc := self.incarnations[-1]).ready is None or inc.died is not None:  # a live, serving one
             if time.monotonic() > deadline:
                 raise SystemExit(f"the server was not ready within {timeout:.0f} s; see {self.log.name}")
             time.sleep(0.2)
@@ -229,6 +235,8 @@ class Supervisor(threading.Thread):
                 if "VmRSS" in st:
                     inc.rss_mb.append((last_sample, int(st["VmRSS"].split()[0]) / 1024))
                     inc.threads.append((last_sample, int(st.get("Threads", "0"))))
+                if inc.ready is not None:
+                    self._health()
             time.sleep(0.1)
 
     def kill(self) -> float:
@@ -527,7 +535,8 @@ def markdown(res: dict) -> str:
             f"- server: {srv['restarts']} restart(s) ({srv['planned_kills']} planned SIGKILL, {srv['unplanned_deaths']} "
             f"unplanned): process up again after {', '.join(f'{x:.1f} s' for x in srv['up_after_s']) or '-'}, "
             f"serving after {', '.join(f'{x:.1f} s' for x in srv['serving_after_s']) or '-'}; generations seen "
-            f"by clients {min(res['generations'], default=0)}..{max(res['generations'], default=0)}",
+            f"by clients {min(res['generations'], default=0)}..{max(res['generations'], default=0)}; served (s: generation) "
+            f"{', '.join(f'{t:.0f}: {g}' for t, g in res['served_generations'])}",
             f"- writer: {len(w['rounds'])} rounds, {w['cases_added']} cases added, {len(w['kills'])} SIGKILLs "
             f"({fmt(w['kills_by_step'])}), {len(w['failures'])} failed runs",
             f"- server RSS (longest-serving process, {rs.get('serving_s', 0)} s): first third "
@@ -624,23 +633,29 @@ def main() -> int:
     kill_at = start + args.seconds * rng.uniform(0.25, 0.45)
     writer = Writer(home, work, pool, args.batch, args.kill_prob, rng, deadline, t0, make_slice)
     clients = Clients(sup.base, args.clients, texts[:200], uploads, seed_cases, deadline, t0)
-    writer.start()
-    ct = threading.Thread(target=clients.run, daemon=True)
-    ct.start()
-    while time.perf_counter() < kill_at:
-        time.sleep(0.1)
-    sup.kill()
-    print(f"  server SIGKILLed at {kill_at - start:.1f} s", flush=True)
-    sup.wait_ready(900)
-    down = sup.windows()[-1]
-    deadline.at += min(down[1] - down[0], 900)  # the clients get --seconds of a serving server
-    print(f"  serving again after {down[1] - down[0]:.1f} s; the soak ends at {deadline.at - start:.0f} s", flush=True)
-    ct.join()
-    print(f"  clients done: {len(clients.samples)} requests; waiting for the writer's last step", flush=True)
-    writer.join(timeout=900)
-    sup.wait_ready(600)  # a restart after the kill must have come up
-    served = served_matches(sup.base, home, 300)
-    sup.stop()
+    try:
+        writer.start()
+        ct = threading.Thread(target=clients.run, daemon=True)
+        ct.start()
+        while time.perf_counter() < kill_at:
+            time.sleep(0.1)
+        sup.kill()
+        print(f"  server SIGKILLed at {kill_at - start:.1f} s", flush=True)
+        sup.wait_ready(900)
+        down = sup.windows()[-1]
+        deadline.at += min(down[1] - down[0], 900)  # the clients get --seconds of a serving server
+        print(f"  serving again after {down[1] - down[0]:.1f} s; the soak ends at {deadline.at - start:.0f} s",
+              flush=True)  # fmt: skip
+        ct.join()
+        print(f"  clients done: {len(clients.samples)} requests; waiting for the writer's last step", flush=True)
+        writer.join(timeout=900)
+        sup.wait_ready(600)
+        served = served_matches(sup.base, home, 300)
+    finally:
+        deadline.at = 0  # on an error: clients and writer stop at their next step
+        if writer.is_alive() and writer.proc is not None and writer.proc.poll() is None:
+            os.killpg(writer.proc.pid, signal.SIGKILL)
+        sup.stop()
     load_after = load_avg()
 
     expected = {k: all_cases[k] for k in base_cases} | {k: all_cases[k] for k in writer.ingested}
@@ -665,10 +680,10 @@ def main() -> int:
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, setup_s=round(setup_s, 1),
         wall_s=round(deadline.at - start, 1),
         load_before=load_before, load_after=load_after, latency=latency, errors=errors,
-        generations=sorted(clients.generations),
+        generations=sorted(clients.generations), served_generations=sup.served, soak_start_s=round(start - t0, 1),
         server=dict(restarts=len(incs) - 1, planned_kills=sum(i.killed for i in incs),
                     unplanned_deaths=sum(1 for i in incs[:-1] if not i.killed),
-                    windows=[(round(a - (start - t0), 1), round(b - (start - t0), 1)) for a, b in windows],
+                    windows=[(round(a, 1), round(b, 1)) for a, b in windows],
                     up_after_s=[round((i.answering or i.started) - (p.died or i.started), 1) for p, i in zip(incs, incs[1:], strict=False)],
                     serving_after_s=[round(b - a, 1) for a, b in windows],
                     incarnations=[{k: v for k, v in asdict(i).items() if k not in ("rss_mb", "threads")} for i in incs]),
