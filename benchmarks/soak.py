@@ -31,6 +31,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -496,6 +497,7 @@ def main() -> int:
         print(f"  serving again after {down[1] - down[0]:.1f} s; the soak ends at {deadline.at - start:.0f} s",
               flush=True)  # fmt: skip
         ct.join()
+        wall = time.perf_counter() - start
         print(f"  clients done: {len(clients.samples)} requests; waiting for the writer's last step", flush=True)
         writer.join(timeout=900)
         sup.wait_ready(600)
@@ -527,7 +529,7 @@ def main() -> int:
     incs = sup.incarnations
     res = dict(
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, setup_s=round(setup_s, 1),
-        wall_s=round(deadline.at - start, 1),
+        wall_s=round(wall, 1),
         load_before=load_before, load_after=load_after, latency=latency, errors=errors,
         generations=sorted(clients.generations), served_generations=sup.served, soak_start_s=round(start - t0, 1),
         server=dict(restarts=len(incs) - 1, planned_kills=sum(i.killed for i in incs),
@@ -543,7 +545,8 @@ def main() -> int:
     res["failed"] = gates(res)
     print(markdown(res), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1, default=str))
+    text = json.dumps(res, indent=1, default=str)
+    args.out.write_text(re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text))
     print(f"wrote {args.out}")
     if args.work is None and not res["failed"]:
         shutil.rmtree(work, ignore_errors=True)
