@@ -542,6 +542,7 @@ def main() -> int:
                     cases_added=len(writer.ingested)),
         rss=rss_trend(incs), rows=rows, samples=[astuple(x) for x in clients.samples], served=served, check=check, audit=audit,
     )  # fmt: skip
+    res["stray_tmp"] = sorted(str(x.relative_to(home)) for x in home.rglob("*.tmp"))  # left by a killed writer
     res["failed"] = gates(res)
     print(markdown(res), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

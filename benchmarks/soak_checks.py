@@ -158,7 +158,7 @@ def markdown(res: dict) -> str:
             f"counts {len(rows['wrong_image_counts'])}; hits named {rows['hit_cases']} cases and {rows['hit_images']} "
             f"images, missing {len(rows['missing_cases'])} + {len(rows['missing_images'])}",
             f"- served index == catalog: {res['served']['ok']}; `medsearch check`: {res['check']['ok']}; audit chain: "
-            f"{res['audit']['ok']}",
+            f"{res['audit']['ok']}; temp files left: {len(res.get('stray_tmp', []))}",
             f"- checks: {'all passed' if not res['failed'] else 'FAILED: ' + '; '.join(res['failed'])}"]  # fmt: skip
     return "\n".join(out)
 
@@ -185,6 +185,8 @@ def gates(res: dict) -> list[str]:
         f.append("the writer was never killed (raise --kill-prob or --seconds)")
     if len(res["generations"]) < 2:
         f.append(f"clients saw one generation only ({sorted(res['generations'])}): no hot swap under load")
+    if res.get("stray_tmp"):
+        f.append(f"temp files left in the home: {res['stray_tmp'][:10]}")
     for name in ("served", "check", "audit"):
         if not res[name]["ok"]:
             f.append(f"{name} failed: {json.dumps(res[name])[:400]}")

@@ -41,6 +41,7 @@ def test_soak_60s(small_home, tmp_path):
         assert rows[key] == [], (key, rows[key])
     assert rows["catalog_cases"] == rows["expected_cases"] and rows["hit_images"] > 0
     assert len(res["generations"]) >= 2, res["generations"]  # a hot swap under load
+    assert res["stray_tmp"] == [], res["stray_tmp"]
     assert res["served"]["ok"] and res["check"]["ok"] and res["audit"]["ok"], (
         res["served"],
         res["check"],
