@@ -21,6 +21,7 @@ passes, and the audit log's hash chain verifies. Exit 1 when a check fails.
 The base home (``--base-home``, copied; default: 5 covid-chestxray + 4 medpix-2.0 cases indexed
 with the frozen towers here) must hold a medpix-2.0 source. All CPU: on a small shared host the
 clients, the server and the writer compete for the same cores; the load average is printed.
+``--work DIR`` keeps the folder (home, logs, and every request in ``samples.json``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import io
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import socket
@@ -52,6 +52,8 @@ from soak_checks import (
     markdown,
     rss_trend,
     served_matches,
+    timeline,
+    write_json,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -540,14 +542,14 @@ def main() -> int:
                     incarnations=[{k: v for k, v in asdict(i).items() if k not in ("rss_mb", "threads")} for i in incs]),
         writer=dict(rounds=writer.rounds, kills=writer.kills, kills_by_step=kills_by_step, failures=writer.failures,
                     cases_added=len(writer.ingested)),
-        rss=rss_trend(incs), rows=rows, samples=[astuple(x) for x in clients.samples], served=served, check=check, audit=audit,
+        rss=rss_trend(incs), rows=rows, timeline=timeline([astuple(x) for x in clients.samples]), served=served, check=check, audit=audit,
     )  # fmt: skip
     res["stray_tmp"] = sorted(str(x.relative_to(home)) for x in home.rglob("*.tmp"))  # left by a killed writer
     res["failed"] = gates(res)
     print(markdown(res), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(res, indent=1, default=str)
-    args.out.write_text(re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text))
+    write_json(args.out, res)
+    (work / "samples.json").write_text(json.dumps([astuple(x) for x in clients.samples]))  # every request
     print(f"wrote {args.out}")
     if args.work is None and not res["failed"]:
         shutil.rmtree(work, ignore_errors=True)

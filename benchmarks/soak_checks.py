@@ -5,6 +5,7 @@ the markdown table and the pass/fail gates."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -193,3 +194,26 @@ def gates(res: dict) -> list[str]:
     if not any(r["kind"] == "all" and r["ok"] for r in res["latency"]):
         f.append("no request succeeded")
     return f
+
+
+def timeline(samples: list, bucket: float = 10.0) -> list[list]:
+    """Per ``bucket`` seconds (by request start): [t, requests, ok, non-200, p50 ms of the ok ones,
+    newest image generation answering]; ``samples`` as (kind, t0, t1, status, generation) rows."""
+    if not samples:
+        return []
+    out = []
+    last = max(x[1] for x in samples)
+    t = min(x[1] for x in samples)
+    while t <= last:
+        mine = [x for x in samples if t <= x[1] < t + bucket]
+        ok = [x[2] - x[1] for x in mine if x[3] == 200]
+        gens = [x[4] for x in mine if x[4] is not None]
+        out.append([round(t), len(mine), len(ok), len(mine) - len(ok), round(pct(ok)[0]), max(gens, default=None)])
+        t += bucket
+    return out
+
+
+def write_json(path: Path, res: dict) -> None:
+    """Indented JSON with every innermost list on one line."""
+    text = json.dumps(res, indent=1, default=str)
+    path.write_text(re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text))
