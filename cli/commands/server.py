@@ -37,6 +37,10 @@ def serve(
     ssl_keyfile: Annotated[Path | None, typer.Option(help="Private key (PEM) of --ssl-certfile.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Allow plain http beyond loopback (only behind a TLS proxy).")] = False,
     viewer_url: Annotated[str | None, typer.Option("--viewer-url", help="Hospital viewer URL template with {uid}, e.g. https://pacs/viewer?StudyInstanceUIDs={uid}; shown to admin keys for studies ingested with --link-back.")] = None,
+    limit_concurrency: Annotated[int, typer.Option(min=0, help="Most open connections (and requests) at once; a request beyond it gets 503 at once; 0 = no limit.")] = 2048,
+    backlog: Annotated[int, typer.Option(min=1, help="Connections the kernel queues before the server accepts them.")] = 2048,
+    timeout_keep_alive: Annotated[int, typer.Option(min=1, help="Seconds an idle keep-alive connection stays open after a response.")] = 5,
+    header_timeout: Annotated[float, typer.Option(min=0, help="Seconds a connection may take to send a request's headers before it is closed (slow clients); 0 = no limit.")] = 15,
     *,
     draft: DraftConfig,
 ) -> None:
@@ -67,7 +71,30 @@ def serve(
     tls = _tls_options(host, ssl_certfile, ssl_keyfile, insecure)  # then TLS, still before binding
     keys = "required" if settings.auth_required else "optional (read access without a key)"
     output.line(f"medsearch on {'https' if tls else 'http'}://{host}:{port}  (web page /, docs /docs)  keys: {keys}")
-    uvicorn.run(application, host=host, port=port, log_level=log_level, proxy_headers=False, server_header=False, **tls)
+    limits = _connection_limits(limit_concurrency, backlog, timeout_keep_alive, header_timeout)
+    uvicorn.run(application, host=host, port=port, log_level=log_level, proxy_headers=False, server_header=False,
+                **limits, **tls)  # fmt: skip
+
+
+def _connection_limits(limit: int, backlog: int, keep_alive: int, header_timeout: float) -> dict:
+    """uvicorn's connection settings. Raises the open-files limit so ``limit`` sockets fit in it
+    (a server out of descriptors cannot even answer 503)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = (limit or backlog) + 256  # the sockets, plus the catalog, indexes, logs and libraries
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            output.warn(f"open files are limited to {new} (hard limit): fewer than --limit-concurrency {limit} "
+                        "connections fit; raise `ulimit -Hn` or lower --limit-concurrency")  # fmt: skip
+    out: dict = {"limit_concurrency": limit or None, "backlog": backlog, "timeout_keep_alive": keep_alive}
+    if header_timeout > 0:
+        from api.protocol import header_timeout_protocol
+
+        out["http"] = header_timeout_protocol(header_timeout)
+    return out
 
 
 def _tls_options(host: str, certfile: Path | None, keyfile: Path | None, insecure: bool) -> dict[str, str]:
