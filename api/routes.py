@@ -137,7 +137,7 @@ def health(state: State) -> S.HealthOut:
         for space, idx in s.loaded_indexes().items():
             m = idx.manifest
             indexes[space] = S.IndexInfo(count=idx.ntotal, generation=m.generation, kind=m.kind, dim=m.dim,
-                                         built_at=m.built_at)  # fmt: skip
+                                         built_at=m.built_at, behind=s.behind.get(space, 0))  # fmt: skip
     status = "ok" if s is not None else "no_index"
     if s is not None and state.last_reload_error:
         status = "degraded"

@@ -197,6 +197,7 @@ class IndexInfo(BaseModel):
     kind: str
     dim: int
     built_at: str
+    behind: int = Field(0, description="Vectors the catalog stores that this generation lacks (an index run in flight).")
 
 
 class HealthOut(BaseModel):

@@ -154,10 +154,15 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 def catalog_docs(catalog: Catalog) -> tuple[list[int], list[str], str]:
     """(text ids, texts, fingerprint) of the catalog's caption and section texts, in id order."""
     ids, texts = catalog.texts_of_kinds(DOC_KINDS)
+    return ids, texts, fingerprint(ids, texts)
+
+
+def fingerprint(ids: Sequence[int], texts: Sequence[str]) -> str:
+    """What a BM25 generation was built from: a hash of its (id, text) pairs in id order."""
     h = hashlib.sha256()
     for i, t in zip(ids, texts, strict=True):
         h.update(f"{i}\t".encode() + t.encode("utf-8") + b"\n")
-    return ids, texts, h.hexdigest()[:16]
+    return h.hexdigest()[:16]
 
 
 def build_bm25_index(catalog: Catalog, directory: Path, *, force: bool = False) -> dict[str, Any]:

@@ -97,6 +97,7 @@ class Searcher:
         if not self.model_id:
             raise IndexNotBuilt(f"no index has been built in {self.paths.home}", hint="run `medsearch index` first")
         self._indexes: dict[str, VectorStore] = {}
+        self.behind: dict[str, int] = {}  # space -> vectors the catalog stores that the loaded index lacks
         self._bm25: Any = None  # medsearch.bm25.BM25 once loaded
         self._understanding: Understanding | None = None  # built on first use
         self._lock = threading.Lock()
@@ -118,13 +119,27 @@ class Searcher:
                 idx = open_store(self.paths.index_dir(self.model_id), space, model_id=self.model_id,
                                  milvus_token=self.catalog.get_meta("milvus_token"))  # the store the manifest names
                 stored = self.catalog.count_vectors(self.model_id, space)
-                if stored != idx.ntotal:
+                if stored != idx.ntotal and not self._behind_but_valid(idx, space, stored):
                     raise IndexInconsistent(
                         f"the {space} index of {self.model_id} holds {idx.ntotal} vectors but the catalog stores {stored}",
                         hint="run `medsearch index` to bring it up to date, or `medsearch check --repair`",
                     )
                 self._indexes[space] = idx
             return idx
+
+    def _behind_but_valid(self, idx: VectorStore, space: str, stored: int) -> bool:
+        """An index that lacks only vectors committed after it was built (an ``index`` run in flight, or
+        one killed before it saved) is served: every id it holds is still stored, so its hits name rows
+        that exist and miss only the newest. An index holding ids the catalog no longer has is never
+        served (removed data must not come back)."""
+        item_ids = getattr(idx, "item_ids", None)
+        if item_ids is None or idx.ntotal > stored:
+            return False
+        held = item_ids()
+        if not bool(np.isin(held, self.catalog.vector_ids(self.model_id, space)).all()):
+            return False
+        self.behind[space] = stored - idx.ntotal
+        return True
 
     def has_index(self, space: str) -> bool:
         try:
@@ -137,6 +152,7 @@ class Searcher:
         """Drop loaded indexes; the next query loads the newest generation."""
         with self._lock:
             self._indexes = {}
+            self.behind = {}
             self._bm25 = None
             self._understanding = None
 
@@ -444,12 +460,20 @@ class Searcher:
 
     def bm25(self) -> Any:
         """The BM25 index over report/caption text, checked against the catalog (loaded once)."""
-        from .bm25 import BM25, catalog_docs
+        from .bm25 import BM25, catalog_docs, fingerprint
 
         with self._lock:
             if self._bm25 is None:
                 bm, man = BM25.load(self.paths.index_dir(self.model_id))
-                if man.get("fingerprint") != catalog_docs(self.catalog)[2]:
+                ids, texts, now = catalog_docs(self.catalog)
+                if man.get("fingerprint") != now:
+                    # behind (texts added since it was built) is served when the texts it holds are
+                    # exactly the catalog's for those ids; a text changed or removed is not
+                    held = np.isin(np.asarray(ids, dtype=np.int64), bm.ids)
+                    kept = [i for i, h in zip(ids, held, strict=True) if h]
+                    now = fingerprint(kept, [t for t, h in zip(texts, held, strict=True) if h])
+                    now = now if len(kept) == len(bm) else ""
+                if man.get("fingerprint") != now:
                     raise IndexInconsistent(
                         f"the BM25 index of {self.model_id} does not match the catalog's texts",
                         hint="run `medsearch index` to bring it up to date, or `medsearch check --repair`",

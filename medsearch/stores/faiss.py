@@ -124,6 +124,10 @@ class VectorIndex:
             self._ids = (ids, np.argsort(ids, kind="stable"))
         return self._ids
 
+    def item_ids(self) -> np.ndarray:
+        """The catalog ids the index holds, (ntotal,) int64."""
+        return self._id_lookup()[0]
+
     def positions(self, item_ids: np.ndarray) -> np.ndarray:
         """Internal positions of those catalog ids that are in the index, (m,) int64."""
         ids, order = self._id_lookup()
