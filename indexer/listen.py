@@ -286,6 +286,9 @@ class Listener:
                     s.skipped.extend(it.skipped)
                     for k, v in it.sections.items():
                         s.sections[k] = f"{s.sections[k]}\n{v}" if k in s.sections and v not in s.sections[k] else v
+            for st in studies.values():
+                st.written = [Path(im.path) for im in st.images]
+                st.sync_files()  # the display images are durable before the catalog names them
             cat = Catalog.open(self.paths.catalog)
             try:
                 with cat.atomic():

@@ -205,8 +205,15 @@ class DicomwebClient:
     def instance(self, study_uid: str, series_uid: str, sop_uid: str) -> Dataset:
         return self.call("WADO-RS instance", self.client.retrieve_instance, study_uid, series_uid, sop_uid)
 
-    def whole_series(self, study_uid: str, series_uid: str) -> list[Dataset]:
-        return self.call("WADO-RS series", self.client.retrieve_series, study_uid, series_uid)
+    def whole_series(self, study_uid: str, series_uid: str) -> Iterator[Dataset]:
+        """The instances of a series as they arrive (one streamed multipart answer, 1 MB reads)."""
+        parts = self.call("WADO-RS series", self.client.iter_series, study_uid, series_uid)
+        while True:
+            try:
+                ds = self.call("WADO-RS series", next, parts)
+            except StopIteration:
+                return
+            yield ds
 
     def store(self, datasets: Sequence[Dataset]) -> Any:
         return self.call("STOW-RS", self.client.store_instances, list(datasets))
@@ -260,6 +267,7 @@ def sync_dicomweb(
             continue
         items = _fetch_study(client, catalog, uid, study_key, source, config, out_dir, imaging, summary)
         try:
+            items.sync_files()  # the display images are durable before the catalog names them
             with catalog.atomic():
                 s = ingest_items(catalog, items.items(), path=client.shown, layout="dicomweb", imaging=imaging,
                                  chunk=1 << 30)  # fmt: skip
@@ -311,10 +319,10 @@ def _fetch_study(
         have = existing_image_keys(catalog, source, [keys[i] for i in picked])
         todo = [i for i in picked if keys[i] not in have or i in sr]
         if config.slices is None and len(todo) == len(meta) and len(todo) > 1:
-            datasets = client.whole_series(study_uid, series_uid)
+            datasets: Iterator[Dataset] = client.whole_series(study_uid, series_uid)
         else:
-            datasets = [client.instance(study_uid, series_uid, value(meta[i], "SOPInstanceUID")) for i in todo]
-        for ds in datasets:
+            datasets = (client.instance(study_uid, series_uid, value(meta[i], "SOPInstanceUID")) for i in todo)
+        for ds in prefetch(datasets):
             summary.instances_fetched += 1
             name = f"{source}:{study_key[:12]}/{pseudonym(series_uid, catalog.salt, 'SeriesInstanceUID')[:12]}" \
                    f"#{ds.get('InstanceNumber', '?')}"  # fmt: skip
@@ -364,6 +372,45 @@ def _series_record(
     )  # fmt: skip
     return rec, [images[so.order[r]] for r in sorted(chosen_ranks)]
 
+
+
+def prefetch(items: Iterator[Any], depth: int = 8) -> Iterator[Any]:
+    """``items`` produced in a thread, at most ``depth`` ahead: the next instances arrive over HTTP while
+    this one is de-identified and rendered. An error of the producer is raised here, in order."""
+    import queue
+    import threading
+
+    q: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for x in items:
+                while not stop.is_set():
+                    try:
+                        q.put((True, x), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((False, None))
+        except BaseException as e:  # handed to the consumer
+            q.put((False, e))
+
+    t = threading.Thread(target=produce, name="medsearch-dicomweb-fetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            ok, x = q.get()
+            if not ok:
+                if x is not None:
+                    raise x
+                return
+            yield x
+    finally:
+        stop.set()
+        t.join(timeout=5)
 
 
 def _first_float(m: dict[str, Any], kw: str) -> float | None:

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 from medsearch.config import ImagingConfig
 from medsearch.deid import deid_method, safe_metadata
 from medsearch.errors import InvalidInput, MedsearchError
-from medsearch.fileio import write_atomic
 from medsearch.records import CaseRecord, ImageRecord, Skipped
 from medsearch.studies import SeriesRecord
 
@@ -42,6 +41,22 @@ class StudyItems:
     images: list[ImageRecord] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     sections: dict[str, str] = field(default_factory=dict)
+    written: list[Path] = field(default_factory=list)  # display PNGs renamed into place, not yet fsynced
+
+    def sync_files(self) -> None:
+        """fsync the display PNGs written for this study (and their folders), all at once: call before the
+        transaction that references them. Concurrent fsyncs share the file system's journal commits, so
+        300 cost about what a few do (one at a time they were ~14 ms each here, a quarter of a sync)."""
+        if not self.written:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        from medsearch.fileio import fsync_path
+
+        targets = [*self.written, *{p.parent for p in self.written}]
+        with ThreadPoolExecutor(max_workers=min(16, len(targets))) as pool:
+            list(pool.map(fsync_path, targets))
+        self.written = []
 
     def items(self) -> list[Any]:
         """``ingest_items`` order: the case (with its report sections), each series record followed by the
@@ -159,8 +174,8 @@ def add_instance(
         study.skipped.append(Skipped(name, e.message.removeprefix(f"{name}: ")))
         return
     if render:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda f: f.write(png))
+        write_png(path, png)
+        study.written.append(path)
     if (pos := _position(ds)) is not None:
         meta["position"] = pos
     if (n := _int(ds.get("InstanceNumber"))) is not None:
@@ -176,6 +191,22 @@ def add_instance(
         location=meta["body_part"].title() if meta.get("body_part") else None,
         laterality=LATERALITY.get(meta.get("laterality", "")), study_date=_study_date(meta), meta=meta,
     ))  # fmt: skip
+
+
+def write_png(path: Path, png: bytes) -> None:
+    """Put a display PNG in place atomically (temp file, rename); durable only after ``StudyItems.sync_files``."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(png)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def render_png(ds: Dataset, name: str, config: ImagingConfig = ImagingConfig()) -> tuple[bytes, int | None]:
@@ -258,8 +289,7 @@ def render_payload(ts: str, data: bytes, path: Path, name: str, config: ImagingC
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ts
     png, _ = render_png(ds, name, config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda f: f.write(png))
+    write_png(path, png)
 
 
 def received_series(source: str, case_key: str, series_key: str, slices: list[tuple[str, dict[str, Any]]]) -> SeriesRecord:
