@@ -270,16 +270,17 @@ class Listener:
             if not entries:
                 return 0
             studies: dict[str, StudyItems] = {}
-            for p in entries:
-                try:
-                    entry = Spool.load(p)
-                except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+            from concurrent.futures import ThreadPoolExecutor
+
+            # render on every core: PNG encoding and the numpy window run without the GIL; one entry's
+            # pixels per thread in memory at a time
+            with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+                loaded = list(pool.map(self._load_and_render, entries))
+            for p, it in zip(entries, loaded, strict=True):
+                if it is None:
                     log.error("spool entry %s is unreadable; moved aside", p.name)
                     p.rename(p.with_suffix(".bad"))
                     continue
-                it = entry.items
-                if entry.pixels is not None and it.images:
-                    self._render(entry)
                 s = studies.setdefault(it.case.key, StudyItems(case=it.case)) if it.case else None
                 if s is not None:
                     s.images.extend(it.images)
@@ -312,6 +313,16 @@ class Listener:
             self.stats.last_round_seconds = time.perf_counter() - t0
             log.info("ingested %d spooled instances in %.2f s", len(entries), self.stats.last_round_seconds)
             return len(entries)
+
+    def _load_and_render(self, path: Path) -> StudyItems | None:
+        """A spool entry's items, its display PNG written; None when the entry cannot be read."""
+        try:
+            entry = Spool.load(path)
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+            return None
+        if entry.pixels is not None and entry.items.images:
+            self._render(entry)
+        return entry.items
 
     def _render(self, entry: SpoolEntry) -> None:
         """Write the display PNG of a spooled image; pixels that do not render make it a skip (logged)."""
