@@ -79,7 +79,7 @@ def bench_sync(orthanc, root: Path, towers, slices: int | None) -> dict:
     return {"slices": "all" if slices is None else slices, "fetched": s.instances_fetched, "sync_s": t1 - t0,
             "embed_s": t2 - t1, "total_s": t2 - t0, "vectors": vectors, "catalog_bytes": nbytes,
             "display_bytes": images, "inst_per_s": s.instances_fetched / (t2 - t0), "embedded": e.images_embedded,
-            "sync_cpu_s": c1 - c0}
+            "sync_cpu_s": c1 - c0, "stages": s.stage_seconds}
 
 
 def _storescu_env(nodelay: bool) -> dict:
@@ -198,6 +198,9 @@ def main() -> None:
         for r in rows:
             lines.append(f"| {r['slices']} | {r['fetched']} | {r['sync_s']:.2f} | {r['sync_cpu_s']:.2f} | {r['embed_s']:.2f} | "
                          f"{r['total_s']:.2f} | {r['vectors']} | {r['catalog_bytes']:,} | {r['display_bytes']:,} | {r['inst_per_s']:.1f} |")
+        for r in rows:
+            stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items())
+            lines.append(f"\n--slices {r['slices']}: sync stages (s): {stages}; embed {r['embed_s']:.2f}.")
         lines.append(f"\nLoad after the sync: {load_avg()}.")
         lines.append(f"\n## C-STORE receive of the same {args.slices} instances (dcmtk storescu, one association)\n")
         lines.append("| receiver | storescu | instances | push s | instances/s | end of push -> searchable s (--index-every 5) |")
