@@ -71,6 +71,7 @@ class ListenStats:
     ingested: int = 0
     rounds: int = 0
     last_round_seconds: float = 0.0
+    last_round_stages: dict[str, float] = field(default_factory=dict)  # render, fsync, store, index (seconds)
     last_indexed_at: float | None = None
 
     def refuse(self, why: str) -> None:
@@ -276,6 +277,7 @@ class Listener:
             # pixels per thread in memory at a time
             with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
                 loaded = list(pool.map(self._load_and_render, entries))
+            stages = {"render": time.perf_counter() - t0}
             for p, it in zip(entries, loaded, strict=True):
                 if it is None:
                     log.error("spool entry %s is unreadable; moved aside", p.name)
@@ -290,6 +292,7 @@ class Listener:
             for st in studies.values():
                 st.written = [Path(im.path) for im in st.images]
                 st.sync_files()  # the display images are durable before the catalog names them
+            stages["fsync"] = time.perf_counter() - t0 - sum(stages.values())
             cat = Catalog.open(self.paths.catalog)
             try:
                 with cat.atomic():
@@ -303,11 +306,14 @@ class Listener:
                         _relink(cat, st, earlier)
                 for p in entries:
                     p.unlink(missing_ok=True)
+                stages["store"] = time.perf_counter() - t0 - sum(stages.values())
                 if self.index is not None:
                     self.index(cat)
                     self.stats.last_indexed_at = time.time()
+                    stages["index"] = time.perf_counter() - t0 - sum(stages.values())
             finally:
                 cat.close()
+            self.stats.last_round_stages = stages
             self.stats.ingested += len(entries)
             self.stats.rounds += 1
             self.stats.last_round_seconds = time.perf_counter() - t0

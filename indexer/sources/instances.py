@@ -8,7 +8,11 @@ under ``HOME/images/<source>/<study_key>/<instance_key>.png``. That PNG is what 
 stage reads and what the API serves; the original file and its header are gone with the process.
 
     Dataset ─► safe_metadata ─► CaseRecord (one per study) + ImageRecord(path = display PNG)
-            └► dicom_to_uint8 ─► PNG bytes ─► write_atomic
+            └► dicom_to_uint8 ─► PNG bytes ─► temp file + rename; fsynced per study (StudyItems.sync_files)
+
+The C-STORE receiver splits the last step off (``render=False``): it keeps ``pixel_payload`` (the
+pixel module and LUTs only) in its spool and renders in its ingest round (``render_payload``), where
+``received_series`` also gives pushed slices their series record.
 
 SR documents are not images: they yield report sections for their study (``indexer.sources.sr``).
 """
