@@ -270,6 +270,7 @@ class Listener:
             entries = self.spool.entries()
             if not entries:
                 return 0
+            inodes = {p: _inode(p) for p in entries}  # a re-push during the round replaces a file: keep that one
             studies: dict[str, StudyItems] = {}
             from concurrent.futures import ThreadPoolExecutor
 
@@ -305,7 +306,8 @@ class Listener:
                                      imaging=self.imaging, chunk=1 << 30)  # fmt: skip
                         _relink(cat, st, earlier)
                 for p in entries:
-                    p.unlink(missing_ok=True)
+                    if _inode(p) == inodes[p]:
+                        p.unlink(missing_ok=True)
                 stages["store"] = time.perf_counter() - t0 - sum(stages.values())
                 if self.index is not None:
                     self.index(cat)
@@ -395,6 +397,13 @@ def _relink(cat: Catalog, st: StudyItems, earlier: dict[str, list[tuple[int, str
         refs = {r.key: r for r in rec.slices}
         series_id, _ = cat.upsert_series(rec, case_id)
         cat.link_slices(series_id, [(iid, refs[k], status) for iid, k, _, status in old if k in refs])
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _no_delay(event: Any) -> None:
