@@ -3,13 +3,17 @@
     python benchmarks/pacs_bench.py [--slices 300] [--studies 1000] [--size 512] [--out benchmarks/results/pacs_bench.md]
 
 1. Sync of one CT study of --slices slices (real medpix pixels, --size px) at ``--slices 8`` against
-   ``--slices all``: instances fetched, seconds to sync, seconds to embed with the towers (model
-   loaded before the clock starts), vectors and catalog bytes; instances/s end to end.
-2. Listener: the same study pushed with dcmtk's storescu to ``medsearch listen`` (de-identify,
-   render, spool) and, as the baseline, to dcmtk's own storescp (writes the files as they come);
-   instances/s received, and seconds from the end of the push to searchable (indexed) with
-   --index-every 5.
-3. Peak RSS of a sync of 100 and of --studies one-slice studies (each in a fresh process).
+   ``--slices all``: instances fetched, seconds to sync (fetch, de-identify, render), seconds to embed
+   with the towers as ``medsearch index`` does (default EmbedConfig; model loaded before the clock
+   starts), vectors and catalog bytes; instances/s end to end; CPU seconds of this process.
+2. Listener: the same study pushed with dcmtk's storescu to ``medsearch listen`` (de-identify, spool;
+   rendering happens in the ingest round) and, as the baseline, to dcmtk's own storescp (writes the
+   files as they come); instances/s received, and seconds from the end of the push to searchable
+   (indexed) with --index-every 5. Each twice: storescu as shipped (dcmtk 3.6.7 leaves Nagle's
+   algorithm on, so every PDU header/data pair waits for the peer's delayed ACK, ~40 ms) and with
+   ``TCP_NODELAY=1`` in its environment (dcmtk's switch to disable Nagle).
+3. Peak RSS of a sync of 100 and of --studies one-slice studies (each in a fresh process; VmHWM of
+   the child: ``ru_maxrss`` would carry the parent's peak, the loaded towers, across fork + exec).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what `medsearch index` and `medsearch listen` set
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -48,6 +53,13 @@ def _home(root: Path, name: str) -> Path:
     return h
 
 
+def _cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def bench_sync(orthanc, root: Path, towers, slices: int | None) -> dict:
     from indexer.embed import run_index
     from indexer.sources.dicomweb import DicomwebConfig, sync_dicomweb
@@ -56,10 +68,10 @@ def bench_sync(orthanc, root: Path, towers, slices: int | None) -> dict:
 
     home = _home(root, f"sync-{slices or 'all'}")
     cat = Catalog.open(home / "catalog.db")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     s = sync_dicomweb(cat, home, DicomwebConfig(url=f"dicomweb+{orthanc.dicomweb}", slices=slices))
-    t1 = time.perf_counter()
-    e = run_index(cat, towers, Paths(home), config=EmbedConfig(batch_size=32, workers=0), progress=False)
+    t1, c1 = time.perf_counter(), _cpu()
+    e = run_index(cat, towers, Paths(home), config=EmbedConfig(), progress=False)  # what `medsearch index` runs
     t2 = time.perf_counter()
     vectors = cat.count_vectors(towers.model_id, "image")
     cat.close()
@@ -67,10 +79,16 @@ def bench_sync(orthanc, root: Path, towers, slices: int | None) -> dict:
     images = sum(p.stat().st_size for p in (home / "images").rglob("*.png"))
     return {"slices": "all" if slices is None else slices, "fetched": s.instances_fetched, "sync_s": t1 - t0,
             "embed_s": t2 - t1, "total_s": t2 - t0, "vectors": vectors, "catalog_bytes": nbytes,
-            "display_bytes": images, "inst_per_s": s.instances_fetched / (t2 - t0), "embedded": e.images_embedded}
+            "display_bytes": images, "inst_per_s": s.instances_fetched / (t2 - t0), "embedded": e.images_embedded,
+            "sync_cpu_s": c1 - c0, "stages": s.stage_seconds}
 
 
-def bench_listener(root: Path, files: list[Path], towers) -> dict:
+def _storescu_env(nodelay: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    return {**env, "TCP_NODELAY": "1"} if nodelay else env
+
+
+def bench_listener(root: Path, files: list[Path], towers, nodelay: bool) -> dict:
     from orthanc import free_port
 
     from indexer.embed import run_index
@@ -78,11 +96,11 @@ def bench_listener(root: Path, files: list[Path], towers) -> dict:
     from medsearch.catalog import Catalog
     from medsearch.config import EmbedConfig, Paths
 
-    home = _home(root, "listen")
+    home = _home(root, f"listen-{int(nodelay)}")
     done: list[float] = []
 
-    def index(cat):
-        run_index(cat, towers, Paths(home), config=EmbedConfig(batch_size=32, workers=0), progress=False)
+    def index(cat):  # what `medsearch listen` runs each round
+        run_index(cat, towers, Paths(home), config=EmbedConfig(workers=0), progress=False)
         if cat.count_vectors(towers.model_id, "image") >= len(files):
             done.append(time.perf_counter())
 
@@ -90,7 +108,7 @@ def bench_listener(root: Path, files: list[Path], towers) -> dict:
     try:
         t0 = time.perf_counter()
         subprocess.run(["storescu", "-aec", "MEDSEARCH", "127.0.0.1", str(lis.port), *map(str, files)], check=True,
-                       capture_output=True)  # fmt: skip
+                       capture_output=True, env=_storescu_env(nodelay))  # fmt: skip
         t1 = time.perf_counter()
         spooled = lis.stats.spooled
         deadline = time.monotonic() + 300
@@ -105,14 +123,14 @@ def bench_listener(root: Path, files: list[Path], towers) -> dict:
             "to_searchable_s": (done[0] - t1) if done else None, "catalogued": n}
 
 
-def bench_storescp(root: Path, files: list[Path]) -> dict:
+def bench_storescp(root: Path, files: list[Path], nodelay: bool) -> dict:
     from orthanc import free_port
 
-    out = root / "storescp"
+    out = root / f"storescp-{int(nodelay)}"
     out.mkdir()
     port = free_port()
     p = subprocess.Popen(["storescp", "-aet", "BASE", "-od", str(out), str(port)], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)  # fmt: skip
+                         stderr=subprocess.DEVNULL, env=_storescu_env(nodelay))  # fmt: skip
     try:
         for _ in range(100):
             if subprocess.run(["echoscu", "-aec", "BASE", "127.0.0.1", str(port)], capture_output=True).returncode == 0:
@@ -120,7 +138,7 @@ def bench_storescp(root: Path, files: list[Path]) -> dict:
             time.sleep(0.1)
         t0 = time.perf_counter()
         subprocess.run(["storescu", "-aec", "BASE", "127.0.0.1", str(port), *map(str, files)], check=True,
-                       capture_output=True)  # fmt: skip
+                       capture_output=True, env=_storescu_env(nodelay))  # fmt: skip
         dt = time.perf_counter() - t0
     finally:
         p.terminate()
@@ -129,7 +147,7 @@ def bench_storescp(root: Path, files: list[Path]) -> dict:
 
 
 RSS_CHILD = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from indexer.sources.dicomweb import DicomwebConfig, sync_dicomweb
 from medsearch.catalog import Catalog
@@ -138,8 +156,8 @@ cat = Catalog.open(home / "catalog.db")
 mods = tuple(sys.argv[3].split(",")) if sys.argv[3] else ()
 s = sync_dicomweb(cat, home, DicomwebConfig(url=sys.argv[2], slices=8, modalities=mods))
 cat.close()
-print(json.dumps({"studies": s.studies_synced, "seconds": s.seconds,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+print(json.dumps({"studies": s.studies_synced, "seconds": s.seconds, "peak_rss_mb": int(hwm) / 1024}))
 """
 
 
@@ -176,21 +194,28 @@ def main() -> None:
                 o.upload(_dicom_bytes(ds))
             rows = [bench_sync(o, root, towers, 8), bench_sync(o, root, towers, None)]
         lines.append(f"## Sync of one {args.slices}-slice CT study ({args.size} px) from Orthanc on loopback, towers on CPU\n")
-        lines.append("| --slices | instances fetched | sync s | embed s | total s | vectors | catalog bytes | display PNG bytes | instances/s end to end |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        lines.append("| --slices | instances fetched | sync s | sync CPU s | embed s | total s | vectors | catalog bytes | display PNG bytes | instances/s end to end |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
-            lines.append(f"| {r['slices']} | {r['fetched']} | {r['sync_s']:.2f} | {r['embed_s']:.2f} | {r['total_s']:.2f} | "
-                         f"{r['vectors']} | {r['catalog_bytes']:,} | {r['display_bytes']:,} | {r['inst_per_s']:.1f} |")
-        lis = bench_listener(root, files, towers)
-        base = bench_storescp(root, files)
+            lines.append(f"| {r['slices']} | {r['fetched']} | {r['sync_s']:.2f} | {r['sync_cpu_s']:.2f} | {r['embed_s']:.2f} | "
+                         f"{r['total_s']:.2f} | {r['vectors']} | {r['catalog_bytes']:,} | {r['display_bytes']:,} | {r['inst_per_s']:.1f} |")
+        for r in rows:
+            stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items())
+            lines.append(f"\n--slices {r['slices']}: sync stages (s): {stages}; embed {r['embed_s']:.2f}.")
+        lines.append(f"\nLoad after the sync: {load_avg()}.")
         lines.append(f"\n## C-STORE receive of the same {args.slices} instances (dcmtk storescu, one association)\n")
-        lines.append("| receiver | instances | push s | instances/s | end of push -> searchable s (--index-every 5) |")
-        lines.append("| --- | --- | --- | --- | --- |")
-        lines.append(f"| medsearch listen (de-identify, render, spool) | {lis['received']} | {lis['push_s']:.2f} | "
-                     f"{lis['inst_per_s']:.0f} | {lis['to_searchable_s']:.1f} |" if lis["to_searchable_s"] is not None
-                     else f"| medsearch listen | {lis['received']} | {lis['push_s']:.2f} | {lis['inst_per_s']:.0f} | not reached |")
-        lines.append(f"| baseline: dcmtk storescp (writes files) | {base['received']} | {base['push_s']:.2f} | "
-                     f"{base['inst_per_s']:.0f} | - |")
+        lines.append("| receiver | storescu | instances | push s | instances/s | end of push -> searchable s (--index-every 5) |")
+        lines.append("| --- | --- | --- | --- | --- | --- |")
+        for nodelay in (False, True):
+            lis = bench_listener(root, files, towers, nodelay)
+            base = bench_storescp(root, files, nodelay)
+            how = "TCP_NODELAY=1" if nodelay else "as shipped (Nagle on)"
+            reach = f"{lis['to_searchable_s']:.1f}" if lis["to_searchable_s"] is not None else "not reached"
+            lines.append(f"| medsearch listen (de-identify, spool; fsync each) | {how} | {lis['received']} | "
+                         f"{lis['push_s']:.2f} | {lis['inst_per_s']:.0f} | {reach} |")
+            lines.append(f"| baseline: dcmtk storescp (writes files, no fsync) | {how} | {base['received']} | "
+                         f"{base['push_s']:.2f} | {base['inst_per_s']:.0f} | - |")
+        lines.append(f"\nLoad after the listener runs: {load_avg()}.")
         # RSS: args.studies one-slice studies, the first 100 of them MR so a modality filter syncs exactly 100
         with OrthancServer(root / "orthanc-many") as o:
             for i in range(args.studies):

@@ -2,9 +2,10 @@
 
     medsearch listen [--host 127.0.0.1] [--port 11112] [--ae-title MEDSEARCH] [--index-every 30]
 
-    C-STORE ─► decode ─► de-identify + render in memory ─► spool entry (fsync, rename) ─► status 0x0000
-                                                             │ every --index-every seconds:
-                                                             └► ingest (one transaction) ─► delete entries ─► index
+    C-STORE ─► decode ─► de-identify, check header ─► spool entry (fsync, rename) ─► status 0x0000
+                                                        │ every --index-every seconds:
+                                                        └► render display PNGs ─► ingest with series rows
+                                                           (one transaction) ─► delete entries ─► index
 
 What each C-STORE gets back:
     0x0000  success: the instance is de-identified and durably spooled (it survives a SIGKILL)
@@ -12,12 +13,18 @@ What each C-STORE gets back:
     0xC000  error, cannot understand: a data set that does not decode, has no pixels or no UIDs
     0xA700  refused, out of resources: the spool cannot be written (disk full)
 
-The spool (``HOME/spool/<ae-title>/``) holds one JSON entry per received instance: the
-de-identified catalog items (pseudonymous keys, whitelisted header fields) and, for an image,
-the path of its display PNG in ``HOME/images/``; never a UID, a name or the original file. An
-entry is written to a temp file, fsynced and renamed, and the PNG is in place before the entry
-names it, so after a SIGKILL a restarted listener replays exactly the entries that were
-acknowledged: ingest is idempotent by key and content hash, so nothing is lost or doubled.
+The spool (``HOME/spool/<ae-title>/``) holds one entry per received instance (``<key>.spool``):
+a JSON line with the de-identified catalog items (pseudonymous keys, whitelisted header fields)
+and, for an image, a data set of just its pixel module and LUTs (``instances.PIXEL_KEYWORDS``);
+never a UID, a name, a date or the original file. An entry is written to a temp file, fsynced
+and renamed before the C-STORE is answered, so after a SIGKILL (or, with ``fsync``, a power
+loss) a restarted listener replays exactly the entries that were acknowledged: ingest is
+idempotent by key and content hash, so nothing is lost or doubled.
+
+The sender waits only for decode, de-identify and the spool write. Rendering the display PNG
+(window, 8-bit, PNG encode: most of the CPU of an instance) happens in the ingest round, which
+also gives pushed slices the same study and series rows as a DICOM tree or DICOMweb ingest: each
+round re-orders a series over its slices from earlier rounds and the new ones.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -34,10 +42,9 @@ from typing import Any
 
 from medsearch.catalog import Catalog
 from medsearch.config import ImagingConfig, Paths
-from medsearch.fileio import write_atomic
 from medsearch.records import CaseRecord, ImageRecord
 
-from .sources.instances import StudyItems, add_instance, display_dir
+from .sources.instances import StudyItems, add_instance, display_dir, pixel_payload, received_series, render_payload
 
 log = logging.getLogger("medsearch.listen")
 
@@ -53,6 +60,7 @@ class ListenConfig:
     source: str | None = None  # catalog source name; default "listen-<ae title>"
     max_pdu: int = 0  # 0 = unlimited
     link_back: bool = False  # keep pseudonym -> Study Instance UID in HOME/private/links.db (admin viewer links)
+    fsync: bool = True  # fsync each spool entry before answering (survives power loss; False: a kill only)
 
 
 @dataclass
@@ -63,38 +71,78 @@ class ListenStats:
     ingested: int = 0
     rounds: int = 0
     last_round_seconds: float = 0.0
+    last_round_stages: dict[str, float] = field(default_factory=dict)  # render, fsync, store, index (seconds)
     last_indexed_at: float | None = None
 
     def refuse(self, why: str) -> None:
         self.refused[why] = self.refused.get(why, 0) + 1
 
 
-class Spool:
-    """Crash-safe queue of de-identified instances, one JSON file each, named by instance key."""
+MAGIC = b"MEDSEARCH-SPOOL 1\n"
 
-    def __init__(self, folder: Path) -> None:
+
+@dataclass
+class SpoolEntry:
+    items: StudyItems
+    transfer_syntax: str | None = None  # of ``pixels``
+    pixels: bytes | None = None  # instances.pixel_payload: the pixel module of the one image, to render
+
+
+class Spool:
+    """Crash-safe queue of de-identified instances, one file each, named by instance key.
+
+    ``<key>.spool`` = MAGIC, one JSON line (the items), then the pixel payload's bytes. Entries a
+    listener before the render-in-round change wrote (``<key>.json``, PNG already rendered) replay too.
+    """
+
+    def __init__(self, folder: Path, *, fsync: bool = True) -> None:
         self.folder = Path(folder)
+        self.fsync = fsync
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(".*.tmp"):  # a write killed before its rename was never acknowledged
             stale.unlink(missing_ok=True)
 
-    def put(self, key: str, items: StudyItems) -> None:
+    def put(self, key: str, items: StudyItems, pixels: tuple[str, bytes] | None = None) -> None:
         entry = {"case": asdict(items.case) if items.case else None,
-                 "images": [asdict(i) for i in items.images], "sections": items.sections}  # fmt: skip
-        data = json.dumps(entry, separators=(",", ":")).encode()
-        write_atomic(self.folder / f"{key}.json", lambda f: f.write(data))
+                 "images": [asdict(i) for i in items.images], "sections": items.sections,
+                 "transfer_syntax": pixels[0] if pixels else None}  # fmt: skip
+        head = json.dumps(entry, separators=(",", ":")).encode()  # no raw newline inside: JSON escapes them
+        path = self.folder / f"{key}.spool"
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(MAGIC + head + b"\n")
+                if pixels:
+                    f.write(pixels[1])
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def entries(self) -> list[Path]:
-        return sorted(self.folder.glob("*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+        found = [*self.folder.glob("*.spool"), *self.folder.glob("*.json")]
+        return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
 
     @staticmethod
-    def load(path: Path) -> StudyItems:
-        d = json.loads(path.read_text())
-        return StudyItems(case=CaseRecord(**d["case"]) if d["case"] else None,
-                          images=[ImageRecord(**i) for i in d["images"]], sections=d.get("sections") or {})  # fmt: skip
+    def load(path: Path) -> SpoolEntry:
+        raw = path.read_bytes()
+        pixels = None
+        if path.suffix == ".spool":
+            if not raw.startswith(MAGIC) or b"\n" not in raw[len(MAGIC):]:
+                raise ValueError("not a spool entry")
+            head, _, pixels = raw[len(MAGIC):].partition(b"\n")
+            raw = head
+        d = json.loads(raw)
+        items = StudyItems(case=CaseRecord(**d["case"]) if d["case"] else None,
+                           images=[ImageRecord(**i) for i in d["images"]], sections=d.get("sections") or {})  # fmt: skip
+        ts = d.get("transfer_syntax")
+        return SpoolEntry(items, ts, pixels if ts and pixels else None)
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.folder.glob("*.json"))
+        return len(self.entries())
 
 
 class Listener:
@@ -115,7 +163,7 @@ class Listener:
         self.index = index
         self.imaging = imaging
         self.stats = ListenStats()
-        self.spool = Spool(self.home / "spool" / _safe(config.ae_title))
+        self.spool = Spool(self.home / "spool" / _safe(config.ae_title), fsync=config.fsync)
         self.out_dir = display_dir(self.home, self.source)
         cat = Catalog.open(self.paths.catalog)
         self.salt = cat.salt
@@ -142,7 +190,8 @@ class Listener:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS),
+                    (evt.EVT_CONN_OPEN, _no_delay)]  # fmt: skip
         self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
         self._loop = threading.Thread(target=self._run_loop, name="medsearch-listen-ingest", daemon=True)
         self._loop.start()
@@ -173,13 +222,8 @@ class Listener:
             return UNSUPPORTED if sop_class else CANNOT_UNDERSTAND
         items = StudyItems()
         name = f"{self.source}:#{ds.get('InstanceNumber', '?')}"
-        try:
-            add_instance(items, ds, source=self.source, salt=self.salt, out_dir=self.out_dir, name=name,
-                         config=self.imaging)  # fmt: skip
-        except OSError:
-            self.stats.refuse("out of resources")
-            log.error("C-STORE refused: cannot write the display image (disk full?)")
-            return OUT_OF_RESOURCES
+        add_instance(items, ds, source=self.source, salt=self.salt, out_dir=self.out_dir, name=name,
+                     config=self.imaging, render=False)  # fmt: skip
         if items.case is None or (not items.images and not items.sections):
             self.stats.refuse("cannot understand")
             why = items.skipped[0].reason if items.skipped else "nothing usable"
@@ -187,10 +231,14 @@ class Listener:
             return CANNOT_UNDERSTAND
         key = items.images[0].key if items.images else _instance_key(ds, self.salt)
         try:
-            self.spool.put(key, items)
+            pixels = pixel_payload(ds) if items.images else None
+        except Exception as e:  # an element pydicom cannot write back (a malformed value)
+            self.stats.refuse("cannot understand")
+            log.warning("C-STORE refused (cannot understand): pixel module not readable (%s)", type(e).__name__)
+            return CANNOT_UNDERSTAND
+        try:
+            self.spool.put(key, items, pixels)
         except OSError:
-            for im in items.images:
-                Path(im.path).unlink(missing_ok=True)
             self.stats.refuse("out of resources")
             log.error("C-STORE refused: cannot write the spool (disk full?)")
             return OUT_OF_RESOURCES
@@ -214,7 +262,7 @@ class Listener:
             next_round = time.monotonic() + self.config.index_every
 
     def ingest_round(self) -> int:
-        """Ingest every spooled entry in one transaction, delete them, then index. Returns entries ingested."""
+        """Render, ingest every spooled entry in one transaction, delete them, then index. Returns entries ingested."""
         from indexer.ingest import ingest_items
 
         with self._lock:
@@ -222,40 +270,99 @@ class Listener:
             entries = self.spool.entries()
             if not entries:
                 return 0
+            inodes = {p: _inode(p) for p in entries}  # a re-push during the round replaces a file: keep that one
             studies: dict[str, StudyItems] = {}
-            for p in entries:
-                try:
-                    it = Spool.load(p)
-                except (ValueError, TypeError, KeyError):
+            from concurrent.futures import ThreadPoolExecutor
+
+            # render on every core: PNG encoding and the numpy window run without the GIL; one entry's
+            # pixels per thread in memory at a time
+            with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+                loaded = list(pool.map(self._load_and_render, entries))
+            stages = {"render": time.perf_counter() - t0}
+            for p, it in zip(entries, loaded, strict=True):
+                if it is None:
                     log.error("spool entry %s is unreadable; moved aside", p.name)
                     p.rename(p.with_suffix(".bad"))
                     continue
                 s = studies.setdefault(it.case.key, StudyItems(case=it.case)) if it.case else None
                 if s is not None:
                     s.images.extend(it.images)
+                    s.skipped.extend(it.skipped)
                     for k, v in it.sections.items():
                         s.sections[k] = f"{s.sections[k]}\n{v}" if k in s.sections and v not in s.sections[k] else v
+            for st in studies.values():
+                st.written = [Path(im.path) for im in st.images]
+                st.sync_files()  # the display images are durable before the catalog names them
+            stages["fsync"] = time.perf_counter() - t0 - sum(stages.values())
             cat = Catalog.open(self.paths.catalog)
             try:
                 with cat.atomic():
                     for st in studies.values():
+                        earlier = self._series_of(cat, st)
                         items = st.items()
                         if st.sections:  # keep report text already stored for the study
                             items[0] = _merge_sections(cat, items[0])
                         ingest_items(cat, items, path=f"listen:{self.config.ae_title}", layout="c-store",
                                      imaging=self.imaging, chunk=1 << 30)  # fmt: skip
+                        _relink(cat, st, earlier)
                 for p in entries:
-                    p.unlink(missing_ok=True)
+                    if _inode(p) == inodes[p]:
+                        p.unlink(missing_ok=True)
+                stages["store"] = time.perf_counter() - t0 - sum(stages.values())
                 if self.index is not None:
                     self.index(cat)
                     self.stats.last_indexed_at = time.time()
+                    stages["index"] = time.perf_counter() - t0 - sum(stages.values())
             finally:
                 cat.close()
+            self.stats.last_round_stages = stages
             self.stats.ingested += len(entries)
             self.stats.rounds += 1
             self.stats.last_round_seconds = time.perf_counter() - t0
             log.info("ingested %d spooled instances in %.2f s", len(entries), self.stats.last_round_seconds)
             return len(entries)
+
+    def _load_and_render(self, path: Path) -> StudyItems | None:
+        """A spool entry's items, its display PNG written; None when the entry cannot be read."""
+        try:
+            entry = Spool.load(path)
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+            return None
+        if entry.pixels is not None and entry.items.images:
+            self._render(entry)
+        return entry.items
+
+    def _render(self, entry: SpoolEntry) -> None:
+        """Write the display PNG of a spooled image; pixels that do not render make it a skip (logged)."""
+        from medsearch.errors import MedsearchError
+        from medsearch.records import Skipped
+
+        im = entry.items.images[0]
+        name = f"{self.source}:{im.key[:12]}"
+        try:
+            render_payload(entry.transfer_syntax or "", entry.pixels or b"", Path(im.path), name, self.imaging)
+        except MedsearchError as e:
+            entry.items.images = []
+            entry.items.skipped.append(Skipped(name, e.message.removeprefix(f"{name}: ")))
+            log.warning("received instance %s not rendered: %s", name, e.message)
+
+    def _series_of(self, cat: Catalog, st: StudyItems) -> dict[str, list[tuple[int, str, dict, str]]]:
+        """Give ``st`` one series record per series of its new images, over the slices earlier rounds
+        stored and the new ones; returns the earlier slices (image id, key, meta, status) per series."""
+        from medsearch.catalog.pacs import series_slices
+
+        by_series: dict[str, list[ImageRecord]] = {}
+        for im in st.images:
+            if im.meta.get("series_key"):
+                by_series.setdefault(str(im.meta["series_key"]), []).append(im)
+        earlier: dict[str, list[tuple[int, str, dict, str]]] = {}
+        for skey, ims in by_series.items():
+            new = {im.key for im in ims}
+            old = [r for r in series_slices(cat, self.source, st.case.key, skey) if r[1] not in new] if st.case else []
+            earlier[skey] = old
+            slices = [(k, m) for _, k, m, _ in old] + [(im.key, im.meta) for im in ims]
+            st.series.append(received_series(self.source, st.case.key if st.case else "", skey, slices))
+        return earlier
 
     def stop(self, drain: bool = True) -> None:
         if self._server is not None:
@@ -276,6 +383,37 @@ class Listener:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _relink(cat: Catalog, st: StudyItems, earlier: dict[str, list[tuple[int, str, dict, str]]]) -> None:
+    """Slices stored by earlier rounds take their place in the series as it is now (new slices may sort between)."""
+    if st.case is None:
+        return
+    case_id = cat.case_id_for_key(st.case.key, st.case.source)
+    for rec in st.series:
+        old = earlier.get(rec.key) or []
+        if case_id is None or not old:
+            continue
+        refs = {r.key: r for r in rec.slices}
+        series_id, _ = cat.upsert_series(rec, case_id)
+        cat.link_slices(series_id, [(iid, refs[k], status) for iid, k, _, status in old if k in refs])
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _no_delay(event: Any) -> None:
+    """TCP_NODELAY on each accepted connection: a C-STORE response never waits for the peer's delayed ACK."""
+    import socket
+
+    try:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):  # not a TCP socket (or already closed): nothing to tune
+        pass
 
 
 def _merge_sections(cat: Catalog, case: CaseRecord) -> CaseRecord:

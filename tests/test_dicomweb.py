@@ -248,3 +248,83 @@ def test_cli_pull_index_draft_and_stow_back(orthanc, tmp_path):
     assert len(listed) == 1
     r = runner.invoke(app, ["draft", str(tmp_path / "missing.png"), "--home", str(home), "--sr", str(sr)])
     assert r.exit_code == 2 and "missing.png" in r.output
+
+
+def test_sigkill_mid_sync_then_rerun_stores_every_study_whole_once(tmp_path):
+    """SIGKILL `medsearch ingest dicomweb+...` while it syncs; the rerun completes it, and every study is in
+    the catalog whole (its case, series row and all its slices) exactly once, with no display image left over."""
+    import io
+    import os
+    import signal
+    import sys
+    import time
+
+    missing = available()
+    if missing:
+        pytest.fail(f"{missing}: scripts/test.sh installs orthanc and orthanc-dicomweb")
+    n_studies, n_slices = 10, 6
+    with OrthancServer(tmp_path / "orthanc") as o:
+        for i in range(n_studies):
+            for ds in ct_series(n_slices, study_uid=generate_uid(), series_uid=generate_uid(),
+                                patient={"PatientID": f"P{i:03d}"}):  # fmt: skip
+                buf = io.BytesIO()
+                ds.save_as(buf, enforce_file_format=True)
+                o.upload(buf.getvalue())
+        home = tmp_path / "home"
+        cmd = [sys.executable, "-m", "cli.main", "ingest", f"dicomweb+{o.dicomweb}", "--home", str(home),
+               "--slices", "all", "--quiet"]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        killed_at = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None:
+            if (home / "catalog.db").exists():
+                try:
+                    con = sqlite3.connect(f"file:{home / 'catalog.db'}?mode=ro", uri=True, timeout=0.2)
+                    n = con.execute("SELECT count(*) FROM cases").fetchone()[0]
+                    con.close()
+                except sqlite3.OperationalError:  # schema not created yet
+                    n = 0
+                if n >= 2:
+                    p.send_signal(signal.SIGKILL)
+                    killed_at = n
+                    break
+            time.sleep(0.02)
+        p.wait(timeout=60)
+        assert killed_at is not None, f"the sync ended before the kill: {p.stdout.read().decode()[-2000:]}"
+
+        def check_whole() -> int:
+            cat = Catalog.open(home / "catalog.db")
+            cases = [c for (c,) in cat.db.execute("SELECT id FROM cases")]
+            for c in cases:
+                (sr,) = cat.case_series(c)
+                n_img = cat.db.execute("SELECT count(*) FROM images WHERE case_id = ?", [c]).fetchone()[0]
+                assert (sr["slice_count"], len(sr["slices"]), n_img) == (n_slices, n_slices, n_slices)
+            from medsearch.catalog.pacs import synced_studies
+
+            assert synced_studies(cat, f"pacs-127.0.0.1-{o.http_port}") == len(cases)
+            cat.close()
+            return len(cases)
+
+        committed = check_whole()  # what the killed sync committed is whole; the rest is absent
+        assert killed_at <= committed < n_studies
+        cat = Catalog.open(home / "catalog.db")
+        stored = {p for (p,) in cat.db.execute("SELECT path FROM images")}
+        cat.close()
+        in_flight = {str(Path(p).parent) for p in map(str, (home / "images").rglob("*.png")) if p not in stored}
+        assert len(in_flight) <= 1  # display images of the one study being fetched at the kill, not in the catalog
+        r = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        import json
+
+        out = json.loads(r.stdout)
+        assert out["studies_synced"] == n_studies - committed and out["studies_unchanged"] == committed
+        assert check_whole() == n_studies
+        cat = Catalog.open(home / "catalog.db")
+        assert cat.counts()["images"] == n_studies * n_slices and cat.counts()["cases"] == n_studies
+        paths = {p for (p,) in cat.db.execute("SELECT path FROM images")}
+        cat.close()
+        assert {str(p) for p in (home / "images").rglob("*.png")} == paths  # no display image of a half study
+        assert not list(home.rglob("*.tmp"))
+        r = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, timeout=300)
+        assert json.loads(r.stdout)["studies_unchanged"] == n_studies  # a third run adds nothing

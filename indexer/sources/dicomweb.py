@@ -97,10 +97,19 @@ class SyncSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # where the time went: metadata (QIDO, series metadata), fetch (waiting for WADO instances beyond what the
+    # fetch thread had ready), render (de-identify + display PNG), fsync (the PNGs), store (the transaction)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, stage: str, since: float) -> float:
+        now_ = time.perf_counter()
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + now_ - since
+        return now_
 
     @property
     def counts(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("skipped", "notes", "url")} | {"skipped": len(self.skipped)}
+        return {k: v for k, v in self.__dict__.items() if k not in ("skipped", "notes", "url", "stage_seconds")} | {
+            "skipped": len(self.skipped)}  # fmt: skip
 
 
 def http_url(url: str) -> tuple[str, str | None, str | None]:
@@ -205,8 +214,15 @@ class DicomwebClient:
     def instance(self, study_uid: str, series_uid: str, sop_uid: str) -> Dataset:
         return self.call("WADO-RS instance", self.client.retrieve_instance, study_uid, series_uid, sop_uid)
 
-    def whole_series(self, study_uid: str, series_uid: str) -> list[Dataset]:
-        return self.call("WADO-RS series", self.client.retrieve_series, study_uid, series_uid)
+    def whole_series(self, study_uid: str, series_uid: str) -> Iterator[Dataset]:
+        """The instances of a series as they arrive (one streamed multipart answer, 1 MB reads)."""
+        parts = self.call("WADO-RS series", self.client.iter_series, study_uid, series_uid)
+        while True:
+            try:
+                ds = self.call("WADO-RS series", next, parts)
+            except StopIteration:
+                return
+            yield ds
 
     def store(self, datasets: Sequence[Dataset]) -> Any:
         return self.call("STOW-RS", self.client.store_instances, list(datasets))
@@ -260,10 +276,14 @@ def sync_dicomweb(
             continue
         items = _fetch_study(client, catalog, uid, study_key, source, config, out_dir, imaging, summary)
         try:
+            t = time.perf_counter()
+            items.sync_files()  # the display images are durable before the catalog names them
+            t = summary.timed("fsync", t)
             with catalog.atomic():
                 s = ingest_items(catalog, items.items(), path=client.shown, layout="dicomweb", imaging=imaging,
                                  chunk=1 << 30)  # fmt: skip
                 set_sync_state(catalog, source, study_key, n_instances, slices_mode, now())
+            summary.timed("store", t)
         except BaseException:
             _remove_unreferenced(items)
             raise
@@ -290,9 +310,11 @@ def _fetch_study(
 ) -> StudyItems:  # fmt: skip
     """Series metadata first, then only the chosen instances: the study's items, its series records included."""
     items = StudyItems()
+    t = time.perf_counter()
     for series in client.series(study_uid):
         series_uid = value(series, "SeriesInstanceUID")
         meta = client.series_metadata(study_uid, series_uid)
+        t = summary.timed("metadata", t)
         summary.instances_listed += len(meta)
         if not meta:
             continue
@@ -311,14 +333,17 @@ def _fetch_study(
         have = existing_image_keys(catalog, source, [keys[i] for i in picked])
         todo = [i for i in picked if keys[i] not in have or i in sr]
         if config.slices is None and len(todo) == len(meta) and len(todo) > 1:
-            datasets = client.whole_series(study_uid, series_uid)
+            datasets: Iterator[Dataset] = client.whole_series(study_uid, series_uid)
         else:
-            datasets = [client.instance(study_uid, series_uid, value(meta[i], "SOPInstanceUID")) for i in todo]
-        for ds in datasets:
+            datasets = (client.instance(study_uid, series_uid, value(meta[i], "SOPInstanceUID")) for i in todo)
+        t = summary.timed("metadata", t)
+        for ds in prefetch(datasets):
+            t = summary.timed("fetch", t)
             summary.instances_fetched += 1
             name = f"{source}:{study_key[:12]}/{pseudonym(series_uid, catalog.salt, 'SeriesInstanceUID')[:12]}" \
                    f"#{ds.get('InstanceNumber', '?')}"  # fmt: skip
             add_instance(items, ds, source=source, salt=catalog.salt, out_dir=out_dir, name=name, config=imaging)
+            t = summary.timed("render", t)
     return items  # no case record when nothing new was fetched: the study is complete in the catalog
 
 
@@ -364,6 +389,45 @@ def _series_record(
     )  # fmt: skip
     return rec, [images[so.order[r]] for r in sorted(chosen_ranks)]
 
+
+
+def prefetch(items: Iterator[Any], depth: int = 8) -> Iterator[Any]:
+    """``items`` produced in a thread, at most ``depth`` ahead: the next instances arrive over HTTP while
+    this one is de-identified and rendered. An error of the producer is raised here, in order."""
+    import queue
+    import threading
+
+    q: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for x in items:
+                while not stop.is_set():
+                    try:
+                        q.put((True, x), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((False, None))
+        except BaseException as e:  # handed to the consumer
+            q.put((False, e))
+
+    t = threading.Thread(target=produce, name="medsearch-dicomweb-fetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            ok, x = q.get()
+            if not ok:
+                if x is not None:
+                    raise x
+                return
+            yield x
+    finally:
+        stop.set()
+        t.join(timeout=5)
 
 
 def _first_float(m: dict[str, Any], kw: str) -> float | None:

@@ -28,11 +28,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 from medsearch.errors import CatalogError, NotFound
 from medsearch.records import REPORT_SECTIONS, CaseRecord, ImageRecord
 
+from ._sqlite import sqlite_utils
 from .embeddings import EmbeddingQueries
 from .reads import ReadQueries
 from .schema import SCHEMA_VERSION, migrate

@@ -64,3 +64,16 @@ def synced_studies(catalog: Catalog, source: str) -> int:
     """How many studies of ``source`` have a sync record."""
     _ensure(catalog)
     return int(catalog.db.execute("SELECT count(*) FROM sync_state WHERE source = ?", [source]).fetchone()[0])
+
+
+def series_slices(catalog: Catalog, source: str, case_key: str, series_key: str) -> list[tuple[int, str, dict, str]]:
+    """The images a study of ``source`` holds of one series (by the ``series_key`` of their header
+    metadata, linked to a series row or not): (image id, key, meta, status) each, in id order."""
+    import json
+
+    rows = catalog.db.execute(
+        "SELECT i.id, i.key, i.meta, i.status FROM images i JOIN cases c ON c.id = i.case_id "
+        "WHERE c.source = ? AND c.key = ? AND json_extract(i.meta, '$.series_key') = ? ORDER BY i.id",
+        [source, case_key, series_key],
+    ).fetchall()
+    return [(int(i), str(k), json.loads(m), str(s)) for i, k, m, s in rows]

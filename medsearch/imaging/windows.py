@@ -79,8 +79,15 @@ def window(arr: np.ndarray, center: float, width: float, function: str = "LINEAR
     elif width <= 1:  # LINEAR with width 1: a threshold at center - 0.5
         y = (x > center - 0.5).astype(np.float64)
     else:
-        y = (x - (center - 0.5)) / (width - 1) + 0.5
-    return _to_uint8(np.clip(y, 0.0, 1.0) * 255.0)
+        y = x - (center - 0.5)
+        y /= width - 1
+        y += 0.5
+    # in place, the same operations as _to_uint8(clip(y, 0, 1) * 255): one (rows, cols) buffer, not five
+    y = np.asarray(y, dtype=np.float64)
+    np.clip(y, 0.0, 1.0, out=y)
+    y *= 255.0
+    np.rint(y, out=y)
+    return y.astype(np.uint8)
 
 
 def robust_scale(arr: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
