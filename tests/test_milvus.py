@@ -18,7 +18,17 @@ from synthetic_catalog import clustered, make_catalog
 from medsearch.config import IndexConfig, Paths
 from medsearch.stores import open_store
 from medsearch.stores.faiss import VectorIndex
-from medsearch.stores.milvus import MilvusStore, connect, filter_expression, resolve_uri
+from medsearch.stores.milvus import (
+    KINDS,
+    LITE2_KINDS,
+    MilvusStore,
+    choose_kind,
+    connect,
+    engine_kinds,
+    filter_expression,
+    lite_major,
+    resolve_uri,
+)
 from medsearch.stores.milvus_sync import check_store, sync_store
 
 pytest.importorskip("pymilvus")
@@ -91,6 +101,8 @@ def test_text_space_filters_follow_the_case_images(tmp_path):
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf_flat", "ivf_sq8"])
 def test_ann_kinds_reach_the_recall_target_and_record_it(tmp_path, kind):
+    if kind not in engine_kinds(None):
+        pytest.skip(f"milvus-lite {lite_major()} builds no {kind} index")
     cat, ids, x = make_catalog(tmp_path / "catalog.db", 1500, d=32)  # 4,500 vectors
     out = _sync(cat, tmp_path, config=IndexConfig(kind=kind, target_recall=0.95))
     assert out["kind"] == f"milvus {kind}"
@@ -110,6 +122,27 @@ def test_ann_kinds_reach_the_recall_target_and_record_it(tmp_path, kind):
         recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, If, strict=True)])
         assert recall >= 0.95, (f, recall)
     cat.close()
+
+
+def test_auto_kind_follows_what_the_engine_builds(tmp_path):
+    """Milvus Lite 2.x (C++) builds FLAT and IVF_FLAT only, 3.x and a server also HNSW and IVF_SQ8:
+    auto picks what the engine has, a kind it lacks is a clear error before anything is written."""
+    from medsearch.errors import InvalidInput
+
+    cfg = IndexConfig(flat_max=1000)
+    assert choose_kind(1000, cfg) == "flat" and choose_kind(1001, cfg) == "hnsw"
+    assert choose_kind(1001, cfg, LITE2_KINDS) == "ivf_flat"
+    with pytest.raises(InvalidInput) as e:
+        choose_kind(10, IndexConfig(kind="hnsw"), LITE2_KINDS)
+    assert "ivf_flat" in e.value.hint and "server" in e.value.hint
+    assert engine_kinds("http://milvus:19530") == tuple(KINDS)
+    missing = [k for k in KINDS if k not in engine_kinds(None)]
+    if missing:  # the installed Lite lacks some: sync refuses them and creates no collection
+        cat, _, _ = make_catalog(tmp_path / "catalog.db", 30)
+        with pytest.raises(InvalidInput):
+            _sync(cat, tmp_path, config=IndexConfig(kind=missing[0]))
+        assert not Paths(tmp_path).index_dir("m").joinpath("image.json").exists()
+        cat.close()
 
 
 def test_sync_repairs_a_damaged_collection_and_check_sees_it(tmp_path):

@@ -36,6 +36,7 @@ from .milvus import (
     count_rows,
     default_search_params,
     encode_field,
+    engine_kinds,
     home_of,
     milvus_ids,
     resolve_uri,
@@ -230,7 +231,7 @@ def sync_store(
     client = connect(resolve_uri(home_of(directory), uri), token)
     coll = collection_name(model_id, space, catalog.salt)
     count = catalog.count_vectors(model_id, space)
-    kind = choose_kind(count, config)
+    kind = choose_kind(count, config, engine_kinds(uri))
     exists = client.has_collection(coll)
     if (not force and not dirty and prev is not None and exists and prev.params.get("collection") == coll
             and prev.params.get("uri") == uri and prev.weights_hash == weights_hash and prev.count == count
