@@ -88,6 +88,9 @@ def _apply_diff(client: Any, coll: str, catalog: Catalog, model_id: str, space: 
             client.delete(coll, ids=dup[start : start + BATCH].tolist())
         keep = ~np.isin(mids, dup)
         mids, mh = mids[keep], mh[keep]
+    # Milvus 2.x (and Lite 2.x) dedups query results by primary key but counts every copy: more
+    # rows than ids means hidden duplicates, which an upsert of every row removes (delete + insert)
+    hidden = not len(dup) and count_rows(client, coll) > len(mids)
     seen = np.zeros(len(mids), bool)
     sums = (0, 0)
     n = added = updated = 0
@@ -102,7 +105,7 @@ def _apply_diff(client: Any, coll: str, catalog: Catalog, model_id: str, space: 
             present = mids[at] == ids
             seen[at[present]] = True
             same[present] = mh[at[present]] == h[present]
-        new, changed = ~present, present & ~same
+        new, changed = ~present, (present if hidden else present & ~same)
         if skip is not None and len(skip):
             new &= ~np.isin(ids, skip)
         if new.any():
