@@ -121,6 +121,8 @@ def test_ann_kinds_reach_the_recall_target_and_record_it(tmp_path, kind):
         _, If = _faiss(cat).search(q[:50], 10, allowed=allowed)
         recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, If, strict=True)])
         assert recall >= 0.95, (f, recall)
+        if kind == "ivf_flat":  # few matches: every list is probed, the hits are FAISS flat's
+            np.testing.assert_array_equal(I, If, err_msg=str(f))
     cat.close()
 
 

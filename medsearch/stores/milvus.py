@@ -43,6 +43,9 @@ KINDS = {"flat": "FLAT", "hnsw": "HNSW", "ivf_flat": "IVF_FLAT", "ivf_sq8": "IVF
 LITE2_KINDS = ("flat", "ivf_flat")
 EF_MAX = 4096  # a selective filter widens ef up to this (1% filter, ef 16 -> 1600: recall 0.21 -> 1.0 at 5k)
 SELECTIVITY_CACHE = 1024
+# an IVF search under a filter matching at most this many rows probes every list: nprobe / selectivity
+# left recall@10 at 0.83 for a 1% filter at 100k on Milvus Lite 2.5 (benchmarks/results/store_bench.md)
+EXACT_FILTERED = 32768
 CONSISTENCY = "Strong"
 DEFAULT_DB = "milvus.db"
 MAX_TOPK = 16384
@@ -334,9 +337,10 @@ class MilvusStore:
             frac = matches / max(1, self.ntotal)
             if "ef" in params:
                 params["ef"] = int(min(max(EF_MAX, params["ef"]), max(params["ef"], k, np.ceil(params["ef"] / frac))))
-            if "nprobe" in params:
+            if "nprobe" in params:  # few matches: every list (exact over the matches, as FAISS answers them)
                 nlist = int(self.manifest.params.get("build_params", {}).get("nlist", params["nprobe"]))
-                params["nprobe"] = int(min(nlist, max(params["nprobe"], np.ceil(params["nprobe"] / frac))))
+                wide = nlist if matches <= EXACT_FILTERED else np.ceil(params["nprobe"] / frac)
+                params["nprobe"] = int(min(nlist, max(params["nprobe"], wide)))
         res = self.client.search(
             self.collection, data=xq, limit=k, filter=expr, anns_field="vec", output_fields=[],
             search_params={"metric_type": "IP", "params": params}, consistency_level=self.consistency,
