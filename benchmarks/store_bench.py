@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -33,6 +34,8 @@ from common import load_avg  # noqa: E402
 from synth import Synth  # noqa: E402
 
 PER_CASE = 10
+SIMILAR_FETCH = 88  # what `medsearch similar -k 10` asks the store for: (k + 1) * oversample 8
+CHUNK = 500  # cases per catalog transaction
 FILTER = {"modality": "pet"}
 
 
@@ -42,49 +45,78 @@ def make_home(home: Path, n: int, dim: int, seed: int) -> None:
     from medsearch.records import CaseRecord, ImageRecord
 
     cat = Catalog.open(home / "catalog.db")
-    if cat.count_vectors("bench", "image") == n:
+    done = f"{n}:{dim}:{seed}"
+    if cat.get_meta("bench_home") == done or cat.count_vectors("bench", "image") == n:  # (later runs erased patients)
         cat.close()
         return
     synth = Synth(dim, seed=seed)
     ids: list[int] = []
     t0 = time.perf_counter()
-    for c in range(n // PER_CASE):
-        cid, _ = cat.upsert_case(CaseRecord(source="bench", key=f"case{c:07d}", split="train", patient_key=f"pt{c // 2:07d}"))
-        for j in range(PER_CASE):
-            g = c * PER_CASE + j
-            iid, _ = cat.upsert_image(
-                ImageRecord(source="bench", key=f"img{g:08d}", case_key=f"case{c:07d}", path=f"/archive/{g}.dcm",
-                            modality_type="PET" if g % 100 == 7 else ("CT", "MR", "XR")[g % 3],
-                            body_region=("Head", "Thorax", "Abdomen")[c % 3], split="train"),
-                cid, sha256=f"{g}", nbytes=1, width=512, height=512,
-            )  # fmt: skip
-            ids.append(iid)
+    cases = n // PER_CASE
+    for start in range(0, cases, CHUNK):  # one transaction per chunk of cases (a commit per row: hours at 1M)
+        with cat.atomic():
+            for c in range(start, min(cases, start + CHUNK)):
+                cid, _ = cat.upsert_case(CaseRecord(source="bench", key=f"case{c:07d}", split="train",
+                                                    patient_key=f"pt{c // 2:07d}"))  # fmt: skip
+                for j in range(PER_CASE):
+                    g = c * PER_CASE + j
+                    iid, _ = cat.upsert_image(
+                        ImageRecord(source="bench", key=f"img{g:08d}", case_key=f"case{c:07d}", path=f"/archive/{g}.dcm",
+                                    modality_type="PET" if g % 100 == 7 else ("CT", "MR", "XR")[g % 3],
+                                    body_region=("Head", "Thorax", "Abdomen")[c % 3], split="train"),
+                        cid, sha256=f"{g}", nbytes=1, width=512, height=512,
+                    )  # fmt: skip
+                    ids.append(iid)
     arr = np.array(ids, dtype=np.int64)
     for (_, x), s in zip(synth.blocks(n, 16384), range(0, n, 16384), strict=True):
         cat.put_vectors("bench", "image", arr[s : s + len(x)].tolist(), x)
+    with cat.atomic():
+        cat.set_meta("bench_home", done)
     print(f"catalog: {n} images in {time.perf_counter() - t0:.0f} s", flush=True)
     cat.close()
+
+
+def a_patient(cat, paths, start: int) -> str:
+    """The first patient key from ``start`` on that is still in the catalog (earlier runs erased some)."""
+    from medsearch.erasure import remove
+    from medsearch.errors import NotFound
+
+    for i in range(start, start + 1000):
+        try:
+            remove(cat, paths, patient=f"pt{i:07d}", dry_run=True)
+            return f"pt{i:07d}"
+        except NotFound:
+            continue
+    raise SystemExit("no patient left to erase")
 
 
 def pct(a, q) -> float:
     return float(np.percentile(np.asarray(a) * 1e3, q))
 
 
-def measure(search, xq1, xqb, batch, truth, k=10):
-    search(xq1[:2], k)  # warm-up
-    search(xq1[:2], k)
+def single(search, xq1, k) -> list[float]:
+    """Seconds per call, one query per call, after two warm-up calls."""
+    search(xq1[:1], k)
+    search(xq1[1:2], k)
     lat = []
     for i in range(len(xq1)):
         t = time.perf_counter()
         search(xq1[i : i + 1], k)
         lat.append(time.perf_counter() - t)
+    return lat
+
+
+def measure(search, xq1, xqb, batch, truth, k=10):
+    lat = single(search, xq1, k)
+    lat_similar = single(search, xq1, SIMILAR_FETCH)
     t = time.perf_counter()
     parts = [search(xqb[s : s + batch], k)[1] for s in range(0, len(xqb), batch)]
     qps = len(xqb) / (time.perf_counter() - t)
     I = np.concatenate(parts)
     recall = float(np.mean([len(set(a[a >= 0]) & set(b[b >= 0])) / max(1, len(b[b >= 0])) for a, b in zip(I, truth, strict=True)]))
     return {"p50_ms": round(pct(lat, 50), 2), "p95_ms": round(pct(lat, 95), 2), "batch_qps": round(qps, 1),
-            "recall_at_10": round(recall, 4)}  # fmt: skip
+            "recall_at_10": round(recall, 4), "similar_p50_ms": round(pct(lat_similar, 50), 2),
+            "similar_p95_ms": round(pct(lat_similar, 95), 2), "load_avg": load_avg()}  # fmt: skip
 
 
 def exact(xq, xb, ids, k=10, mask=None):
@@ -107,13 +139,15 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/store-bench"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--milvus-uri", default=None, help="Milvus Lite file or server URI (default: HOME/milvus.db)")
+    ap.add_argument("--no-remove", action="store_true", help="skip the `remove` of one patient")
     args = ap.parse_args()
 
     from medsearch.catalog import Catalog
     from medsearch.config import IndexConfig, Paths
     from medsearch.erasure import remove
     from medsearch.stores.faiss import VectorIndex
-    from medsearch.stores.milvus import MilvusStore, close_clients
+    from medsearch.stores.milvus import MilvusStore, close_clients, is_server_uri
     from medsearch.stores.milvus_sync import sync_store
 
     home = args.work / f"home-{args.n}-{args.dim}"
@@ -151,35 +185,42 @@ def main() -> None:
 
     directory = paths.index_dir("bench")
     last = None
-    for kind in args.milvus_kinds.split(","):
+    engine = "milvus" if args.milvus_uri and is_server_uri(args.milvus_uri) else f"milvus-lite {version('milvus-lite')}"
+    for kind in [k for k in args.milvus_kinds.split(",") if k]:
         t = time.perf_counter()
         sync_store(cat, directory, model_id="bench", weights_hash="w", space="image", dim=args.dim,
-                   config=IndexConfig(kind=kind))  # fmt: skip
+                   config=IndexConfig(kind=kind), uri=args.milvus_uri)  # fmt: skip
         build = time.perf_counter() - t
         last = store = MilvusStore.load(directory, "image")
         p = store.manifest.params
-        record("milvus-lite", kind, build, store.search, lambda q, k, s=store: s.search(q, k, filters=FILTER),
+        record(engine, kind, build, store.search, lambda q, k, s=store: s.search(q, k, filters=FILTER),
                {"tuned": p.get("tuned_recall_at_10"), "knob": p.get("search_params")})
     assert last is not None
     with cat.atomic():
         cat.set_meta("store", "milvus")
-    t = time.perf_counter()
-    out = remove(cat, paths, patient="pt0000123")
-    rm_milvus = time.perf_counter() - t
-    print(f"remove one patient on Milvus: {rm_milvus:.2f} s {out}", flush=True)
+    rm: dict[str, float] = {}
+    out: dict = {}
+    if not args.no_remove:
+        pt = a_patient(cat, paths, 123)
+        t = time.perf_counter()
+        out = remove(cat, paths, patient=pt)
+        rm[engine] = round(time.perf_counter() - t, 2)
+        print(f"remove one patient on {engine} {last.manifest.kind}: {rm[engine]:.2f} s {out} (load {load_avg()})", flush=True)
     close_clients()
-    from indexer.embed import build_indexes
+    if not args.no_remove:
+        from indexer.embed import build_indexes
 
-    build_indexes(cat, paths, model_id="bench", weights_hash="w", dims={"image": args.dim},
-                  config=IndexConfig(kind="flat"), store="faiss")  # fmt: skip
-    t = time.perf_counter()
-    out2 = remove(cat, paths, patient="pt0000456")
-    rm_faiss = time.perf_counter() - t
-    print(f"remove one patient on FAISS flat: {rm_faiss:.2f} s {out2}", flush=True)
+        build_indexes(cat, paths, model_id="bench", weights_hash="w", dims={"image": args.dim},
+                      config=IndexConfig(kind="flat"), store="faiss")  # fmt: skip
+        pt = a_patient(cat, paths, 456)
+        t = time.perf_counter()
+        out2 = remove(cat, paths, patient=pt)
+        rm["faiss-flat"] = round(time.perf_counter() - t, 2)
+        print(f"remove one patient on FAISS flat: {rm['faiss-flat']:.2f} s {out2} (load {load_avg()})", flush=True)
     result = {"n": args.n, "dim": args.dim, "queries": args.queries, "batch": args.batch,
               "filter_fraction": round(float(mask.mean()), 4), "catalog_filter_lookup_ms": round(lookup_ms, 1),
-              "rows": rows, "remove_patient_s": {"milvus-lite": round(rm_milvus, 2), "faiss-flat": round(rm_faiss, 2)},
-              "images_removed": out["images"], "load_avg": load_avg(), "cpus": os.cpu_count()}  # fmt: skip
+              "rows": rows, "remove_patient_s": rm, "images_removed": out.get("images"), "load_avg": load_avg(),
+              "cpus": os.cpu_count(), "milvus": engine, "stored_vectors": int(len(ids))}  # fmt: skip
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -37,10 +37,15 @@ from medsearch.errors import IndexInconsistent, IndexMismatch, IndexNotBuilt, In
 from .ann import ivf_shape
 from .base import FORMAT_VERSION, Manifest, manifest_path, read_manifest, values_of, write_json_atomic
 
-# what Milvus Lite 3.2 builds (it refuses IVF_PQ: "reserved for a future phase")
+# what Milvus Lite 3.2 and a Milvus server build (Lite 3.2 refuses IVF_PQ: "reserved for a future phase")
 KINDS = {"flat": "FLAT", "hnsw": "HNSW", "ivf_flat": "IVF_FLAT", "ivf_sq8": "IVF_SQ8"}
+# Milvus Lite 2.x (the C++ engine: knowhere) builds only these in local mode ("local mode only support FLAT IVF_FLAT")
+LITE2_KINDS = ("flat", "ivf_flat")
 EF_MAX = 4096  # a selective filter widens ef up to this (1% filter, ef 16 -> 1600: recall 0.21 -> 1.0 at 5k)
 SELECTIVITY_CACHE = 1024
+# an IVF search under a filter matching at most this many rows probes every list: nprobe / selectivity
+# left recall@10 at 0.83 for a 1% filter at 100k on Milvus Lite 2.5 (benchmarks/results/store_bench.md)
+EXACT_FILTERED = 32768
 CONSISTENCY = "Strong"
 DEFAULT_DB = "milvus.db"
 MAX_TOPK = 16384
@@ -198,12 +203,34 @@ def filter_expression(filters: dict[str, Any] | None, allowed: np.ndarray | None
 
 
 # ---------------------------------------------------------------------------- index choice
-def choose_kind(n: int, config: IndexConfig) -> str:
-    """The configured kind, or exact FLAT up to ``flat_max`` vectors and HNSW above."""
+def lite_major() -> int:
+    """The major version of the installed milvus-lite (0 when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return int(version("milvus-lite").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return 0
+
+
+def engine_kinds(uri: str | None) -> tuple[str, ...]:
+    """Index kinds the engine behind ``uri`` builds: a server all of KINDS; Milvus Lite 2.x (C++)
+    flat and ivf_flat; Milvus Lite 3.x (pure Python) all of KINDS."""
+    if uri and is_server_uri(uri):
+        return tuple(KINDS)
+    return LITE2_KINDS if 0 < lite_major() < 3 else tuple(KINDS)
+
+
+def choose_kind(n: int, config: IndexConfig, kinds: tuple[str, ...] = tuple(KINDS)) -> str:
+    """The configured kind, or exact FLAT up to ``flat_max`` vectors and above it HNSW (IVF_FLAT
+    where the engine has no HNSW). ``kinds``: what the engine builds (``engine_kinds``)."""
     if config.kind == "auto":
-        return "flat" if n <= config.flat_max else "hnsw"
+        return "flat" if n <= config.flat_max else ("hnsw" if "hnsw" in kinds else "ivf_flat")
     if config.kind not in KINDS:
         raise InvalidInput(f"unknown milvus index kind {config.kind!r}", hint="use one of: auto, " + ", ".join(KINDS))
+    if config.kind not in kinds:
+        raise InvalidInput(f"milvus-lite {lite_major()} cannot build a {config.kind} index",
+                           hint="use one of: auto, " + ", ".join(kinds) + ", or a Milvus server (--milvus-uri http://...)")  # fmt: skip
     return config.kind
 
 
@@ -310,9 +337,10 @@ class MilvusStore:
             frac = matches / max(1, self.ntotal)
             if "ef" in params:
                 params["ef"] = int(min(max(EF_MAX, params["ef"]), max(params["ef"], k, np.ceil(params["ef"] / frac))))
-            if "nprobe" in params:
+            if "nprobe" in params:  # few matches: every list (exact over the matches, as FAISS answers them)
                 nlist = int(self.manifest.params.get("build_params", {}).get("nlist", params["nprobe"]))
-                params["nprobe"] = int(min(nlist, max(params["nprobe"], np.ceil(params["nprobe"] / frac))))
+                wide = nlist if matches <= EXACT_FILTERED else np.ceil(params["nprobe"] / frac)
+                params["nprobe"] = int(min(nlist, max(params["nprobe"], wide)))
         res = self.client.search(
             self.collection, data=xq, limit=k, filter=expr, anns_field="vec", output_fields=[],
             search_params={"metric_type": "IP", "params": params}, consistency_level=self.consistency,

@@ -36,6 +36,7 @@ from .milvus import (
     count_rows,
     default_search_params,
     encode_field,
+    engine_kinds,
     home_of,
     milvus_ids,
     resolve_uri,
@@ -87,6 +88,9 @@ def _apply_diff(client: Any, coll: str, catalog: Catalog, model_id: str, space: 
             client.delete(coll, ids=dup[start : start + BATCH].tolist())
         keep = ~np.isin(mids, dup)
         mids, mh = mids[keep], mh[keep]
+    # Milvus 2.x (and Lite 2.x) dedups query results by primary key but counts every copy: more
+    # rows than ids means hidden duplicates, which an upsert of every row removes (delete + insert)
+    hidden = not len(dup) and count_rows(client, coll) > len(mids)
     seen = np.zeros(len(mids), bool)
     sums = (0, 0)
     n = added = updated = 0
@@ -101,7 +105,7 @@ def _apply_diff(client: Any, coll: str, catalog: Catalog, model_id: str, space: 
             present = mids[at] == ids
             seen[at[present]] = True
             same[present] = mh[at[present]] == h[present]
-        new, changed = ~present, present & ~same
+        new, changed = ~present, (present if hidden else present & ~same)
         if skip is not None and len(skip):
             new &= ~np.isin(ids, skip)
         if new.any():
@@ -230,7 +234,7 @@ def sync_store(
     client = connect(resolve_uri(home_of(directory), uri), token)
     coll = collection_name(model_id, space, catalog.salt)
     count = catalog.count_vectors(model_id, space)
-    kind = choose_kind(count, config)
+    kind = choose_kind(count, config, engine_kinds(uri))
     exists = client.has_collection(coll)
     if (not force and not dirty and prev is not None and exists and prev.params.get("collection") == coll
             and prev.params.get("uri") == uri and prev.weights_hash == weights_hash and prev.count == count
