@@ -18,7 +18,13 @@ class TrainConfig:
     base: str = "lite"  # lite | open_clip:ARCH:CKPT | open_clip:ARCH:TAG | hf-hub:ORG/NAME
     name: str | None = None  # lite:NAME / output folder name; None = the default model
     split: str = "train"
-    dev_split: str | None = "auto"  # "auto": "dev" when the catalog has it, else no early stopping
+    # model selection: cv = K folds of the training split grouped by case choose the step and the grid
+    # point, then a refit on all of it; dev = early stopping on ``dev_split``; none = ``steps`` steps
+    select: str = "cv"
+    dev_split: str | None = "auto"  # select=dev: "auto" = "dev" when the catalog has it; a split name
+    folds: int = 4  # select=cv: K
+    fold_seed: int = 0  # select=cv: the case shuffle of the folds (fixed across training seeds)
+    cv_grid: tuple[tuple[tuple[str, Any], ...], ...] = ((),)  # select=cv: grid points ((field, value), ...)
     sources: tuple[str, ...] = ()  # only these catalog sources (empty = all)
     steps: int = 1300  # optimiser steps (upper bound with early stopping)
     epochs: int | None = None  # when set, steps = epochs * batches per epoch
