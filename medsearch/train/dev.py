@@ -1,7 +1,8 @@
-"""What both trainers share: the dev split for early stopping, its scores, seeding, the LR schedule.
+"""What both trainers share: the held-out set for selection, its scores, seeding, the LR schedule.
 
-Model selection keeps the weights of the evaluation with the best ``score`` = mean of dev
-caption->image R@10 and same-case R@10 (pool: the dev images).
+A held-out set is a cv fold of the training split (``select="cv"``, train.select) or a validation
+split (``select="dev"``). Its ``score`` = mean of caption->image R@10 and same-case R@10 (pool: the
+held-out images); selection keeps the step (and grid point) with the best score.
 """
 
 from __future__ import annotations

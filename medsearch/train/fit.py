@@ -7,7 +7,8 @@
       stop_at   stop after this many steps of a ``total``-step LR schedule (the refit after cv)
 
 Loss per step: symmetric multi-positive InfoNCE image<->text, + ``image_image`` x InfoNCE between
-two views of each image (same case / same metadata labels = positive), + ``text_text`` x InfoNCE
+two views of each image (same case / same metadata labels = positive; with ``crops=0`` the two
+views are the centre view under two dropout masks, as in SimCSE), + ``text_text`` x InfoNCE
 among the batch texts. AdamW (no decay on biases, norms, the temperature), cosine LR with warm-up.
 """
 
@@ -178,8 +179,8 @@ def fit_heads(
         pos = positive_mask(pc[idx], ptx[idx], case_level[idx] if case_level is not None else None)
         pos_t = torch.from_numpy(pos).to(device)
         loss = multi_positive_nce(scaled(zi, zt), pos_t)
-        if cfg.image_image > 0 and n_views > 1:  # a second view of each image (another crop)
-            views2 = (views + rng.integers(1, n_views, size=len(idx))) % n_views
+        if cfg.image_image > 0:  # a second view of each image: another crop, or (one view) another dropout mask
+            views2 = (views + rng.integers(1, n_views, size=len(idx))) % n_views if n_views > 1 else views
             zi2 = F.normalize(heads.image(image_in(pairs.pair_image[idx], views2)), dim=-1)  # (b, out)
             same = (pc[idx][:, None] == pc[idx][None, :]) | label_mask(pairs, pairs.pair_image[idx], cfg.label_positives)
             loss = loss + cfg.image_image * multi_positive_nce(scaled(zi, zi2), torch.from_numpy(same).to(device))

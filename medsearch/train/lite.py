@@ -1,31 +1,31 @@
 """Training the built-in ``lite`` model (LiT-style locked towers, CPU friendly).
 
     catalog split -> (image, caption) and (image, case findings) pairs            (train.pairs)
-    towers (frozen) -> cached features: centre view + ``crops`` random crops per image, texts
+    towers (frozen) -> cached features: centre view (+ ``crops`` random crops) per image, texts
                                                                                    (encoders.features)
+    selection: ``select="cv"`` K case-grouped folds of the split pick the step and the grid point
+               (train.select), ``"dev"`` early stopping on a validation split, ``"none"``
     heads (MLP 1280->512->256, 384->512->256, z-scored inputs, dropout) trained with symmetric
-    multi-positive InfoNCE and a learned temperature; AdamW; early stopping on dev  (train.losses, train.dev)
+    multi-positive InfoNCE and a learned temperature; AdamW                      (train.fit, train.losses)
 
 Positives: identical texts (duplicate captions) are positives, not negatives; so are the
 case-level texts (findings) of an image's case. With ``case_positives="all"`` an image's
 positives also include the captions of the case's other images; "findings" (the default) keeps
-captions image-specific, which kept CT and MR images of mixed cases apart (dev P@10 by modality
-0.856 vs 0.833, mean of 3 seeds). A text-text term (``text_text``, same case = positive)
-sharpens the report/caption space the hybrid search uses.
+captions image-specific. A text-text term (``text_text``, same case = positive) sharpens the
+report/caption space the hybrid search uses.
 
-An image-image term (two crops of each image, weight ``image_image``) takes as positives the
-images of the same case and, with ``label_positives``, the train images that agree on catalog
-metadata (default: modality_type and body_region). On medpix-2.0 dev (`medsearch eval retrieval`,
-seeds 0/1/2) weight 1.0 gave image->image P@10 by modality 0.903/0.906/0.926 (0.840 for seed 0
-without the term), body-region kNN accuracy 0.690/0.736/0.706 (0.690), caption->image R@10
-0.543/0.579/0.579 (0.523); weights 0.5 and 0.75 fell below 0.90 on modality for some seeds.
+An image-image term (weight ``image_image``) takes as positives the images of the same case and,
+with ``label_positives``, the train images that agree on catalog metadata (default: modality_type
+and body_region). Its two views are two crops (``crops`` >= 1) or, by default (``crops=0``), the
+centre view under two dropout masks: features are then one tower pass per image, the same pass
+indexing makes. What each choice gave under cv selection: benchmarks/results/eval_retrieval_dev.md.
 
 ``unfreeze=N`` also trains the last N EfficientNet blocks and its 1x1 head conv (BatchNorm
-statistics stay frozen). The frozen prefix is deterministic per cached view, so its output
-activations are cached instead of the pooled features and only the last blocks run per step.
+statistics stay frozen; train.tail). The frozen prefix is deterministic per cached view, so its
+output activations are cached instead of the pooled features and only the last blocks run per step.
 
-The model is saved with ``encoders.lite.save_model`` (safetensors + JSON config with the data hash).
-Training is seeded and deterministic on CPU.
+The model is saved with ``encoders.lite.save_model`` (safetensors + JSON config with the data hash
+and the selection record). Training is seeded and deterministic on CPU.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def train_lite(
     # ---- selection, then the fit ------------------------------------------------------------
     net = towers._image_net if cfg.unfreeze else None
     cv = None
-    fit_cfg, stop_at = cfg, None
+    fit_cfg, stop_at = cfg, (cfg.stop_at if cfg.select == "none" else None)
     if cfg.select == "cv":
         cv = cross_validate(pairs, img_feats, txt_feats, cfg, net=net, device=device, log=log, progress=progress)
         fit_cfg, stop_at = replace(cfg, **cv.params), cv.step
