@@ -265,9 +265,10 @@ def test_cli_train_then_eval_retrieval(trained, home, tmp_path):
         app, ["eval", "retrieval", "medpix-2.0", *args, "--model", "lite:cli", "--plot", str(png), "--n-boot", "200"]
     )
     assert r.exit_code == 0, r.output
-    for text in ("caption->image R@10", "caption->case R@10", "image->caption R@1", "median rank",
-                 "findings->same case R@10 (hybrid)", "image->image P@10 modality_type", "body_region accuracy (kNN vote)",
-                 "modality_type accuracy (zero-shot)", "Duplicate captions:", "frozen towers", "chance"):  # fmt: skip
+    for text in ("caption->image R@10", "caption->same-case R@10", "caption->case R@10", "image->caption R@1",
+                 "median rank", "findings->same case R@10 (image)", "image->image P@10 modality_type",
+                 "body_region accuracy (kNN vote)", "modality_type accuracy (zero-shot)", "Duplicate captions:",
+                 "frozen towers", "chance", "bootstrap over cases", "Levels:"):  # fmt: skip
         assert text in r.stdout, text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = runner.invoke(
@@ -278,6 +279,14 @@ def test_cli_train_then_eval_retrieval(trained, home, tmp_path):
     assert 0 <= rep["cross-modal"]["caption->image"]["R@10"]["value"] <= 1
     lo, hi = rep["cross-modal"]["caption->image"]["R@10"]["ci95"]
     assert lo <= rep["cross-modal"]["caption->image"]["R@10"]["value"] <= hi
+    cm = rep["cross-modal"]
+    # case level: one hit per case ranks fewer items than the image ranking, so it can only find more
+    assert cm["caption->case"]["pool"] == rep["pool"]["cases"] < cm["caption->same-case"]["pool"]
+    assert cm["caption->case"]["R@10"]["value"] >= cm["caption->same-case"]["R@10"]["value"] - 1e-9
+    assert cm["caption->same-case"]["R@10"]["value"] >= cm["caption->image"]["R@10"]["value"] - 1e-9
+    assert cm["caption->image"]["R@10"]["n_cases"] == rep["pool"]["cases"]
+    # pool = the dev split, whose own texts are hidden: no text mode is left, only the image mode
+    assert set(rep["findings->same case R@10"]) == {"image", "note"}
     r = runner.invoke(app, ["eval", "retrieval", "medpix-2.0", *args, "--split", "nope"])
     assert r.exit_code == 2 and "split 'nope' has no images" in r.output
 
@@ -397,3 +406,23 @@ def test_cli_train_select_cv_prints_the_choice(home):
     assert r.exit_code != 0 and "unknown --select 'sometimes'" in r.output
     r = CliRunner().invoke(app, ["train", "--home", str(home), "--cv-grid", "colour=red"])
     assert r.exit_code != 0 and "bad --cv-grid entry" in r.output
+
+
+def test_eval_hides_the_evaluated_splits_own_text(home):
+    """The text/BM25 modes of `eval retrieval` never see the captions or reports of the evaluated split."""
+    from medsearch.catalog.train_queries import pool_images
+    from medsearch.eval.retrieval import EvalConfig, load_eval_set
+
+    cat = Catalog.open(home / "catalog.db", readonly=True)
+    rows = pool_images(cat)
+    dev_texts = {" ".join(r.caption.split()) for r in rows if r.split == "dev" and r.caption}
+    dev_texts |= {" ".join(t.split()) for r in rows if r.split == "dev" for t in r.sections.values() if t}
+    train_caps = {" ".join(r.caption.split()) for r in rows if r.split == "train" and r.caption}
+    es = load_eval_set(cat, EvalConfig(split="dev", pool="all"))
+    assert es.docs and not (set(es.docs) & (dev_texts - train_caps))
+    assert not set(es.doc_case.tolist()) & set(es.case[es.is_query].tolist())
+    assert train_caps <= set(es.docs)  # the rest of the archive stays searchable
+    assert load_eval_set(cat, EvalConfig(split="dev")).docs == []  # pool = dev only: nothing left
+    shown = load_eval_set(cat, EvalConfig(split="dev", hide_split_text=False))
+    cat.close()
+    assert dev_texts & set(shown.docs)

@@ -115,11 +115,12 @@ def eval_retrieval(
     n_boot: Annotated[int, typer.Option("--n-boot", min=100, help="Bootstrap resamples for the 95% intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of Recall@K curves here.")] = None,
+    hide_split_text: Annotated[bool, typer.Option("--hide-split-text/--show-split-text", help="Keep the evaluated split's own captions and reports out of the text/BM25 modes (default), as for new images that arrive without text.")] = True,
     model: Model = None,
     device: Device = "auto",
     json_out: JsonOut = False,
 ) -> None:
-    """Recall@K, P@K, mAP, MRR, median rank and label accuracy with 95% CIs, against chance and the frozen towers."""
+    """Image- and case-level Recall@K, P@K, mAP, MRR, median rank and kNN label votes with 95% CIs by case, against chance and the frozen towers."""
     from medsearch.config import Paths
     from medsearch.eval.report import markdown
     from medsearch.eval.retrieval import EvalConfig, evaluate_dataset
@@ -129,7 +130,7 @@ def eval_retrieval(
 
         ingest_path(cat, folder, source=source)
 
-    cfg = EvalConfig(split=split, pool=pool, knn_k=knn_k, n_boot=n_boot, seed=seed)
+    cfg = EvalConfig(split=split, pool=pool, knn_k=knn_k, n_boot=n_boot, seed=seed, hide_split_text=hide_split_text)
     with Progress(not json_out, leave=False) as progress:
         report = evaluate_dataset(
             Paths(_home(home)), dataset, cfg, model=model, device=device, ingest=ingest, plot=plot, progress=progress,

@@ -176,7 +176,7 @@ def train_lite(
             "device": device,
         },
         "selection": cv.to_dict() if cv else {"method": cfg.select, "split": dev_split},
-        "dev": {"split": dev_split, "metric": "mean of caption->image R@10 and same-case R@10 (dev images pool)",
+        "dev": {"split": dev_split, "metric": "mean of caption->image R@10, same-case R@10, modality and body-region kNN vote (dev images pool)",
                 "best": fit.best_metrics} if dev_split else None,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip

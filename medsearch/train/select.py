@@ -7,7 +7,8 @@
                                                 folds picks the grid point and the step
 
 The held-out fold is scored like a dev split (``train.dev.dev_scores``: mean of caption->image
-R@10 and caption->same-case R@10, pool = the fold's images). A fold that stopped early (patience)
+R@10, caption->same-case R@10 and the modality / body-region kNN vote accuracy, pool = the fold's
+images). A fold that stopped early (patience)
 keeps its last score for the later steps of the mean curve. The final model is then refit on all
 of the training split for the chosen number of steps of the same LR schedule: the split that is
 reported (dev, test) is never read during selection.
@@ -99,7 +100,8 @@ class CVResult:
     score: float  # mean held-out score at that step
     fold_scores: list[float]  # each fold's score at the chosen step (its spread)
     seconds: float = 0.0
-    metric: str = "mean of caption->image R@10 and caption->same-case R@10; pool = the held-out fold's images"
+    metric: str = ("mean of caption->image R@10, caption->same-case R@10 and the modality and body-region kNN vote "
+                   "accuracy (10 neighbours of other cases); pool = the held-out fold's images")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
