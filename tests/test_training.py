@@ -55,7 +55,7 @@ def test_training_lowers_the_loss_and_saves_a_described_model(trained, home):
     assert t["loss_last"] < 0.8 * t["loss_first"], (t["loss_first"], t["loss_last"])
     assert res.model_id == "lite" and (home / "models" / "lite" / "model.safetensors").is_file()
     cfg = json.loads((home / "models" / "lite" / "config.json").read_text())
-    assert cfg["dims"] == {"image_in": 1280, "text_in": 384, "hidden": 512, "out": 256}
+    assert cfg["dims"] == {"image_in": 1280, "text_in": 384, "hidden": 1024, "out": 256}
     assert cfg["towers"]["weights_hash"] and len(cfg["training"]["data_hash"]) == 16
     assert 0 < cfg["temperature"] < 1
     assert cfg["dev"]["split"] == "dev" and "caption_image_r10" in cfg["dev"]["best"]

@@ -396,8 +396,12 @@ def _findings_modes(es: EvalSet, emb: Embeddings, cfg: EvalConfig, towers_emb: E
     out["note"] = (
         "query = a case's findings; correct = any pool image of that case; text/bm25 rank the captions and report "
         "sections of the pool"
-        + (f" outside split {es.split!r} (its {hidden} cases' own texts are hidden, so no mode reaches an image through "
-           "its own text)" if hidden else ", minus the query case's own report")
+        + (
+            f" outside split {es.split!r} (its {hidden} cases' own texts are hidden, so no mode reaches an image through "
+            "its own text)"
+            if hidden
+            else ", minus the query case's own report"
+        )
         + f"; hybrid = RRF (k={cfg.rrf_k}) of each mode's top {cfg.fuse_depth}"
         + ("" if len(es.docs) else "; no text is left to search, so only the image mode is scored")
     )
@@ -484,8 +488,12 @@ def evaluate_retrieval(
             "R@K = share of queries with a correct item in the top K; P@10 = share of the 10 nearest pool images "
             f"(own case excluded) with the query's label; kNN vote = similarity-weighted vote of the {config.knn_k} "
             "nearest pool images of other cases; 95% CIs: percentile bootstrap over cases (all queries of a drawn "
-            "case)" + (f"; the text modes never see split {es.split!r}'s own captions and reports"
-                       if config.hide_split_text else "")
+            "case)"
+            + (
+                f"; the text modes never see the captions and reports of split {es.split!r}"
+                if config.hide_split_text
+                else ""
+            )
         ),
     }
     if emb.shared:

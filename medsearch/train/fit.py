@@ -182,7 +182,9 @@ def fit_heads(
         if cfg.image_image > 0:  # a second view of each image: another crop, or (one view) another dropout mask
             views2 = (views + rng.integers(1, n_views, size=len(idx))) % n_views if n_views > 1 else views
             zi2 = F.normalize(heads.image(image_in(pairs.pair_image[idx], views2)), dim=-1)  # (b, out)
-            same = (pc[idx][:, None] == pc[idx][None, :]) | label_mask(pairs, pairs.pair_image[idx], cfg.label_positives)
+            same = (pc[idx][:, None] == pc[idx][None, :]) | label_mask(
+                pairs, pairs.pair_image[idx], cfg.label_positives
+            )
             loss = loss + cfg.image_image * multi_positive_nce(scaled(zi, zi2), torch.from_numpy(same).to(device))
         if cfg.text_text > 0:
             loss = loss + cfg.text_text * within_modality_nce(scaled(zt, zt), pos_t)

@@ -100,8 +100,10 @@ class CVResult:
     score: float  # mean held-out score at that step
     fold_scores: list[float]  # each fold's score at the chosen step (its spread)
     seconds: float = 0.0
-    metric: str = ("mean of caption->image R@10, caption->same-case R@10 and the modality and body-region kNN vote "
-                   "accuracy (10 neighbours of other cases); pool = the held-out fold's images")
+    metric: str = (
+        "mean of caption->image R@10, caption->same-case R@10 and the modality and body-region kNN vote "
+        "accuracy (10 neighbours of other cases); pool = the held-out fold's images"
+    )
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
