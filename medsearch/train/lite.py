@@ -5,7 +5,7 @@
                                                                                    (encoders.features)
     selection: ``select="cv"`` K case-grouped folds of the split pick the step and the grid point
                (train.select), ``"dev"`` early stopping on a validation split, ``"none"``
-    heads (MLP 1280->512->256, 384->512->256, z-scored inputs, dropout) trained with symmetric
+    heads (MLP 1280->1024->256, 384->1024->256, z-scored inputs, dropout) trained with symmetric
     multi-positive InfoNCE and a learned temperature; AdamW                      (train.fit, train.losses)
 
 Positives: identical texts (duplicate captions) are positives, not negatives; so are the
