@@ -188,6 +188,41 @@ def test_knn_vote_matches_brute_force(n, seed):
         assert got[q] == want
 
 
+# ---------------------------------------------------------------------------- by case
+
+
+def test_case_bootstrap_resamples_whole_cases():
+    """One case of 9 identical queries and 9 cases of one query each: a query bootstrap sees 18
+    independent values, the case bootstrap 10 clusters, so its interval is wider; both bracket the mean."""
+    from medsearch.eval.bycase import bootstrap_ci_by_case, summarize_by_case
+
+    v = np.array([1.0] * 9 + [0, 1, 0, 0, 1, 0, 0, 1, 0], dtype=float)
+    cases = np.array([0] * 9 + list(range(1, 10)))
+    lo_q, hi_q = bootstrap_ci(v, n_boot=2000, seed=1)
+    lo_c, hi_c = bootstrap_ci_by_case(v, cases, n_boot=2000, seed=1)
+    assert lo_c <= v.mean() <= hi_c and hi_c - lo_c > 1.3 * (hi_q - lo_q)
+    s = summarize_by_case(v, cases, n_boot=500, seed=0)
+    assert s["value"] == round(v.mean(), 4) and s["n"] == 18 and s["n_cases"] == 10
+    assert summarize_by_case(v, cases, n_boot=500, seed=0) == s  # seeded
+    # one query per case: the same distribution as the query bootstrap (same draws)
+    one = np.arange(len(v))
+    np.testing.assert_allclose(bootstrap_ci_by_case(v, one, n_boot=300, seed=3), bootstrap_ci(v, n_boot=300, seed=3))
+    # a case with a NaN (no relevant item) keeps its other queries; all-NaN = no value
+    assert summarize_by_case(np.array([np.nan, 1.0]), np.array([0, 0]))["n"] == 1
+    assert summarize_by_case(np.array([np.nan]), np.array([0]))["value"] is None
+    med = summarize_by_case(np.array([1.0, 2, 3, 10]), np.array([0, 0, 1, 2]), stat="median", n_boot=200)
+    assert med["value"] == 2.5 and med["ci95"][0] <= 2.5 <= med["ci95"][1]
+
+
+def test_case_scores_keep_the_best_image_of_each_case():
+    from medsearch.eval.retrieval import case_scores
+
+    s = np.array([[0.1, 0.9, 0.3, 0.2], [0.5, -0.2, 0.4, 0.8]])
+    cs, cases = case_scores(s, np.array([7, 3, 7, 5]))
+    assert cases.tolist() == [3, 5, 7]
+    np.testing.assert_array_equal(cs, [[0.9, 0.2, 0.3], [-0.2, 0.8, 0.5]])
+
+
 # ---------------------------------------------------------------------------- `medsearch eval retrieval`
 
 

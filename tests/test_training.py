@@ -15,7 +15,8 @@ from medsearch.errors import InvalidInput, ModelNotAvailable, NotFound
 
 pytestmark = pytest.mark.slow
 
-FAST = dict(steps=60, batch_size=32, eval_every=20, warmup=10, crops=1, patience=10)
+FAST = dict(steps=60, batch_size=32, eval_every=20, warmup=10, crops=1, patience=10, select="dev")
+CV = dict(steps=40, batch_size=32, eval_every=10, warmup=5, crops=1, patience=10, folds=3)
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +55,11 @@ def test_training_lowers_the_loss_and_saves_a_described_model(trained, home):
     assert t["loss_last"] < 0.8 * t["loss_first"], (t["loss_first"], t["loss_last"])
     assert res.model_id == "lite" and (home / "models" / "lite" / "model.safetensors").is_file()
     cfg = json.loads((home / "models" / "lite" / "config.json").read_text())
-    assert cfg["dims"] == {"image_in": 1280, "text_in": 384, "hidden": 512, "out": 256}
+    assert cfg["dims"] == {"image_in": 1280, "text_in": 384, "hidden": 1024, "out": 256}
     assert cfg["towers"]["weights_hash"] and len(cfg["training"]["data_hash"]) == 16
     assert 0 < cfg["temperature"] < 1
     assert cfg["dev"]["split"] == "dev" and "caption_image_r10" in cfg["dev"]["best"]
+    assert cfg["selection"] == {"method": "dev", "split": "dev"}
     assert t["n_pairs"] > t["n_images"] > 0 and t["views"] == 2
     assert any(m.startswith("step 20/60 loss") for m in logs)
 
@@ -263,9 +265,10 @@ def test_cli_train_then_eval_retrieval(trained, home, tmp_path):
         app, ["eval", "retrieval", "medpix-2.0", *args, "--model", "lite:cli", "--plot", str(png), "--n-boot", "200"]
     )
     assert r.exit_code == 0, r.output
-    for text in ("caption->image R@10", "caption->case R@10", "image->caption R@1", "median rank",
-                 "findings->same case R@10 (hybrid)", "image->image P@10 modality_type", "body_region accuracy (kNN vote)",
-                 "modality_type accuracy (zero-shot)", "Duplicate captions:", "frozen towers", "chance"):  # fmt: skip
+    for text in ("caption->image R@10", "caption->same-case R@10", "caption->case R@10", "image->caption R@1",
+                 "median rank", "findings->same case R@10 (image)", "image->image P@10 modality_type",
+                 "body_region accuracy (kNN vote)", "modality_type accuracy (zero-shot)", "Duplicate captions:",
+                 "frozen towers", "chance", "bootstrap over cases", "Levels:"):  # fmt: skip
         assert text in r.stdout, text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = runner.invoke(
@@ -276,6 +279,14 @@ def test_cli_train_then_eval_retrieval(trained, home, tmp_path):
     assert 0 <= rep["cross-modal"]["caption->image"]["R@10"]["value"] <= 1
     lo, hi = rep["cross-modal"]["caption->image"]["R@10"]["ci95"]
     assert lo <= rep["cross-modal"]["caption->image"]["R@10"]["value"] <= hi
+    cm = rep["cross-modal"]
+    # case level: one hit per case ranks fewer items than the image ranking, so it can only find more
+    assert cm["caption->case"]["pool"] == rep["pool"]["cases"] < cm["caption->same-case"]["pool"]
+    assert cm["caption->case"]["R@10"]["value"] >= cm["caption->same-case"]["R@10"]["value"] - 1e-9
+    assert cm["caption->same-case"]["R@10"]["value"] >= cm["caption->image"]["R@10"]["value"] - 1e-9
+    assert cm["caption->image"]["R@10"]["n_cases"] == rep["pool"]["cases"]
+    # pool = the dev split, whose own texts are hidden: no text mode is left, only the image mode
+    assert set(rep["findings->same case R@10"]) == {"image", "note"}
     r = runner.invoke(app, ["eval", "retrieval", "medpix-2.0", *args, "--split", "nope"])
     assert r.exit_code == 2 and "split 'nope' has no images" in r.output
 
@@ -300,3 +311,118 @@ def test_label_positives_follow_catalog_metadata(home):
     assert not label_mask(pairs, idx, ()).any()
     with pytest.raises(InvalidInput, match="unknown label field"):
         label_mask(pairs, idx, ("no_such_field",))
+
+
+# ---------------------------------------------------------------------------- --select cv
+
+
+def test_case_folds_keep_each_case_in_one_fold():
+    from medsearch.train import case_folds
+
+    rng = np.random.default_rng(0)
+    cases = rng.integers(100, 160, size=400)  # ~60 cases of 1..15 images
+    f = case_folds(cases, 4, seed=0)
+    assert set(f.tolist()) == {0, 1, 2, 3}
+    for c in np.unique(cases):
+        assert len(set(f[cases == c].tolist())) == 1, c
+    sizes = np.bincount(f)
+    assert sizes.max() - sizes.min() <= np.bincount(cases).max()  # greedy balance: within one case's size
+    assert np.array_equal(case_folds(cases, 4, seed=0), f)  # seeded
+    assert not np.array_equal(case_folds(cases, 4, seed=1), f)
+    with pytest.raises(InvalidInput, match="needs at least 5 cases") as e:
+        case_folds(np.array([1, 1, 2, 3, 4]), 5)
+    assert "--folds" in e.value.hint
+    with pytest.raises(InvalidInput, match="at least 2 folds"):
+        case_folds(cases, 1)
+
+
+def test_parse_grid_is_a_cartesian_product_with_clear_errors():
+    from medsearch.train import parse_grid
+
+    assert parse_grid("") == ((),) and parse_grid(None) == ((),)
+    g = parse_grid("dropout=0.5,0.7; image_image=1")
+    assert g == ((("dropout", 0.5), ("image_image", 1.0)), (("dropout", 0.7), ("image_image", 1.0)))
+    assert parse_grid("hidden=512,1024")[1] == (("hidden", 1024),)
+    with pytest.raises(InvalidInput, match="bad --cv-grid entry") as e:
+        parse_grid("nonsense=1")
+    assert "dropout" in e.value.hint
+    with pytest.raises(InvalidInput, match="bad value"):
+        parse_grid("dropout=high")
+
+
+def test_pair_subset_reindexes_images_and_texts(home):
+    from medsearch.train import collect_pairs
+
+    cat = Catalog.open(home / "catalog.db", readonly=True)
+    pairs = collect_pairs(cat, "train")
+    cat.close()
+    keep = np.arange(0, len(pairs.image_ids), 2)
+    sub, kept = pairs.subset(keep)
+    assert sub.image_ids.tolist() == pairs.image_ids[keep].tolist()
+    want = {(int(pairs.image_ids[i]), pairs.texts[t], k)
+            for i, t, k in zip(pairs.pair_image, pairs.pair_text, pairs.pair_kind, strict=True) if i in set(keep)}  # fmt: skip
+    got = {(int(sub.image_ids[i]), sub.texts[t], k) for i, t, k in zip(sub.pair_image, sub.pair_text, sub.pair_kind, strict=True)}
+    assert got == want and [pairs.texts[t] for t in kept] == sub.texts
+    assert sub.image_labels["modality_type"] == [pairs.image_labels["modality_type"][i] for i in keep]
+
+
+def test_cv_selection_never_reads_the_dev_split_and_records_its_choice(home):
+    """--select cv: the folds come from train only (the dev split may even be missing), every grid point is
+    scored on every fold, the refit runs the chosen number of steps, and the manifest says so."""
+    from medsearch.train import TrainConfig, parse_grid, train
+
+    cat = Catalog.open(home / "catalog.db")
+    logs: list[str] = []
+    cfg = TrainConfig(**CV, cv_grid=parse_grid("dropout=0.3,0.7"), name="cv", dev_split="nope")
+    res = train(cat, Paths(home), cfg, device="cpu", log=logs.append)
+    cat.close()
+    sel = res.config["selection"]
+    assert sel["method"] == "cv" and sel["folds"] == 3 and len(sel["fold_sizes"]) == 3
+    assert sum(f["images"] for f in sel["fold_sizes"]) == res.config["training"]["n_images"]
+    assert [g["params"] for g in sel["grid"]] == [{"dropout": 0.3}, {"dropout": 0.7}]
+    for g in sel["grid"]:
+        assert len(g["fold_scores"]) == 3 and [s for s, _ in g["curve"]][:2] == [10, 20]
+        assert g["cv_score"] == max(m for _, m in g["curve"])
+        assert abs(np.mean(g["fold_scores"]) - g["cv_score"]) < 1e-3
+    best = max(sel["grid"], key=lambda g: g["cv_score"])
+    assert sel["chosen"]["params"] == best["params"] and sel["chosen"]["step"] == best["best_step"]
+    t = res.config["training"]
+    assert t["steps_run"] == sel["chosen"]["step"] and t["steps_planned"] == 40 and t["select"] == "cv"
+    assert t["dropout"] == best["params"]["dropout"] and res.config["dev"] is None
+    assert any(m.startswith("cv: 3 folds of train grouped by case") for m in logs)
+    assert not any("dev" in m.split("held-out")[0] for m in logs if m.startswith("step "))
+
+
+def test_cli_train_select_cv_prints_the_choice(home):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    r = CliRunner().invoke(app, ["train", "--home", str(home), "--steps", "20", "--crops", "0", "--batch-size", "32",
+                                 "--folds", "2", "--cv-grid", "", "--name", "cvcli", "-q"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "cv (2 folds of train by case): chose the recipe" in r.stdout
+    r = CliRunner().invoke(app, ["train", "--home", str(home), "--select", "sometimes"])
+    assert r.exit_code != 0 and "unknown --select 'sometimes'" in r.output
+    r = CliRunner().invoke(app, ["train", "--home", str(home), "--cv-grid", "colour=red"])
+    assert r.exit_code != 0 and "bad --cv-grid entry" in r.output
+
+
+def test_eval_hides_the_evaluated_splits_own_text(home):
+    """The text/BM25 modes of `eval retrieval` never see the captions or reports of the evaluated split."""
+    from medsearch.catalog.train_queries import pool_images
+    from medsearch.eval.retrieval import EvalConfig, load_eval_set
+
+    cat = Catalog.open(home / "catalog.db", readonly=True)
+    rows = pool_images(cat)
+    dev_texts = {" ".join(r.caption.split()) for r in rows if r.split == "dev" and r.caption}
+    dev_texts |= {" ".join(t.split()) for r in rows if r.split == "dev" for t in r.sections.values() if t}
+    train_caps = {" ".join(r.caption.split()) for r in rows if r.split == "train" and r.caption}
+    es = load_eval_set(cat, EvalConfig(split="dev", pool="all"))
+    assert es.docs and not (set(es.docs) & (dev_texts - train_caps))
+    assert not set(es.doc_case.tolist()) & set(es.case[es.is_query].tolist())
+    assert train_caps <= set(es.docs)  # the rest of the archive stays searchable
+    assert load_eval_set(cat, EvalConfig(split="dev")).docs == []  # pool = dev only: nothing left
+    shown = load_eval_set(cat, EvalConfig(split="dev", hide_split_text=False))
+    cat.close()
+    assert dev_texts & set(shown.docs)

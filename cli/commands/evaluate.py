@@ -26,11 +26,14 @@ def train(
     home: Home = None,  # type: ignore[assignment]
     base: Annotated[str, typer.Option("--base", help="lite (frozen towers + trained heads), open_clip:ARCH:CKPT|TAG or hf-hub:ORG/NAME to fine-tune.")] = "lite",
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Passes over the pairs (default: the recipe's step budget with early stopping).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimiser steps (upper bound; early stopping on dev).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimiser steps of the schedule (upper bound: --select picks the step).")] = None,
     unfreeze: Annotated[int, typer.Option("--unfreeze", min=0, help="Also train the last N image blocks (lite) / N blocks per tower (open_clip; 0 = all).")] = 0,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (training is deterministic on CPU).")] = 0,
     split: Annotated[str, typer.Option("--split", help="Catalog split to train on.")] = "train",
-    dev_split: Annotated[str, typer.Option("--dev-split", help="Split for early stopping: auto (dev if present), none, or a name.")] = "auto",
+    select: Annotated[str | None, typer.Option("--select", help="Model selection: cv (K folds of the training split grouped by case pick the step and --cv-grid, then a refit on all of it; default), dev (early stopping on --dev-split), none (all --steps). Default: cv, or dev when --dev-split is given.")] = None,
+    dev_split: Annotated[str, typer.Option("--dev-split", help="--select dev: the validation split (auto = dev if present, none, or a name).")] = "auto",
+    folds: Annotated[int | None, typer.Option("--folds", min=2, help="--select cv: number of case-grouped folds K.")] = None,
+    cv_grid: Annotated[str | None, typer.Option("--cv-grid", help="--select cv: grid to tune, e.g. 'dropout=0.5,0.7;image_image=0.5,1' (default: the recipe's grid; '' = none).")] = None,
     source: Annotated[list[str] | None, typer.Option("--source", help="Only images of this catalog source (repeatable).")] = None,
     crops: Annotated[int | None, typer.Option("--crops", min=0, help="Random crops per image besides the centre view (lite).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=2, help="Pairs per step.")] = None,
@@ -48,13 +51,17 @@ def train(
 
     from medsearch.catalog import Catalog
     from medsearch.config import Paths
-    from medsearch.train import TrainConfig, train
+    from medsearch.train import TrainConfig, parse_grid, train
 
     h = _home(home)
-    cfg = TrainConfig(base=base, seed=seed, split=split, dev_split=dev_split, unfreeze=unfreeze, epochs=epochs,
-                      grad_accum=grad_accum, name=name, sources=tuple(source or ()))  # fmt: skip
-    overrides = {k: v for k, v in dict(steps=steps, crops=crops, batch_size=batch_size, lr=lr, image_image=image_image).items()
-                 if v is not None}  # fmt: skip
+    if select is None:
+        select = "dev" if dev_split not in ("auto", "none", "") else "cv"
+    cfg = TrainConfig(base=base, seed=seed, split=split, select=select, dev_split=dev_split, unfreeze=unfreeze,
+                      epochs=epochs, grad_accum=grad_accum, name=name, sources=tuple(source or ()))  # fmt: skip
+    overrides = {k: v for k, v in dict(steps=steps, crops=crops, batch_size=batch_size, lr=lr, image_image=image_image,
+                                       folds=folds).items() if v is not None}  # fmt: skip
+    if cv_grid is not None:
+        overrides["cv_grid"] = parse_grid(cv_grid)
     if label_positives is not None:
         overrides["label_positives"] = tuple(f.strip() for f in label_positives.split(",") if f.strip())
     cfg = replace(cfg, **overrides)
@@ -87,7 +94,12 @@ def train(
         _print_json(result.to_dict())
         return
     dev = (result.config.get("dev") or {}).get("best") or {}
+    sel = result.config.get("selection") or {}
     typer.echo(f"trained {result.model_id} in {result.seconds:.0f}s -> {result.path}")
+    if sel.get("method") == "cv" and "chosen" in sel:
+        c = sel["chosen"]
+        typer.echo(f"cv ({sel['folds']} folds of {split} by case): chose {c['params'] or 'the recipe'}, {c['step']} steps; "
+                   f"held-out score {c['cv_score']:.3f} +- {c['cv_std']:.3f}")  # fmt: skip
     if dev:
         typer.echo("dev: " + ", ".join(f"{k} {v:.3f}" for k, v in dev.items()))
     typer.echo(f"next: medsearch index --model {result.model_id} --home {h}")
@@ -103,11 +115,12 @@ def eval_retrieval(
     n_boot: Annotated[int, typer.Option("--n-boot", min=100, help="Bootstrap resamples for the 95% intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of Recall@K curves here.")] = None,
+    hide_split_text: Annotated[bool, typer.Option("--hide-split-text/--show-split-text", help="Keep the evaluated split's own captions and reports out of the text/BM25 modes (default), as for new images that arrive without text.")] = True,
     model: Model = None,
     device: Device = "auto",
     json_out: JsonOut = False,
 ) -> None:
-    """Recall@K, P@K, mAP, MRR, median rank and label accuracy with 95% CIs, against chance and the frozen towers."""
+    """Image- and case-level Recall@K, P@K, mAP, MRR, median rank and kNN label votes with 95% CIs by case, against chance and the frozen towers."""
     from medsearch.config import Paths
     from medsearch.eval.report import markdown
     from medsearch.eval.retrieval import EvalConfig, evaluate_dataset
@@ -117,7 +130,7 @@ def eval_retrieval(
 
         ingest_path(cat, folder, source=source)
 
-    cfg = EvalConfig(split=split, pool=pool, knn_k=knn_k, n_boot=n_boot, seed=seed)
+    cfg = EvalConfig(split=split, pool=pool, knn_k=knn_k, n_boot=n_boot, seed=seed, hide_split_text=hide_split_text)
     with Progress(not json_out, leave=False) as progress:
         report = evaluate_dataset(
             Paths(_home(home)), dataset, cfg, model=model, device=device, ingest=ingest, plot=plot, progress=progress,

@@ -1,9 +1,11 @@
 """Retrieval evaluation: the pool of a split, its embeddings, and the ``eval retrieval`` report.
 
     evaluate_dataset(paths, dataset)       what `medsearch eval retrieval DATASET` runs: finds the source
-      -> load_eval_set(catalog, config)    pool images + their captions, findings and report sections
+      -> load_eval_set(catalog, config)    pool images + their captions, findings and report sections (the
+                                           evaluated split's own texts hidden from the text modes)
       -> embed_eval_set(es, encoder)       vectors (the towers' cached features when the towers are frozen)
-      -> evaluate_retrieval(es, emb, ...)  cross-modal, findings->case, image->image, label accuracy + 95% CIs
+      -> evaluate_retrieval(es, emb, ...)  cross-modal at image and case level, findings->case, image->image,
+                                           kNN label vote; chance and 95% CIs by case (eval.bycase)
     eval.report: headline / markdown / plot_recall_curves render a report.
 
 The metrics are ``medsearch.metrics`` (pure numpy; re-exported here). Conventions:
@@ -28,6 +30,7 @@ import numpy as np
 from medsearch.catalog.train_queries import has_source, pool_images, source_splits
 from medsearch.config import Paths, SearchConfig
 from medsearch.errors import InvalidInput, NotFound
+from medsearch.eval.bycase import summarize_by_case
 from medsearch.metrics import (  # noqa: F401  (re-exported: the metrics of this report)
     _num,
     average_precision,
@@ -87,6 +90,9 @@ class EvalConfig:
     rrf_k: int = SearchConfig().rrf_k
     n_boot: int = 1000
     seed: int = 0
+    # the evaluated split's own captions and report sections stay out of the text/BM25 modes, as for a
+    # new image that arrives with its DICOM header only: no mode finds an image through its own text
+    hide_split_text: bool = True
 
 
 @dataclass
@@ -137,12 +143,17 @@ def load_eval_set(catalog: Catalog, config: EvalConfig = EvalConfig()) -> EvalSe
     docs: list[str] = []
     doc_case: list[int] = []
     doc_image: list[int] = []
+    hidden = set()  # cases whose texts the text modes must not see
+    if config.hide_split_text:
+        hidden = {r.case_id for r in rows if r.split == config.split}
     for j, c in enumerate(caption):
-        if c:
+        if c and not (config.hide_split_text and is_query[j]):
             docs.append(c)
             doc_case.append(int(case[j]))
             doc_image.append(j)
     for cid, secs in sections_of.items():
+        if cid in hidden:
+            continue
         for text in secs.values():
             t = " ".join((text or "").split())
             if t:
@@ -161,7 +172,7 @@ def load_eval_set(catalog: Catalog, config: EvalConfig = EvalConfig()) -> EvalSe
         },
         caption=caption, findings=findings, docs=docs,
         doc_case=np.array(doc_case, dtype=np.int64), doc_image=np.array(doc_image, dtype=np.int64),
-        meta={"source": config.source},
+        meta={"source": config.source, "hidden_text_cases": len(hidden)},
     )  # fmt: skip
 
 
@@ -243,14 +254,22 @@ def _encode_images(
 # --------------------------------------------------------------------------- report pieces
 
 
-def _rank_summary(rel: np.ndarray, n_valid: np.ndarray, n_rel: np.ndarray, cfg: EvalConfig) -> dict[str, Any]:
+def _summ(values: np.ndarray, cases: np.ndarray, cfg: EvalConfig, stat: str = "mean") -> dict[str, Any]:
+    """Per-query values -> value + 95% CI from a bootstrap over cases (``eval.bycase``)."""
+    return summarize_by_case(values, cases, n_boot=cfg.n_boot, seed=cfg.seed, stat=stat)
+
+
+def _rank_summary(
+    rel: np.ndarray, n_valid: np.ndarray, n_rel: np.ndarray, cfg: EvalConfig, cases: np.ndarray
+) -> dict[str, Any]:
+    """R@K, chance R@K, median rank, MRR and the Recall@K curve; ``cases`` (nq,) the query's case (CIs)."""
     fr = first_relevant_rank(rel)
     out: dict[str, Any] = {"n_queries": int(len(rel)), "pool": int(np.median(n_valid)) if len(n_valid) else 0}
     for k in cfg.ks:
-        out[f"R@{k}"] = summarize(recall_at_k(rel, k), n_boot=cfg.n_boot, seed=cfg.seed)
+        out[f"R@{k}"] = _summ(recall_at_k(rel, k), cases, cfg)
         out[f"chance R@{k}"] = _num(float(chance_recall_at_k(n_rel, n_valid, k).mean()))
-    out["median rank"] = summarize(fr, n_boot=cfg.n_boot, seed=cfg.seed, stat="median")
-    out["MRR"] = summarize(reciprocal_rank(fr), n_boot=cfg.n_boot, seed=cfg.seed)
+    out["median rank"] = _summ(fr, cases, cfg, stat="median")
+    out["MRR"] = _summ(reciprocal_rank(fr), cases, cfg)
     out["curve"] = [_num(float(recall_at_k(rel, k).mean())) for k in range(1, cfg.curve_k + 1)]
     out["chance curve"] = [_num(float(chance_recall_at_k(n_rel, n_valid, k).mean())) for k in range(1, cfg.curve_k + 1)]
     return out
@@ -299,26 +318,46 @@ def _bm25_doc_scores(es: EvalSet, queries: list[str]) -> np.ndarray:
     return np.stack([bm.scores(q) for q in queries]) if queries else np.zeros((0, len(es.docs)))
 
 
+def case_scores(scores: np.ndarray, image_case: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(nq, n) image scores -> ((nq, n_cases) case scores = max over the case's images, (n_cases,) case ids)."""
+    cases, inv = np.unique(image_case, return_inverse=True)
+    out = np.full((scores.shape[0], len(cases)), -np.inf)
+    for j in range(scores.shape[1]):
+        np.maximum(out[:, inv[j]], scores[:, j], out=out[:, inv[j]])
+    return out, cases
+
+
 def _cross_modal(es: EvalSet, emb: Embeddings, cfg: EvalConfig) -> dict[str, Any]:
-    """caption->image (image and case level) and image->caption."""
+    """caption->image (image level), caption->same-case and caption->case (case level), image->caption."""
     q = np.where(es.is_query & np.array([c is not None for c in es.caption]))[0]
     out: dict[str, Any] = {}
     if not len(q):
         return out
     qcap = es.caption[q]
+    qcase = es.case[q]
     Q = np.stack([emb.captions[c] for c in qcap])  # (nq, d)
     s = Q @ emb.images.T  # (nq, n)
     rel_img = es.caption[None, :] == qcap[:, None]  # own image + identical captions
-    rel_case = es.case[None, :] == es.case[q][:, None]
+    rel_case = es.case[None, :] == qcase[:, None]
     n_valid = np.full(len(q), len(es.image_ids))
-    out["caption->image"] = _rank_summary(ranked_relevance(s, rel_img)[0], n_valid, rel_img.sum(1), cfg)
-    out["caption->case"] = _rank_summary(ranked_relevance(s, rel_case)[0], n_valid, rel_case.sum(1), cfg)
+    out["caption->image"] = _rank_summary(ranked_relevance(s, rel_img)[0], n_valid, rel_img.sum(1), cfg, qcase)
+    out["caption->same-case"] = _rank_summary(ranked_relevance(s, rel_case)[0], n_valid, rel_case.sum(1), cfg, qcase)
+    cs, cases = case_scores(s, es.case)  # (nq, n_cases): one hit per case, as the searcher groups them
+    rel_c = cases[None, :] == qcase[:, None]
+    out["caption->case"] = _rank_summary(
+        ranked_relevance(cs, rel_c)[0], np.full(len(q), len(cases)), rel_c.sum(1), cfg, qcase
+    )
     uniq = sorted({c for c in es.caption if c})
     T = np.stack([emb.captions[c] for c in uniq])  # (m, d)
     s2 = emb.images[q] @ T.T  # (nq, m)
     rel_txt = np.array(uniq, dtype=object)[None, :] == qcap[:, None]
     out["image->caption"] = _rank_summary(
-        ranked_relevance(s2, rel_txt)[0], np.full(len(q), len(uniq)), rel_txt.sum(1), cfg
+        ranked_relevance(s2, rel_txt)[0], np.full(len(q), len(uniq)), rel_txt.sum(1), cfg, qcase
+    )
+    out["levels"] = (
+        "caption->image: the pool's images ranked individually, correct = the image carrying the caption; "
+        "caption->same-case: the same ranking, correct = any image of the caption's case; caption->case: cases "
+        "ranked by their best image (one hit per case), correct = the caption's case"
     )
     dup = int(sum(1 for c in qcap if (es.caption == c).sum() > 1))
     out["duplicates"] = (
@@ -340,20 +379,31 @@ def _findings_modes(es: EvalSet, emb: Embeddings, cfg: EvalConfig, towers_emb: E
     F_ = np.stack([emb.findings[c] for c in cases])
     if emb.shared:
         mats["image"] = F_ @ emb.images.T
-    mats["text"] = _doc_to_image_scores(es, F_ @ emb.docs.T, qc)
-    mats["bm25"] = _doc_to_image_scores(es, _bm25_doc_scores(es, [es.findings[c] for c in cases]), qc)
-    mats["hybrid"] = _rrf_scores([mats[m] for m in ("image", "text", "bm25") if m in mats], cfg.fuse_depth, cfg.rrf_k)
+    if len(es.docs):  # the text modes see only texts outside the evaluated split (hide_split_text)
+        mats["text"] = _doc_to_image_scores(es, F_ @ emb.docs.T, qc)
+        mats["bm25"] = _doc_to_image_scores(es, _bm25_doc_scores(es, [es.findings[c] for c in cases]), qc)
+    if len(mats) > 1:
+        mats["hybrid"] = _rrf_scores([mats[m] for m in ("image", "text", "bm25") if m in mats], cfg.fuse_depth,
+                                     cfg.rrf_k)  # fmt: skip
     out: dict[str, Any] = {
-        m: _rank_summary(ranked_relevance(s, rel)[0], n_valid, rel.sum(1), cfg) for m, s in mats.items()
+        m: _rank_summary(ranked_relevance(s, rel)[0], n_valid, rel.sum(1), cfg, qc) for m, s in mats.items()
     }
-    if towers_emb is not None:
+    if towers_emb is not None and len(es.docs):
         Ft = np.stack([towers_emb.findings[c] for c in cases])
         st = _doc_to_image_scores(es, Ft @ towers_emb.docs.T, qc)
-        out["towers text"] = _rank_summary(ranked_relevance(st, rel)[0], n_valid, rel.sum(1), cfg)
+        out["towers text"] = _rank_summary(ranked_relevance(st, rel)[0], n_valid, rel.sum(1), cfg, qc)
+    hidden = es.meta.get("hidden_text_cases", 0)
     out["note"] = (
-        "query = a case's findings; correct = any pool image of that case; text/bm25 rank captions of pool images "
-        "and report sections of pool cases, minus the query case's own report; hybrid = RRF (k="
-        f"{cfg.rrf_k}) of each mode's top {cfg.fuse_depth}"
+        "query = a case's findings; correct = any pool image of that case; text/bm25 rank the captions and report "
+        "sections of the pool"
+        + (
+            f" outside split {es.split!r} (its {hidden} cases' own texts are hidden, so no mode reaches an image through "
+            "its own text)"
+            if hidden
+            else ", minus the query case's own report"
+        )
+        + f"; hybrid = RRF (k={cfg.rrf_k}) of each mode's top {cfg.fuse_depth}"
+        + ("" if len(es.docs) else "; no text is left to search, so only the image mode is scored")
     )
     return out
 
@@ -372,9 +422,10 @@ def _image_image(es: EvalSet, images: np.ndarray, cfg: EvalConfig) -> dict[str, 
         rel = (lab[None, :] == lab[q][:, None]) & np.array([x is not None for x in lab])[None, :]
         rr, n_valid = ranked_relevance(s[ok], rel[ok], exclude[ok])
         n_rel = (rel[ok] & ~exclude[ok]).sum(1)
+        qcase = es.case[q][ok]
         out[name] = {
-            "P@10": summarize(precision_at_k(rr, 10), n_boot=cfg.n_boot, seed=cfg.seed),
-            "mAP": summarize(average_precision(rr), n_boot=cfg.n_boot, seed=cfg.seed),
+            "P@10": _summ(precision_at_k(rr, 10), qcase, cfg),
+            "mAP": _summ(average_precision(rr), qcase, cfg),
             "chance P@10": _num(float((n_rel / np.maximum(n_valid, 1)).mean())),
             "n_classes": int(len({x for x in lab if x is not None})),
         }
@@ -395,8 +446,9 @@ def _classify(es: EvalSet, emb: Embeddings, cfg: EvalConfig, prompts: bool) -> d
         if not ok.any():
             continue
         truth = lab[q][ok]
+        qcase = es.case[q][ok]
         pred = knn_vote(s[ok], lab, cfg.knn_k, exclude[ok])
-        res: dict[str, Any] = {"kNN vote": summarize((pred == truth).astype(float), n_boot=cfg.n_boot, seed=cfg.seed)}
+        res: dict[str, Any] = {"kNN vote": _summ((pred == truth).astype(float), qcase, cfg)}
         classes = sorted({x for x in lab if x is not None})
         if prompts and emb.shared and len(classes) > 1:
             C = []
@@ -406,7 +458,7 @@ def _classify(es: EvalSet, emb: Embeddings, cfg: EvalConfig, prompts: bool) -> d
                 C.append(l2_normalize(emb.encode_texts(texts)).mean(0))
             Cm = l2_normalize(np.stack(C))  # (n_classes, d)
             zs = np.array(classes, dtype=object)[np.argmax(emb.images[q][ok] @ Cm.T, axis=1)]
-            res["zero-shot"] = summarize((zs == truth).astype(float), n_boot=cfg.n_boot, seed=cfg.seed)
+            res["zero-shot"] = _summ((zs == truth).astype(float), qcase, cfg)
         vals, counts = np.unique(np.array([x for x in lab if x is not None], dtype=str), return_counts=True)
         majority = vals[np.argmax(counts)]
         res["chance (majority class)"] = _num(float((truth == majority).mean()))
@@ -433,9 +485,15 @@ def evaluate_retrieval(
         "source": es.meta.get("source"),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "conventions": (
-            "R@K = share of queries with a correct item in the top K (image level, no per-case grouping); "
-            "P@10 = share of the 10 nearest pool images (own case excluded) with the query's label; "
-            "95% CIs: percentile bootstrap over queries"
+            "R@K = share of queries with a correct item in the top K; P@10 = share of the 10 nearest pool images "
+            f"(own case excluded) with the query's label; kNN vote = similarity-weighted vote of the {config.knn_k} "
+            "nearest pool images of other cases; 95% CIs: percentile bootstrap over cases (all queries of a drawn "
+            "case)"
+            + (
+                f"; the text modes never see the captions and reports of split {es.split!r}"
+                if config.hide_split_text
+                else ""
+            )
         ),
     }
     if emb.shared:

@@ -3,8 +3,11 @@
     config.py    TrainConfig (the recipe), TrainResult
     pairs.py     (image, text) pairs from the catalog; positive and label masks
     losses.py    multi-positive InfoNCE, within-modality InfoNCE
-    dev.py       dev split, dev scores (model selection), seeding, LR schedule
-    lite.py      train_lite: cached tower features -> projection heads (+ optional EfficientNet tail)
+    dev.py       dev split, held-out scores (model selection), seeding, LR schedule
+    select.py    --select cv: case-grouped folds of the training split, the grid, cross_validate
+    fit.py       fit_heads: one training run of the lite heads on cached features (folds and the final fit)
+    tail.py      the trainable EfficientNet tail of --unfreeze
+    lite.py      train_lite: cached tower features -> selection -> projection heads -> saved model
     openclip.py  finetune_open_clip: whole-model fine-tuning with checkpoints and resume
 
 Inference (search, rag, encoders, api) never imports this package: the cached tower features both
@@ -25,13 +28,15 @@ from medsearch.train.config import Log, Progress, TrainConfig, TrainResult
 from medsearch.train.lite import train_lite
 from medsearch.train.openclip import finetune_open_clip, set_trainable
 from medsearch.train.pairs import PairData, collect_pairs, label_mask, positive_mask
+from medsearch.train.select import case_folds, cross_validate, parse_grid
 
 if TYPE_CHECKING:  # pragma: no cover
     from medsearch.encoders.towers import TowersEncoder
 
 __all__ = [
-    "PairData", "TrainConfig", "TrainResult", "collect_pairs", "demo_config", "ensure_trained_for_demo",
-    "finetune_open_clip", "label_mask", "positive_mask", "set_trainable", "train", "train_lite",
+    "PairData", "TrainConfig", "TrainResult", "case_folds", "collect_pairs", "cross_validate", "demo_config",
+    "ensure_trained_for_demo", "finetune_open_clip", "label_mask", "parse_grid", "positive_mask", "set_trainable",
+    "train", "train_lite",
 ]  # fmt: skip
 
 
@@ -60,8 +65,8 @@ def train(
 
 
 def demo_config() -> TrainConfig:
-    """The demo's recipe: the default one with fewer crops so the first run stays short."""
-    return replace(TrainConfig(), crops=2)
+    """The demo's recipe: the default one (centre views only, so features are one tower pass per image)."""
+    return replace(TrainConfig(), crops=0)
 
 
 def ensure_trained_for_demo(catalog: Catalog, paths: Paths, device: str = "auto", echo: Log | None = None) -> str:
@@ -90,7 +95,11 @@ def ensure_trained_for_demo(catalog: Catalog, paths: Paths, device: str = "auto"
 
     res = train(catalog, paths, demo_config(), device=device, log=lambda m: echo(f"    {m}"), progress=progress)
     best = (res.config.get("dev") or {}).get("best") or {}
-    if best:
+    chosen = (res.config.get("selection") or {}).get("chosen") or {}
+    if chosen:
+        echo(f"  lite trained in {res.seconds:.0f}s: {chosen['step']} steps chosen on train folds "
+             f"(held-out score {chosen['cv_score']:.3f})")  # fmt: skip
+    elif best:
         echo(
             f"  lite trained in {res.seconds:.0f}s: dev caption->image R@10 {best.get('caption_image_r10', 0):.3f}, "
             f"same-case R@10 {best.get('caption_case_r10', 0):.3f}"

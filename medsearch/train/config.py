@@ -18,16 +18,23 @@ class TrainConfig:
     base: str = "lite"  # lite | open_clip:ARCH:CKPT | open_clip:ARCH:TAG | hf-hub:ORG/NAME
     name: str | None = None  # lite:NAME / output folder name; None = the default model
     split: str = "train"
-    dev_split: str | None = "auto"  # "auto": "dev" when the catalog has it, else no early stopping
+    # model selection: cv = K folds of the training split grouped by case choose the step and the grid
+    # point, then a refit on all of it; dev = early stopping on ``dev_split``; none = ``steps`` steps
+    select: str = "cv"
+    dev_split: str | None = "auto"  # select=dev: "auto" = "dev" when the catalog has it; a split name
+    folds: int = 3  # select=cv: K
+    fold_seed: int = 0  # select=cv: the case shuffle of the folds (fixed across training seeds)
+    cv_grid: tuple[tuple[tuple[str, Any], ...], ...] = ((),)  # select=cv: grid points ((field, value), ...)
     sources: tuple[str, ...] = ()  # only these catalog sources (empty = all)
-    steps: int = 1300  # optimiser steps (upper bound with early stopping)
+    steps: int = 800  # optimiser steps of the LR schedule (upper bound: selection picks the step)
+    stop_at: int | None = None  # select=none: stop after this many steps of the schedule (a refit at a known step)
     epochs: int | None = None  # when set, steps = epochs * batches per epoch
     batch_size: int = 256
     lr: float = 5e-4
-    weight_decay: float = 0.1
-    hidden: int = 512
+    weight_decay: float = 0.3
+    hidden: int = 1024  # 1024 / dropout 0.8 / weight decay 0.3: best cv score of the variants tried (issue 13)
     dim: int = 256
-    dropout: float = 0.7
+    dropout: float = 0.8
     in_dropout: float = 0.0
     init_temperature: float = 0.07
     image_image: float = 1.0  # weight of an image-image term (two views; same case = positive)
@@ -36,12 +43,12 @@ class TrainConfig:
     label_positives: tuple[str, ...] = ("modality_type", "body_region")
     text_text: float = 0.5  # weight of a text-text term (same case or identical text = positive)
     case_positives: str = "findings"  # findings: case-level texts of the same case are positives; all: any text
-    crops: int = 4  # random crops per training image, besides the centre view
+    crops: int = 0  # random crops per training image, besides the centre view (0: dropout views)
     crop_scale: tuple[float, float] = (0.35, 1.0)
     flip: bool = True
     seed: int = 0
     eval_every: int = 50
-    patience: int = 8  # evaluations without a better dev score before stopping
+    patience: int = 4  # evaluations without a better held-out score before a fold (or dev run) stops
     warmup: int = 50
     unfreeze: int = 0  # lite: last EfficientNet blocks; open_clip: last blocks per tower (0 = all)
     grad_accum: int = 1  # open_clip: micro-batches per optimiser step

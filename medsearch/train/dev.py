@@ -1,7 +1,10 @@
-"""What both trainers share: the dev split for early stopping, its scores, seeding, the LR schedule.
+"""What both trainers share: the held-out set for selection, its scores, seeding, the LR schedule.
 
-Model selection keeps the weights of the evaluation with the best ``score`` = mean of dev
-caption->image R@10 and same-case R@10 (pool: the dev images).
+A held-out set is a cv fold of the training split (``select="cv"``, train.select) or a validation
+split (``select="dev"``). Its ``score`` = mean of caption->image R@10 and same-case R@10 (pool: the
+held-out images) and of the modality and body-region accuracy of a kNN vote (10 nearest held-out
+images of other cases), the four numbers the retrieval targets name; selection keeps the step (and
+grid point) with the best score.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medsearch.catalog import Catalog
-from medsearch.metrics import ranked_relevance, recall_at_k
+from medsearch.metrics import knn_vote, ranked_relevance, recall_at_k
 from medsearch.train.config import TrainConfig
 from medsearch.train.pairs import PairData, catalog_splits
 
@@ -33,7 +36,7 @@ class DevSet:
 
 
 def dev_scores(dev: DevSet, img_emb: np.ndarray, txt_emb: np.ndarray) -> dict[str, float]:
-    """Dev caption->image R@10 (duplicates count), same-case R@10 and image->caption R@10."""
+    """Held-out caption->image R@10 (duplicates count), same-case R@10, image->caption R@10, kNN votes, score."""
     p = dev.pairs
     qt, qi = dev.caption_queries()
     out: dict[str, float] = {}
@@ -47,8 +50,20 @@ def dev_scores(dev: DevSet, img_emb: np.ndarray, txt_emb: np.ndarray) -> dict[st
         caps = np.unique(qt)
         s2 = img_emb[qi] @ txt_emb[caps].T  # (nq, n_caps)
         out["image_caption_r10"] = float(recall_at_k(ranked_relevance(s2, caps[None, :] == qt[:, None])[0], 10).mean())
-    out["score"] = float(np.mean([out[k] for k in ("caption_image_r10", "caption_case_r10")])) if out else 0.0
+    sims = img_emb @ img_emb.T  # (n_img, n_img): image->image neighbours from other cases
+    other = p.image_case[None, :] == p.image_case[:, None]
+    for fld, key in VOTES:
+        vals = np.array(p.image_labels.get(fld) or [None] * len(p.image_ids), dtype=object)
+        ok = np.array([v is not None for v in vals])
+        if ok.sum() and len(set(vals[ok].tolist())) > 1:
+            pred = knn_vote(sims[ok], vals, 10, other[ok])
+            out[key] = float((pred == vals[ok]).mean())
+    keys = [k for k in ("caption_image_r10", "caption_case_r10", *(k for _, k in VOTES)) if k in out]
+    out["score"] = float(np.mean([out[k] for k in keys])) if keys else 0.0
     return out
+
+
+VOTES = (("modality_type", "modality_vote"), ("body_region", "region_vote"))
 
 
 def _image_caption_index(p: PairData) -> np.ndarray:

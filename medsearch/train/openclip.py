@@ -2,7 +2,9 @@
 
 ``base="open_clip:ARCH:CKPT"`` / ``"hf-hub:ORG/NAME"`` fine-tunes a whole open_clip model (or its
 last N blocks per tower with ``unfreeze``) on images loaded per step: bf16 autocast on CUDA,
-gradient accumulation, periodic checkpoints with resume, early stopping on dev (train.dev).
+gradient accumulation, periodic checkpoints with resume, early stopping on a held-out set: with
+``select="cv"`` (default) one case-grouped fold of the training split (the model trains on the
+others; a K-fold refit would cost K whole fine-tunes), with ``select="dev"`` the ``dev_split``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from medsearch.train.config import Log, Progress, TrainConfig, TrainResult
 from medsearch.train.dev import DevSet, cosine_lr, dev_scores, resolve_dev_split, seed_all
 from medsearch.train.losses import multi_positive_nce
 from medsearch.train.pairs import PairData, collect_pairs, positive_mask
+from medsearch.train.select import case_folds
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -130,8 +133,17 @@ def finetune_open_clip(
     cfg = config
     kind, arch, _src = parse_spec(cfg.base)
     pairs = collect_pairs(catalog, cfg.split, sources=cfg.sources)
-    dev_split = resolve_dev_split(catalog, cfg)
+    dev_split = resolve_dev_split(catalog, cfg) if cfg.select == "dev" else None
     dev_pairs = collect_pairs(catalog, dev_split, sources=cfg.sources) if dev_split else None
+    selection: dict[str, Any] = {"method": cfg.select, "split": dev_split}
+    if cfg.select == "cv":  # one case-grouped fold of train stops early; whole-model K-fold runs cost K fine-tunes
+        folds = case_folds(pairs.image_case, cfg.folds, cfg.fold_seed)
+        dev_pairs, _ = pairs.subset(np.where(folds == 0)[0])
+        pairs, _ = pairs.subset(np.where(folds != 0)[0])
+        selection = {"method": "cv", "folds": cfg.folds, "fold_seed": cfg.fold_seed, "held_out_fold": 0,
+                     "held_out_images": len(dev_pairs.image_ids), "train_images": len(pairs.image_ids)}  # fmt: skip
+        log(f"selection: fold 1 of {cfg.folds} of {cfg.split} (grouped by case, {len(dev_pairs.image_ids)} images) "
+            "for early stopping; trained on the other folds")  # fmt: skip
     enc = OpenClipEncoder(cfg.base, device=device, amp=cfg.amp)  # offline; never random weights
     model = enc._model  # the encoder's torch module (we own this instance for training)
     n_train = set_trainable(model, cfg.unfreeze)
@@ -288,6 +300,7 @@ def finetune_open_clip(
                      "loss_first": round(losses[0], 4) if losses else None,
                      "loss_last": round(float(np.mean(losses[-10:])), 4) if losses else None,
                      "seconds": round(time.perf_counter() - t_start, 1), "split": cfg.split},
+        "selection": {**selection, "best": best["metrics"]},
         "dev": {"split": dev_split, "best": best["metrics"]} if dev_split else None,
     }  # fmt: skip
     write_json_atomic(out_dir / "train_config.json", meta)

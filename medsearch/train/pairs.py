@@ -51,6 +51,30 @@ class PairData:
         """Content keys ``<sha256>:<frame>`` of the images (the feature cache's keys)."""
         return [f"{s}:{f if f is not None else ''}" for s, f in zip(self.image_sha, self.image_frame, strict=True)]
 
+    def subset(self, keep: np.ndarray) -> tuple[PairData, np.ndarray]:
+        """(the images ``keep`` (sorted indices) with their pairs, indices of the texts kept).
+
+        Texts are re-indexed (``texts[t]`` of the subset is ``self.texts[kept[t]]``), so cached text
+        features are ``txt_feats[kept]`` and image features ``img_feats[keep]``.
+        """
+        keep = np.asarray(keep, dtype=np.int64)
+        new_img = np.full(len(self.image_ids), -1, dtype=np.int64)
+        new_img[keep] = np.arange(len(keep))
+        pm = new_img[self.pair_image] >= 0
+        kept = np.unique(self.pair_text[pm])
+        new_txt = np.full(len(self.texts), -1, dtype=np.int64)
+        new_txt[kept] = np.arange(len(kept))
+        ks = keep.tolist()
+        return PairData(
+            split=self.split, image_ids=self.image_ids[keep], image_sha=[self.image_sha[i] for i in ks],
+            image_path=[self.image_path[i] for i in ks], image_frame=[self.image_frame[i] for i in ks],
+            image_case=self.image_case[keep], texts=[self.texts[t] for t in kept.tolist()],
+            pair_image=new_img[self.pair_image[pm]], pair_text=new_txt[self.pair_text[pm]],
+            pair_kind=[k for k, m in zip(self.pair_kind, pm, strict=True) if m],
+            image_labels={f: [v[i] for i in ks] for f, v in self.image_labels.items()},
+            label_codes={f: c[keep] for f, c in self.label_codes.items()},
+        ), kept  # fmt: skip
+
     def data_hash(self) -> str:
         """sha256 prefix over the image contents and the pair texts (what the model learned from)."""
         h = hashlib.sha256()
