@@ -30,7 +30,8 @@ import numpy as np
 from .catalog import CaseRow, Catalog, ImageRow, TextRow
 from .config import ImagingConfig, Paths, SearchConfig
 from .encoders.registry import default_model
-from .errors import IndexInconsistent, IndexNotBuilt, InvalidInput, MedsearchError, NotFound, NotSupportedByModel
+from .errors import IndexNotBuilt, InvalidInput, MedsearchError, NotFound, NotSupportedByModel
+from .freshness import check_bm25, vectors_behind
 from .records import Hit, report_opening
 from .stores import VectorStore, open_store
 from .understand import Understanding, Understood
@@ -118,28 +119,9 @@ class Searcher:
             if idx is None:
                 idx = open_store(self.paths.index_dir(self.model_id), space, model_id=self.model_id,
                                  milvus_token=self.catalog.get_meta("milvus_token"))  # the store the manifest names
-                stored = self.catalog.count_vectors(self.model_id, space)
-                if stored != idx.ntotal and not self._behind_but_valid(idx, space, stored):
-                    raise IndexInconsistent(
-                        f"the {space} index of {self.model_id} holds {idx.ntotal} vectors but the catalog stores {stored}",
-                        hint="run `medsearch index` to bring it up to date, or `medsearch check --repair`",
-                    )
+                self.behind[space] = vectors_behind(self.catalog, self.model_id, space, idx)
                 self._indexes[space] = idx
             return idx
-
-    def _behind_but_valid(self, idx: VectorStore, space: str, stored: int) -> bool:
-        """An index that lacks only vectors committed after it was built (an ``index`` run in flight, or
-        one killed before it saved) is served: every id it holds is still stored, so its hits name rows
-        that exist and miss only the newest. An index holding ids the catalog no longer has is never
-        served (removed data must not come back)."""
-        item_ids = getattr(idx, "item_ids", None)
-        if item_ids is None or idx.ntotal > stored:
-            return False
-        held = item_ids()
-        if not bool(np.isin(held, self.catalog.vector_ids(self.model_id, space)).all()):
-            return False
-        self.behind[space] = stored - idx.ntotal
-        return True
 
     def has_index(self, space: str) -> bool:
         try:
@@ -460,24 +442,12 @@ class Searcher:
 
     def bm25(self) -> Any:
         """The BM25 index over report/caption text, checked against the catalog (loaded once)."""
-        from .bm25 import BM25, catalog_docs, fingerprint
+        from .bm25 import BM25
 
         with self._lock:
             if self._bm25 is None:
                 bm, man = BM25.load(self.paths.index_dir(self.model_id))
-                ids, texts, now = catalog_docs(self.catalog)
-                if man.get("fingerprint") != now:
-                    # behind (texts added since it was built) is served when the texts it holds are
-                    # exactly the catalog's for those ids; a text changed or removed is not
-                    held = np.isin(np.asarray(ids, dtype=np.int64), bm.ids)
-                    kept = [i for i, h in zip(ids, held, strict=True) if h]
-                    now = fingerprint(kept, [t for t, h in zip(texts, held, strict=True) if h])
-                    now = now if len(kept) == len(bm) else ""
-                if man.get("fingerprint") != now:
-                    raise IndexInconsistent(
-                        f"the BM25 index of {self.model_id} does not match the catalog's texts",
-                        hint="run `medsearch index` to bring it up to date, or `medsearch check --repair`",
-                    )
+                check_bm25(self.catalog, self.model_id, bm, man)
                 self._bm25 = bm
             return self._bm25
 
