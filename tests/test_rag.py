@@ -234,9 +234,6 @@ def test_diagnosis_wordings_of_one_disease_vote_together(towers):
     assert [p.cites for p in out if p.section == "differential"][0] == [1]
     split = impression_and_differential(pack, ExtractiveConfig(temperature=0.05, merge_diagnoses=False))
     assert split[0].text.startswith("No consensus diagnosis; most supported: Meningioma")
-    # only the closest vote_cases cases vote
-    out = impression_and_differential(pack, ExtractiveConfig(temperature=0.05, vote_cases=1))
-    assert len(out) == 1 and out[0].cites == [1]
 
 
 def test_cluster_findings_votes_negation_by_case_weight(towers):

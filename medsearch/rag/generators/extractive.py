@@ -180,13 +180,12 @@ def same_diagnosis(a: str, b: str) -> bool:
 def diagnosis_votes(pack: EvidencePack, cfg: ExtractiveConfig) -> list[tuple[str, float, list[int]]]:
     """[(diagnosis, share of the case weight, citing case numbers)] best first, from the evidence cases' diagnoses.
 
-    The closest ``vote_cases`` cases vote, closest first; a diagnosis naming the same thing as an earlier one (``same_diagnosis``) adds
+    Cases vote closest first; a diagnosis naming the same thing as an earlier one (``same_diagnosis``) adds
     its weight to that vote, whose wording is the closest case's."""
     w = case_weights(pack, cfg)
     votes: list[list] = []  # [text, weight, case numbers, normalised key]
     voters: list[int] = []
-    closest = sorted(range(len(pack.cases)), key=lambda j: -float(w[j]))[: max(cfg.vote_cases, 1)]
-    for k in closest:
+    for k in sorted(range(len(pack.cases)), key=lambda j: -float(w[j])):
         case = pack.cases[k]
         # only the guarded diagnosis sentences (never the raw catalog field: it may carry instructions)
         dx = [t for sec, t, _ in _case_texts(pack, k) if sec == "diagnosis"]
