@@ -170,24 +170,39 @@ def _case_texts(pack: EvidencePack, k: int) -> list[tuple[str, str, int]]:
     return [(pack.sent_section[i], pack.sent_text[i], k) for i in pack.case_sentences(k)]
 
 
+def same_diagnosis(a: str, b: str) -> bool:
+    """True when two normalised diagnoses name the same thing: equal words, or one's words (>= 2) inside the other's
+    ("glioblastoma multiforme" and "glioblastoma multiforme gbm"; never "cyst" inside "colloid cyst")."""
+    wa, wb = set(a.split()), set(b.split())
+    return bool(wa and wb) and (wa == wb or (len(wa) >= 2 and wa <= wb) or (len(wb) >= 2 and wb <= wa))
+
+
 def diagnosis_votes(pack: EvidencePack, cfg: ExtractiveConfig) -> list[tuple[str, float, list[int]]]:
-    """[(diagnosis, share of the case weight, citing case numbers)] best first, from the evidence cases' diagnoses."""
+    """[(diagnosis, share of the case weight, citing case numbers)] best first, from the evidence cases' diagnoses.
+
+    Cases vote closest first; a diagnosis naming the same thing as an earlier one (``same_diagnosis``) adds
+    its weight to that vote, whose wording is the closest case's."""
     w = case_weights(pack, cfg)
-    votes: dict[str, list] = {}
+    votes: list[list] = []  # [text, weight, case numbers, normalised key]
     voters: list[int] = []
-    for k, case in enumerate(pack.cases):
+    for k in sorted(range(len(pack.cases)), key=lambda j: -float(w[j])):
+        case = pack.cases[k]
         # only the guarded diagnosis sentences (never the raw catalog field: it may carry instructions)
         dx = [t for sec, t, _ in _case_texts(pack, k) if sec == "diagnosis"]
         key = _norm_dx(" ".join(dx))
         if not key:
             continue
         voters.append(k)
-        v = votes.setdefault(key, [dx[0] if len(dx) == 1 else " ".join(dx), 0.0, []])
+        v = next((v for v in votes if same_diagnosis(v[3], key)), None) if cfg.merge_diagnoses else None
+        v = v or next((v for v in votes if v[3] == key), None)
+        if v is None:
+            v = [dx[0] if len(dx) == 1 else " ".join(dx), 0.0, [], key]
+            votes.append(v)
         v[1] += float(w[k])
         v[2].append(case.n)
     total = float(w[voters].sum()) if voters else 0.0
-    ranked = sorted(votes.values(), key=lambda v: -v[1])
-    return [(v[0], v[1] / total, v[2]) for v in ranked] if total > 0 else []
+    ranked = sorted(votes, key=lambda v: -v[1])
+    return [(v[0], v[1] / total, sorted(v[2])) for v in ranked] if total > 0 else []
 
 
 def impression_and_differential(pack: EvidencePack, cfg: ExtractiveConfig) -> list[Proposed]:
