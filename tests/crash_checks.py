@@ -284,6 +284,8 @@ def manifest_checks(home: Path, con: sqlite3.Connection, weights: str | None) ->
     problems: list[str] = []
     d = Paths(home).index_dir(MODEL)
     for space in SPACES:
+        if not (d / f"{space}.json").exists():
+            continue  # no vectors of this space (index_state says whether that is right)
         if store_of(d / f"{space}.json") == "milvus":
             continue  # milvus_state compared the collection itself
         man = read_manifest(d / f"{space}.json")

@@ -95,3 +95,30 @@ def test_a_killed_manifest_write_leaves_no_temp_file_behind(tmp_path):
     assert not old.exists()
     assert fresh.exists()  # a concurrent writer's file in flight is left alone
     assert (tmp_path / "bm25.json").read_text().strip().startswith("{")
+
+
+def test_write_atomic_drops_the_temp_file_a_killed_writer_left(tmp_path):
+    """Found by the harness (`train` killed inside a feature-cache write): `write_atomic` left
+    `.NAME.*.tmp` for good. Now the next write of the same file removes a temp whose process is
+    gone (or that has not been written for 10 s), never one a live process is writing."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from medsearch.fileio import write_atomic
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    target = tmp_path / "30fc8743f37e199e.npz"
+    killed = tmp_path / f".{target.name}.{int(dead.stdout)}.5_gbm8nb.tmp"  # fresh, but its writer is gone
+    live = tmp_path / f".{target.name}.{os.getppid()}.inflight.tmp"  # a running process's write in flight
+    old = tmp_path / f".{target.name}.k1ll3d.tmp"  # no pid (an older writer), untouched for an hour
+    other = tmp_path / f".other.npz.{int(dead.stdout)}.x.tmp"  # another file's temp: not this write's business
+    for p in (killed, live, old, other):
+        p.write_bytes(b"half")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    write_atomic(target, lambda f: f.write(b"whole"))
+    assert target.read_bytes() == b"whole"
+    assert not killed.exists() and not old.exists()
+    assert live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name])
