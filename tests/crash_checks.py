@@ -248,18 +248,30 @@ def check_ok(home: Path) -> list[str]:
     return []
 
 
+_MILVUS_ROWS = """
+import json, sys
+from pymilvus import MilvusClient
+client = MilvusClient(sys.argv[1])
+client.load_collection(sys.argv[2])  # a fresh server holds it released
+rows = client.query(sys.argv[2], filter="id >= 0", output_fields=["id", "vec"], limit=16384)
+print(json.dumps([[int(r["id"]), [float(x) for x in r["vec"]]] for r in rows]))
+"""
+
+
 def milvus_state(home: Path, con: sqlite3.Connection, mpath: Path, space: str) -> list[str]:
-    """The Milvus collection a manifest names holds exactly the stored ids, with the stored vectors."""
-    from pymilvus import MilvusClient
+    """The Milvus collection a manifest names holds exactly the stored ids, with the stored vectors.
+    Read by a child process: Milvus Lite's server lives as long as the process that opened it, and
+    holds the file, so the harness itself must not keep one."""
+    import subprocess
 
     man = json.loads(mpath.read_text())
-    coll = man["params"]["collection"]
-    client = MilvusClient(str(man["params"].get("uri") or home / "milvus.db"))
-    try:
-        rows = client.query(coll, filter="id >= 0", output_fields=["id", "vec"], limit=16384)
-    finally:
-        client.close()
-    got = {int(r["id"]): np.asarray(r["vec"], np.float32) for r in rows}
+    uri = str(man["params"].get("uri") or home / "milvus.db")
+    r = subprocess.run([sys.executable, "-c", _MILVUS_ROWS, uri, man["params"]["collection"]], capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    if r.returncode != 0:
+        return [f"cannot read the Milvus {space} collection: {r.stderr[-300:]}"]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    got = {i: np.asarray(v, np.float32) for i, v in rows}
     stored = {i: np.frombuffer(b, np.float16).astype(np.float32) for i, b in con.execute(
         "SELECT item_id, vec FROM vectors WHERE model = ? AND space = ?", [MODEL, space])}  # fmt: skip
     problems = []

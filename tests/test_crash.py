@@ -1,15 +1,17 @@
-"""Crash safety: real `medsearch ingest` + `index` subprocesses SIGKILLed at seeded moments
-(``tests/crash_harness.py``; the full >= 50-kill run is ``python tests/crash_harness.py``), and
-the two states a kill can leave an index in, built from real files.
+"""Crash safety: real `medsearch` writers SIGKILLed at seeded moments (``tests/crash_harness.py``;
+the full run over every writer is ``python tests/crash_harness.py --kills 120``): here a seeded
+subset (ingest, index, remove --case, backup), the two states a kill can leave an index in, built
+from real files, and the temp files a killed writer leaves.
 """
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
-from crash_harness import crash_run
+from crash_harness import crash_all
 
 from indexer.embed import build_indexes
 from medsearch.catalog import Catalog
@@ -17,15 +19,22 @@ from medsearch.config import Paths
 from medsearch.stores.faiss import VectorIndex, read_manifest
 
 MODEL = "towers"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_sigkill_at_seeded_moments_loses_and_duplicates_nothing(tmp_path):
+    """ingest + index (3 kills), then on the finished home `remove --case` and `backup` (1 kill each):
+    after every kill nothing lost, duplicated or phantom; after each rerun the reference state, a
+    passing `medsearch check`, no temp file, a backup that verifies and restores."""
     lines: list[str] = []
-    tally = crash_run(tmp_path / "crash", kills=6, seed=6, n_medpix=2, n_covid=3, kills_per_round=6, echo=lines.append)
-    assert tally.kill_points == 6, lines
+    tally = crash_all(tmp_path / "crash", kills=5, seed=6, writers={"ingest", "index", "remove --case", "backup"},
+                      n_medpix=2, n_covid=3, kills_per_round=3, echo=lines.append)  # fmt: skip
+    assert tally.kill_points == 5, lines
     assert tally.problems == [], "\n".join(lines)
-    assert tally.survived == tally.kill_points and tally.rounds_ok == tally.rounds >= 1
+    assert tally.survived == tally.kill_points and tally.rounds_ok == tally.rounds >= 3
+    assert tally.writers["remove --case"].kills == tally.writers["backup"].kills == 1
+    assert 3 <= tally.distinct <= tally.kill_points  # one writer x moment per kill, three writers at least
 
 
 def _home(small_home, tmp_path):
@@ -122,3 +131,41 @@ def test_write_atomic_drops_the_temp_file_a_killed_writer_left(tmp_path):
     assert not killed.exists() and not old.exists()
     assert live.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name])
+
+
+_SYNC_CHILD = """
+import sys
+from medsearch.catalog import Catalog
+from medsearch.config import IndexConfig, Paths
+from medsearch.stores.milvus_sync import sync_store
+cat = Catalog.open(sys.argv[1] + "/catalog.db")
+from pathlib import Path
+sync_store(cat, Paths(Path(sys.argv[1])).index_dir("m"), model_id="m", weights_hash="w", space="image", dim=32,
+           config=IndexConfig(kind="flat"))
+cat.close()
+"""
+
+
+@pytest.mark.slow
+def test_check_in_a_fresh_process_reads_a_milvus_lite_home(tmp_path):
+    """Found by the harness (the milvus writer's reference run): `medsearch check` started after
+    `index --store milvus` had exited found every collection 'released' (Milvus Lite loads none when
+    it starts) and called a consistent home broken."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("pymilvus")
+    from synthetic_catalog import make_catalog
+
+    cat, ids, _ = make_catalog(tmp_path / "catalog.db", 300)
+    cat.close()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", _SYNC_CHILD, str(tmp_path)], check=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "cli.main", "check", "--home", str(tmp_path), "--json"], cwd=str(REPO),
+                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["ok"], report["problems"]
+    (entry,) = [e for e in report["indexes"] if e["space"] == "image"]
+    assert entry["count"] == entry["stored_vectors"] == len(ids) and entry["store"] == "milvus"

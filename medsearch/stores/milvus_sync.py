@@ -361,6 +361,8 @@ def check_store(catalog: Catalog, directory: Path, space: str, entry: dict[str, 
         client = connect(resolve_uri(home_of(directory), man.params.get("uri")), token)
         coll = str(man.params.get("collection", ""))
         exists = client.has_collection(coll)
+        if exists:  # a collection is released when Milvus (Lite) starts: queries need it loaded
+            client.load_collection(coll)
         n = count_rows(client, coll) if exists else 0
         entry.update(count=n, kind=f"milvus {man.kind}", generation=man.generation, store="milvus")
         if not exists:
