@@ -110,6 +110,7 @@ class Watch:
         self.first_event: float | None = None
         self.tmp_now = False
         self._state: tuple = ()
+        self._before = set(temp_files(*self.tmp_roots))  # left by an earlier kill (or planted): not this run's
 
     def poll(self, scan_tmp: bool = True) -> None:
         state = []
@@ -128,7 +129,7 @@ class Watch:
                 self.first_event = self.first_event or now
             self._state = state
         if scan_tmp:
-            self.tmp_now = any(_has_temp(r) for r in self.tmp_roots)
+            self.tmp_now = bool(set(temp_files(*self.tmp_roots)) - self._before)
             if self.tmp_now and self.tmp_seen is None:
                 self.tmp_seen = now
                 self.first_event = self.first_event or now
@@ -140,16 +141,6 @@ class Watch:
         if plan.mode == "write":
             return self.writes >= plan.nth and now - self.last_write >= plan.delay
         return self.tmp_seen is not None and now - self.tmp_seen >= plan.delay
-
-
-def _has_temp(root: Path) -> bool:
-    try:
-        for _dirpath, dirnames, filenames in os.walk(root):
-            if any(is_temp(n) for n in filenames) or any(is_temp(n) for n in dirnames):
-                return True
-    except OSError:
-        pass
-    return False
 
 
 def kill_group(p: subprocess.Popen) -> None:
