@@ -1,6 +1,6 @@
 """Crash safety: real `medsearch` writers SIGKILLed at seeded moments (``tests/crash_harness.py``;
 the full run over every writer is ``python tests/crash_harness.py --kills 120``): here a seeded
-subset (ingest, index, remove --case, backup), the two states a kill can leave an index in, built
+subset (ingest, index, remove --case), the two states a kill can leave an index in, built
 from real files, and the temp files a killed writer leaves.
 """
 
@@ -24,17 +24,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_sigkill_at_seeded_moments_loses_and_duplicates_nothing(tmp_path):
-    """ingest + index (3 kills), then on the finished home `remove --case` and `backup` (1 kill each):
-    after every kill nothing lost, duplicated or phantom; after each rerun the reference state, a
-    passing `medsearch check`, no temp file, a backup that verifies and restores."""
+    """ingest + index (2 kills), then `remove --case` on the finished home (1 kill): after every kill
+    nothing lost, duplicated or phantom and every index loadable or pending; after each rerun the
+    reference state, a passing `medsearch check`, no temp file, one finished erasure. (The other
+    writers are in the full run: `python tests/crash_harness.py --kills 120`.)"""
     lines: list[str] = []
-    tally = crash_all(tmp_path / "crash", kills=5, seed=6, writers={"ingest", "index", "remove --case", "backup"},
-                      n_medpix=2, n_covid=3, kills_per_round=3, echo=lines.append)  # fmt: skip
-    assert tally.kill_points == 5, lines
+    tally = crash_all(tmp_path / "crash", kills=3, seed=6, writers={"ingest", "index", "remove --case"},
+                      n_medpix=2, n_covid=3, kills_per_round=2, echo=lines.append)  # fmt: skip
+    assert tally.kill_points == 3, lines
     assert tally.problems == [], "\n".join(lines)
-    assert tally.survived == tally.kill_points and tally.rounds_ok == tally.rounds >= 3
-    assert tally.writers["remove --case"].kills == tally.writers["backup"].kills == 1
-    assert 3 <= tally.distinct <= tally.kill_points  # one writer x moment per kill, three writers at least
+    assert tally.survived == tally.kill_points and tally.rounds_ok == tally.rounds >= 2
+    assert tally.writers["remove --case"].kills == 1
+    assert 2 <= tally.distinct <= tally.kill_points  # one writer x moment per kill, two writers at least
 
 
 def _home(small_home, tmp_path):
