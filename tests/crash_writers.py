@@ -354,7 +354,7 @@ class Listen(Writer):
                                tmp_at_kill=watch.tmp_now, phase=phase,
                                first_event=None if watch.first_event is None else watch.first_event - t0)  # fmt: skip
 
-            n = 0
+            pushed: set[str] = set()
             for i, files in enumerate(self.series):
                 push_log = rnd / f"storescu-{time.monotonic_ns()}.log"
                 with open(push_log, "wb") as plog:
@@ -369,14 +369,14 @@ class Listen(Writer):
                 if push.returncode != 0:
                     return Attempt(False, "listen", failed=f"storescu exited {push.returncode}; see {push_log}")
                 push = None
-                n += len(files)
+                pushed |= {self.keys[str(f)] for f in files}
                 deadline = time.monotonic() + 300
-                while not _indexed(home, n):
+                while not _indexed(home, pushed):
                     if a := killed(f"round {i}"):
                         return a
                     if p.poll() is not None or time.monotonic() > deadline:
                         return Attempt(
-                            False, "listen", failed=f"the listener did not ingest+index {n} images; see {log}"
+                            False, "listen", failed=f"the listener did not ingest+index {len(pushed)} images; see {log}"
                         )
                     time.sleep(0.003)
             p.send_signal(signal.SIGTERM)
@@ -436,8 +436,9 @@ def _acked(push_log: Path, keys: dict[str, str]) -> set[str]:
     return out
 
 
-def _indexed(home: Path, n: int) -> bool:
-    """The listener ingested and indexed ``n`` images and its spool is empty (read-only look)."""
+def _indexed(home: Path, keys: set[str]) -> bool:
+    """The listener ingested and indexed every instance of ``keys`` (and whatever an earlier attempt of
+    the round left), its spool is empty and the index holds every image (a read-only look)."""
     import json
 
     if any((home / "spool" / "MEDSEARCH").glob("*.json")):
@@ -449,15 +450,13 @@ def _indexed(home: Path, n: int) -> bool:
     try:
         con = sqlite3.connect(f"file:{home / 'catalog.db'}?mode=ro", uri=True, timeout=5)
         try:
-            images = con.execute("SELECT count(*) FROM images").fetchone()[0]
-            vecs = con.execute("SELECT count(*) FROM vectors WHERE model = ? AND space = 'image'", [MODEL]).fetchone()[
-                0
-            ]
+            have = {k for (k,) in con.execute("SELECT key FROM images")}
+            vecs = con.execute("SELECT count(*) FROM vectors WHERE model = ? AND space = 'image'", [MODEL]).fetchone()
         finally:
             con.close()
     except sqlite3.Error:
         return False
-    return images == n and vecs == n and man.get("count") == n
+    return keys <= have and vecs[0] == len(have) and man.get("count") == len(have)
 
 
 def all_writers(work: Path, indexed_home: Path, empty_home: Path, names: set[str] | None = None) -> list[Writer]:
