@@ -398,8 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         crash_all(work, kills=a.kills, seed=a.seed, writers=writers, kills_per_round=a.kills_per_round,
                   n_medpix=a.medpix, n_covid=a.covid, snapshot=not a.no_snapshot, tally=tally,
                   budget_s=None if a.budget_min is None else 60 * a.budget_min)  # fmt: skip
-    except (KeyboardInterrupt, SystemExit):  # stopped early: the tally so far
-        tally.problems.append("the run was stopped before every writer made its kills")
+    except (KeyboardInterrupt, SystemExit):  # stopped early: the tally so far (the round in flight has no end check)
+        tally.stopped = "interrupted (SIGTERM or Ctrl-C); the round in flight was not finished"
     if a.json:
         print(json.dumps(tally.to_dict(), indent=2))
     print(f"\n{tally.table()}\n")

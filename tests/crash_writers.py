@@ -171,7 +171,7 @@ class Remove(Writer):
         return [(self.name, ["remove", f"--{self.kind}", self.key, "--json"])]
 
     def accept(self, name: str, rc: int, out: str) -> bool:
-        return rc == 1 and f"no {self.kind} " in out  # the rerun after a kill that came after the erasure finished
+        return rc != 0 and f"no {self.kind} " in out  # the rerun after a kill that came after the erasure finished
 
     def final(self, home: Path, rnd: Path) -> list[str]:
         problems = super().final(home, rnd)
@@ -238,7 +238,7 @@ class Backup(Writer):
         return (rnd,)
 
     def accept(self, name: str, rc: int, out: str) -> bool:
-        return rc == 1 and "already exists" in out  # the rerun after a kill that came after the rename
+        return rc != 0 and "already exists" in out  # the rerun after a kill that came after the rename
 
     def after_kill(self, home: Path, rnd: Path) -> list[str]:
         problems = super().after_kill(home, rnd)
