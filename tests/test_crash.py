@@ -170,3 +170,35 @@ def test_check_in_a_fresh_process_reads_a_milvus_lite_home(tmp_path):
     assert r.returncode == 0 and report["ok"], report["problems"]
     (entry,) = [e for e in report["indexes"] if e["space"] == "image"]
     assert entry["count"] == entry["stored_vectors"] == len(ids) and entry["store"] == "milvus"
+
+
+@pytest.mark.slow
+def test_a_collection_folder_left_by_a_kill_inside_create_does_not_block_the_next_index(tmp_path):
+    """Found by the harness (`index --store milvus` killed inside Milvus Lite's create_collection): the
+    collection's folder existed but was never registered, and every later sync failed with
+    `[Errno 17] File exists` - the home could not be indexed again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("pymilvus")
+    from synthetic_catalog import make_catalog
+
+    cat, ids, _ = make_catalog(tmp_path / "catalog.db", 300)
+    cat.close()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", _SYNC_CHILD, str(tmp_path)], check=True, env=env, timeout=300)
+    manifest = Paths(tmp_path).index_dir("m") / "image.json"
+    coll = json.loads(manifest.read_text())["params"]["collection"]
+    shutil.rmtree(tmp_path / "milvus.db")  # the state the kill left: a Lite store whose registry lacks
+    (tmp_path / "milvus.db" / "collections" / coll).mkdir(parents=True)  # the collection its folder holds
+    manifest.unlink()
+    r = subprocess.run([sys.executable, "-c", _SYNC_CHILD, str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "cli.main", "check", "--home", str(tmp_path), "--json"], cwd=str(REPO),
+                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["ok"], report["problems"]
+    assert [e["count"] for e in report["indexes"] if e["space"] == "image"] == [len(ids)]

@@ -37,6 +37,7 @@ from .milvus import (
     default_search_params,
     encode_field,
     home_of,
+    is_server_uri,
     milvus_ids,
     resolve_uri,
     vector_hashes,
@@ -248,6 +249,12 @@ def sync_store(
         exists = False
     fresh = not exists
     if fresh:
+        lite = resolve_uri(home_of(directory), uri)
+        orphan = None if is_server_uri(lite) else Path(lite) / "collections" / coll
+        if orphan is not None and orphan.is_dir():  # Milvus Lite killed inside create_collection: its folder
+            import shutil  # exists but the collection was never registered, and every create would fail
+
+            shutil.rmtree(orphan)
         _create(client, coll, dim)
     held = holdout_ids(catalog, model_id, space, count, kind, config) if fresh else np.zeros(0, np.int64)
     diff = _apply_diff(client, coll, catalog, model_id, space, skip=held)
