@@ -3,10 +3,13 @@ and the UTC timestamp written into manifests and logs."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,9 +45,11 @@ def fsync_path(path: str | Path) -> None:
 def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Replace ``path`` with what ``write(f)`` writes: a temp file ``.<name>.*.tmp`` beside it,
     fsynced, then renamed over ``path``. On any error the temp file is removed and ``path`` is
-    left as it was."""
+    left as it was. Temp files of ``path`` that a killed writer left (its process is gone, or the
+    file is older than 10 s) are removed first."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    drop_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -55,6 +60,34 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def drop_stale_temps(path: Path) -> int:
+    """Remove the ``.<name>.[PID.]*.tmp`` files beside ``path`` whose writer is dead: the PID in the
+    name is not running here, or the file was not written for 10 s. Returns how many went."""
+    n = 0
+    pid_of = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.")
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            m = pid_of.match(stale.name)
+            if time.time() - stale.stat().st_mtime > 10 or (m and not _running(int(m.group(1)))):
+                stale.unlink()
+                n += 1
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -1,67 +1,77 @@
-"""Crash-safety harness: SIGKILL ``medsearch ingest`` + ``medsearch index`` at seeded random moments.
+"""Crash-safety harness: SIGKILL every medsearch writer at seeded moments.
 
-    .venv/bin/python tests/crash_harness.py --kills 50 --seed 0     # the full run; prints a tally
-    tests/test_crash.py                                              # a short seeded subset (slow)
+    .venv/bin/python tests/crash_harness.py --kills 120 --seed 0     # the full run; prints the tally
+    tests/test_crash.py                                               # a short seeded subset (slow)
+
+Writers (each a real `medsearch` subprocess in its own process group, killed with SIGKILL):
+ingest, index, train, listen (dcmtk storescu pushes; killed mid-push, mid ingest round, mid
+drain), remove --case, remove --patient, milvus (`index --store milvus`, Milvus Lite),
+check --repair (on a damaged home) and backup. ``--kills`` is shared by weight; ``--writers``
+picks a subset. The writers past ingest/index live in ``crash_writers.py``; what is checked in
+``crash_checks.py``; the subprocess and kill plumbing in ``crash_proc.py``.
 
 The data is real: a slice of medpix-2.0 and of covid-chestxray from ../shared/datasets,
-symlinked (never copied) into a temporary dataset folder. The pipeline
+symlinked (never copied) into a temporary dataset folder, and CT series written by pydicom
+(tests/pacs_data.py) for the listener. The pipeline
 
     medsearch ingest medpix-2.0 -> medsearch ingest covid-chestxray -> medsearch index --model towers
 
-runs as real subprocesses, each in its own process group. One uninterrupted run first builds
-the reference home (it must pass the same final checks) and measures the pipeline's length T.
-Each round then starts from an empty home; every attempt reruns the whole pipeline (every step
-is idempotent) and a kill point draws t ~ U(0, T) and SIGKILLs the running step's process group
-at t. After a kill the harness checks what must hold at every instant (SQLite integrity, no
-phantom or duplicate rows, no committed row lost, no orphan vectors, every index on disk
-either loadable or marked for rebuild); after at most ``kills_per_round`` kills the round runs
-to the end and the finished home is checked: the same rows as the reference by natural key,
-exactly one vector per image and text and equal to the reference's, FAISS ntotal == stored
-count and the same ids for every index, manifests that match their files, the BM25 manifest
-that matches the texts, no temp files left, and ``medsearch check`` says ok.
+runs first. One uninterrupted run builds the reference home (it must pass the same final checks)
+and measures the pipeline's length T; that home is then the prepared home of train, remove,
+milvus, check --repair and backup (listen starts from an empty home), and each of those writers
+has its own uninterrupted reference run from a copy of it. Each round starts from a fresh copy;
+every attempt reruns the writer (every writer is idempotent or refuses a done job by name) and a
+kill plan draws t ~ U(t_first, T) (t_first: the reference's first catalog write or temp file), or
+"just after the nth catalog commit", or "inside a save" (a temp file or backup stage in flight).
+After a kill the harness checks what must hold at every instant (SQLite integrity, no phantom or
+duplicated row, no committed row lost, no orphan vector, every index on disk either loadable or
+marked for rebuild, plus each writer's own: a model that loads, acknowledged DICOM instances
+spooled or catalogued, a backup that is absent or verifies); after at most ``kills_per_round``
+kills the round runs to the end and the finished home is checked: the same rows as the reference
+by natural key, exactly one vector per image and text and equal to the reference's, FAISS ntotal
+== stored count with the same ids, Milvus collections holding exactly the stored ids and vectors,
+manifests that match their files, no temp file left in the home, ``medsearch check`` ok, and the
+writer's own end state (weights equal to the reference's, one finished erasure in the log and the
+key gone from the catalog file, an empty spool and no orphan PNG, a backup that verifies, restores
+and checks). A kill point is (writer, moment): step, plan mode, phase, tenth of T, catalog writes
+seen and whether a temp file was in flight; the tally counts the distinct ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
+import shutil
 import signal
-import sqlite3
-import subprocess
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
+sys.path[:0] = [str(TESTS), str(REPO)]
+
+from crash_checks import MODEL, always_invariants, connect, dump, final_checks, natural_vectors  # noqa: E402
+from crash_proc import Attempt, draw_plan, run_attempt, snapshot_source  # noqa: E402
+
+if TYPE_CHECKING:
+    from crash_writers import Writer
+
 DATASETS = REPO.parent / "shared" / "datasets"
-MODEL = "towers"
-SPACES = ("image", "text")
 
 
 # ---------------------------------------------------------------------------- data and pipeline
 def make_data(root: Path, n_medpix: int, n_covid: int) -> list[Path]:
     """Two JSONL dataset folders named like their sources, images symlinked from ../shared."""
-    sys.path.insert(0, str(TESTS))
     from conftest import make_slice
 
     medpix = make_slice(root / "medpix-2.0", DATASETS / "medpix-2.0", n_cases=n_medpix, splits=("dev",))
     covid = make_slice(root / "covid-chestxray", DATASETS / "covid-chestxray", n_cases=n_covid)
     return [medpix, covid]
-
-
-def medsearch_exe() -> str:
-    exe = Path(sys.executable).parent / "medsearch"
-    if not exe.exists():
-        raise SystemExit(f"no medsearch console script beside {sys.executable}; run `pip install -e .` first")
-    return str(exe)
 
 
 def pipeline(datasets: list[Path], commit_every: int, chunk: int) -> list[tuple[str, list[str]]]:
@@ -72,370 +82,30 @@ def pipeline(datasets: list[Path], commit_every: int, chunk: int) -> list[tuple[
     return steps
 
 
-_SRC: Path | None = None  # a snapshot of the packages the children import (see snapshot_source)
-
-
-def snapshot_source(dst: Path) -> Path:
-    """Copy medsearch/, indexer/, cli/, api/ so that edits made to the working tree during a long
-    run cannot change the code under test halfway (children get it first on PYTHONPATH)."""
-    import shutil
-
-    global _SRC
-    for pkg in ("medsearch", "indexer", "cli", "api"):
-        shutil.copytree(REPO / pkg, dst / pkg, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
-    _SRC = dst
-    return dst
-
-
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDSEARCH_")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if _SRC is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(_SRC), *filter(None, [env.get("PYTHONPATH")])])
-    return env
+# ---------------------------------------------------------------------------- the run
+CATEGORIES = {  # what a problem line is about, for the tally
+    "lost": ("lost", "missing"),
+    "duplicated": ("duplicated", "duplicate"),
+    "phantom": ("phantom", "extra", "orphan"),
+    "index != catalog": ("index", "ntotal", "Milvus", "manifest", "vectors differ", "vectors:"),
+    "stray temp files": ("temporary files", "temp file"),
+    "check failed": ("medsearch check",),
+    "backup": ("backup", "restore"),
+}
 
 
 @dataclass
-class Attempt:
-    killed: bool
-    step: str | None = None  # the step that was running when killed
-    at: float = 0.0  # seconds since the attempt started
-    into_step: float = 0.0  # seconds since the killed step started
-    failed: str | None = None  # a step that exited non-zero on its own: a bug
-    writes: int = 0  # catalog writes seen during the attempt
-    mode: str | None = None
+class WriterTally:
+    kills: int = 0
+    survived: int = 0
+    rounds: int = 0
+    rounds_ok: int = 0
+    points: set = field(default_factory=set)
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    span: float = 0.0
 
 
-@dataclass(frozen=True)
-class KillPlan:
-    """When to SIGKILL: ``time`` (``at`` s after the attempt started), ``write`` (``delay`` s after
-    the ``nth`` catalog write seen), ``save`` (``delay`` s after a temp file appears in the index folder)."""
-
-    mode: str
-    at: float = 0.0
-    nth: int = 0
-    delay: float = 0.0
-
-
-class Watch:
-    """Observes a home from outside the process: catalog commits and index temp files, by polling."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.writes = 0
-        self.last_write = 0.0
-        self.tmp_seen: float | None = None
-        self._state: tuple = ()
-
-    def poll(self) -> None:
-        state = []
-        for name in ("catalog.db", "catalog.db-wal"):
-            try:
-                st = os.stat(self.home / name)
-                state.append((st.st_size, st.st_mtime_ns))
-            except FileNotFoundError:
-                state.append(None)
-        state = tuple(state)
-        if state != self._state:
-            if self._state and any(state):
-                self.writes += 1
-                self.last_write = time.monotonic()
-            self._state = state
-        if self.tmp_seen is None and (self.home / "indexes").is_dir():
-            for d in os.scandir(self.home / "indexes"):
-                if d.is_dir() and any(e.name.endswith(".tmp") for e in os.scandir(d.path)):
-                    self.tmp_seen = time.monotonic()
-                    break
-
-    def due(self, plan: KillPlan, t0: float) -> bool:
-        now = time.monotonic()
-        if plan.mode == "time":
-            return now - t0 >= plan.at
-        if plan.mode == "write":
-            return self.writes >= plan.nth and now - self.last_write >= plan.delay
-        return self.tmp_seen is not None and now - self.tmp_seen >= plan.delay
-
-
-def run_attempt(steps, home: Path, plan: KillPlan | None, log: Path, poll_s: float = 0.002) -> Attempt:
-    """Run the steps in order; SIGKILL the running step's process group when ``plan`` says so."""
-    exe, env = medsearch_exe(), child_env()
-    watch = Watch(home)
-    t0 = time.monotonic()
-    for name, argv in steps:
-        ts = time.monotonic()
-        with open(log, "ab") as out:
-            out.write(f"\n$ medsearch {' '.join(argv)}\n".encode())
-            out.flush()
-            p = subprocess.Popen([exe, *argv, "--home", str(home)], stdout=out, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, env=env, cwd=str(REPO), start_new_session=True)  # fmt: skip
-            try:
-                while (rc := p.poll()) is None:
-                    watch.poll()
-                    if plan is not None and watch.due(plan, t0):
-                        os.killpg(p.pid, signal.SIGKILL)  # the group holds only this step's processes
-                        p.wait()
-                        now = time.monotonic()
-                        return Attempt(True, name, now - t0, now - ts, writes=watch.writes, mode=plan.mode)
-                    time.sleep(poll_s)
-            finally:  # the harness itself interrupted: leave no child running
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
-        watch.poll()
-        if rc != 0:
-            return Attempt(False, name, time.monotonic() - t0, failed=f"{name} exited {rc}; see {log}")
-    return Attempt(False, at=time.monotonic() - t0, writes=watch.writes)
-
-
-def draw_plan(rng: random.Random, span: float, writes: int) -> KillPlan:
-    """40% a uniform moment, 40% just after a random catalog commit, 20% during an index save."""
-    r = rng.random()
-    if r < 0.4:
-        return KillPlan("time", at=rng.uniform(0.0, span))
-    if r < 0.8:
-        return KillPlan("write", nth=rng.randint(1, max(1, writes)), delay=rng.uniform(0.0, 0.05))
-    return KillPlan("save", delay=rng.uniform(0.0, 0.02))
-
-
-# ---------------------------------------------------------------------------- catalog views
-def connect(db: Path) -> sqlite3.Connection:
-    """A read-write connection, as the next medsearch run would open it (recovers the WAL)."""
-    con = sqlite3.connect(str(db), timeout=30)
-    con.execute("PRAGMA foreign_keys=ON")
-    return con
-
-
-def dump(con: sqlite3.Connection) -> dict[str, Counter]:
-    """Every stored row by natural key (no row ids, no timestamps), as multisets."""
-    cases = Counter(con.execute(
-        "SELECT source, key, split, patient_key, title, diagnosis, category, sections, labels, meta, content_hash "
-        "FROM cases").fetchall())  # fmt: skip
-    images = Counter(con.execute(
-        "SELECT i.source, i.key, c.key, i.path, i.frame, i.sha256, i.bytes, i.width, i.height, i.split, "
-        "i.modality_type, i.modality, i.plane, i.body_region, i.caption, i.labels, i.meta, i.status "
-        "FROM images i JOIN cases c ON c.id = i.case_id").fetchall())  # fmt: skip
-    texts = Counter(con.execute(
-        "SELECT c.source, c.key, i.key, t.section, t.kind, t.seq, t.text FROM texts t "
-        "JOIN cases c ON c.id = t.case_id LEFT JOIN images i ON i.id = t.image_id").fetchall())  # fmt: skip
-    labels = Counter(con.execute(
-        "SELECT c.source, c.key, i.key, l.name, l.value FROM labels l JOIN cases c ON c.id = l.case_id "
-        "LEFT JOIN images i ON i.id = l.image_id").fetchall())  # fmt: skip
-    return {"cases": cases, "images": images, "texts": texts, "labels": labels}
-
-
-def natural_vectors(con: sqlite3.Connection, model: str) -> dict[str, dict[tuple, np.ndarray]]:
-    """Stored vectors keyed by their row's natural key (float32)."""
-    out: dict[str, dict[tuple, np.ndarray]] = {"image": {}, "text": {}}
-    for src, key, blob in con.execute(
-        "SELECT i.source, i.key, v.vec FROM vectors v JOIN images i ON i.id = v.item_id "
-        "WHERE v.model = ? AND v.space = 'image'", [model]):  # fmt: skip
-        out["image"][(src, key)] = np.frombuffer(blob, np.float16).astype(np.float32)
-    for src, ckey, ikey, sec, kind, seq, text, blob in con.execute(
-        "SELECT c.source, c.key, i.key, t.section, t.kind, t.seq, t.text, v.vec FROM vectors v "
-        "JOIN texts t ON t.id = v.item_id JOIN cases c ON c.id = t.case_id LEFT JOIN images i ON i.id = t.image_id "
-        "WHERE v.model = ? AND v.space = 'text'", [model]):  # fmt: skip
-        out["text"][(src, ckey, ikey, sec, kind, seq, text)] = np.frombuffer(blob, np.float16).astype(np.float32)
-    return out
-
-
-def table_counts(con: sqlite3.Connection) -> dict[str, int]:
-    return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-            for t in ("cases", "images", "texts", "labels", "vectors")}  # fmt: skip
-
-
-# ---------------------------------------------------------------------------- invariants
-def always_invariants(
-    home: Path, ref: dict[str, Counter], prev: dict[str, int] | None
-) -> tuple[list[str], dict[str, int]]:
-    """What must hold at any instant, even right after a SIGKILL. Returns (problems, counts)."""
-    problems: list[str] = []
-    db = home / "catalog.db"
-    if not db.exists():
-        return problems, {}
-    con = connect(db)
-    try:
-        if (r := con.execute("PRAGMA integrity_check").fetchone()[0]) != "ok":
-            problems.append(f"integrity_check: {r}")
-        if fk := con.execute("PRAGMA foreign_key_check").fetchall():
-            problems.append(f"foreign key violations: {fk[:5]}")
-        if not con.execute("SELECT 1 FROM sqlite_master WHERE name = 'vectors'").fetchone():
-            return problems, {}  # killed while the schema was being created
-        got = dump(con)
-        for table, rows in got.items():
-            dup = [r for r, n in rows.items() if n > 1]
-            if dup:
-                problems.append(f"{len(dup)} duplicated {table} rows, e.g. {dup[0][:4]}")
-            phantom = rows - ref[table]
-            if phantom:
-                problems.append(
-                    f"{sum(phantom.values())} phantom {table} rows (not in the input), e.g. {next(iter(phantom))[:4]}"
-                )
-        for space, table in (("image", "images"), ("text", "texts")):
-            n = con.execute(f"SELECT count(*) FROM vectors v WHERE v.space = ? AND NOT EXISTS "
-                            f"(SELECT 1 FROM {table} t WHERE t.id = v.item_id)", [space]).fetchone()[0]  # fmt: skip
-            if n:
-                problems.append(f"{n} orphan {space} vectors")
-        counts = table_counts(con)
-        if prev:
-            lost = {t: (prev[t], n) for t, n in counts.items() if n < prev.get(t, 0)}
-            if lost:
-                problems.append(f"committed rows lost after a restart: {lost}")
-        problems += index_state(home, con, final=False)
-    finally:
-        con.close()
-    return problems, counts
-
-
-def index_state(home: Path, con: sqlite3.Connection, *, final: bool) -> list[str]:
-    """Each index on disk is loadable and matches its manifest, or the next `index` run rebuilds it."""
-    sys.path.insert(0, str(REPO))
-    from medsearch.config import Paths
-    from medsearch.errors import MedsearchError
-    from medsearch.stores.faiss import VectorIndex, read_manifest
-
-    problems: list[str] = []
-    d = Paths(home).index_dir(MODEL)
-    for space in SPACES:
-        stored = con.execute("SELECT count(*) FROM vectors WHERE model = ? AND space = ?", [MODEL, space]).fetchone()[0]
-        dirty = (con.execute("SELECT value FROM meta WHERE key = ?", [f"dirty:{MODEL}:{space}"]).fetchone() or [None])[
-            0
-        ]
-        mpath = d / f"{space}.json"
-        if not mpath.exists():
-            if final and stored:
-                problems.append(f"no {space} index although {stored} vectors are stored")
-            continue
-        try:
-            idx = VectorIndex.load(d, space, model_id=MODEL)
-        except MedsearchError as e:
-            pending = dirty == "1" or read_manifest(mpath).count != stored
-            if final or not pending:
-                problems.append(f"{space} index unusable and not marked for rebuild: {e.message}")
-            continue
-        import faiss
-
-        ids = np.sort(faiss.vector_to_array(idx.index.id_map))
-        if final or (dirty != "1" and idx.ntotal == stored):
-            stored_ids = np.array([r[0] for r in con.execute(
-                "SELECT item_id FROM vectors WHERE model = ? AND space = ? ORDER BY item_id", [MODEL, space])], np.int64)  # fmt: skip
-            if idx.ntotal != stored or not np.array_equal(ids, stored_ids):
-                problems.append(f"{space} index: ntotal {idx.ntotal}, stored {stored}, "
-                                f"{len(np.setdiff1d(ids, stored_ids))} ids without a stored vector")  # fmt: skip
-            else:  # the index holds exactly the stored vectors
-                sample = stored_ids[:: max(1, len(stored_ids) // 16)]
-                for i in sample.tolist():
-                    blob = con.execute("SELECT vec FROM vectors WHERE model = ? AND space = ? AND item_id = ?",
-                                       [MODEL, space, i]).fetchone()[0]  # fmt: skip
-                    if not np.allclose(
-                        idx.reconstruct(i), np.frombuffer(blob, np.float16).astype(np.float32), atol=1e-3
-                    ):
-                        problems.append(f"{space} index vector {i} differs from the stored one")
-                        break
-        table = "images" if space == "image" else "texts"
-        unresolved = [i for i in ids.tolist() if not con.execute(f"SELECT 1 FROM {table} WHERE id = ?", [i]).fetchone()]
-        if unresolved:
-            problems.append(f"{len(unresolved)} {space} index ids resolve to no {table} row")
-    return problems
-
-
-def final_checks(home: Path, ref: dict[str, Counter], ref_vecs: dict[str, dict[tuple, np.ndarray]]) -> list[str]:
-    """The finished home equals the uninterrupted reference; vectors, indexes and manifests agree."""
-    problems: list[str] = []
-    con = connect(home / "catalog.db")
-    try:
-        got = dump(con)
-        for table in ref:
-            if got[table] != ref[table]:
-                missing, extra = ref[table] - got[table], got[table] - ref[table]
-                problems.append(f"{table}: {sum(missing.values())} missing, {sum(extra.values())} extra/duplicated")
-        ok_images = con.execute("SELECT count(*) FROM images WHERE status = 'ok'").fetchone()[0]
-        vecs = natural_vectors(con, MODEL)
-        n_texts = con.execute("SELECT count(*) FROM texts").fetchone()[0]
-        if len(vecs["image"]) != ok_images:
-            problems.append(f"{len(vecs['image'])} image vectors for {ok_images} images")
-        if len(vecs["text"]) != n_texts:
-            problems.append(f"{len(vecs['text'])} text vectors for {n_texts} texts")
-        for space in SPACES:
-            if set(vecs[space]) != set(ref_vecs[space]):
-                problems.append(f"{space} vectors: {len(set(ref_vecs[space]) - set(vecs[space]))} missing, "
-                                f"{len(set(vecs[space]) - set(ref_vecs[space]))} unexpected")  # fmt: skip
-                continue
-            worst = min((_cos(v, ref_vecs[space][k]) for k, v in vecs[space].items()), default=1.0)
-            if worst < 0.995:  # a vector stored under another row's id, or a stale one
-                problems.append(f"{space} vectors differ from the uninterrupted run (min cosine {worst:.4f})")
-        problems += index_state(home, con, final=True)
-        weights = (con.execute("SELECT value FROM meta WHERE key = ?", [f"weights:{MODEL}"]).fetchone() or [None])[0]
-        problems += manifest_checks(home, con, weights)
-    finally:
-        con.close()
-    r = subprocess.run([medsearch_exe(), "check", "--home", str(home), "--json"], capture_output=True, text=True,
-                       env=child_env(), cwd=str(REPO), timeout=300)  # fmt: skip
-    try:
-        rep = json.loads(r.stdout)
-        if r.returncode != 0 or not rep["ok"] or rep["problems"]:
-            problems.append(f"medsearch check: rc {r.returncode}, problems {rep['problems']}")
-    except (ValueError, KeyError):
-        problems.append(f"medsearch check printed no report (rc {r.returncode}): {r.stderr[-300:]}")
-    leftovers = [p.name for p in (home / "indexes").rglob("*.tmp")] if (home / "indexes").exists() else []
-    if leftovers:
-        problems.append(f"temporary files left in the index folder: {leftovers[:5]}")
-    return problems
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-9))
-
-
-def manifest_checks(home: Path, con: sqlite3.Connection, weights: str | None) -> list[str]:
-    import hashlib
-
-    from medsearch.config import Paths
-    from medsearch.stores.faiss import read_manifest
-
-    problems: list[str] = []
-    d = Paths(home).index_dir(MODEL)
-    for space in SPACES:
-        man = read_manifest(d / f"{space}.json")
-        digest = hashlib.sha256((d / f"{space}.faiss").read_bytes()).hexdigest()
-        stored = con.execute("SELECT count(*) FROM vectors WHERE model = ? AND space = ?", [MODEL, space]).fetchone()[0]
-        dim = con.execute("SELECT DISTINCT dim FROM vectors WHERE model = ? AND space = ?", [MODEL, space]).fetchall()
-        if (man.model_id, man.count, man.checksum, man.weights_hash, [(man.dim,)]) != (
-            MODEL,
-            stored,
-            digest,
-            weights,
-            dim,
-        ):
-            problems.append(f"{space} manifest does not match: {man}")
-        if (con.execute("SELECT value FROM meta WHERE key = ?", [f"dirty:{MODEL}:{space}"]).fetchone() or [None])[
-            0
-        ] == "1":
-            problems.append(f"{space} index still marked dirty after a complete run")
-    try:
-        from medsearch.bm25 import catalog_docs
-        from medsearch.bm25 import read_manifest as bm25_manifest
-    except ImportError:  # BM25 not part of this build
-        return problems
-    man = bm25_manifest(d)
-    ids, _, fingerprint = catalog_docs(_CatalogView(con))
-    if man and (man.get("fingerprint") != fingerprint or man.get("count") != len(ids)):
-        problems.append(f"bm25 manifest {man.get('fingerprint')}/{man.get('count')} != texts {fingerprint}/{len(ids)}")
-    return problems
-
-
-class _CatalogView:
-    """Just enough of Catalog for ``medsearch.bm25.catalog_docs``: the catalog's own named query, run on
-    the checker's read-only connection (the query reads ``self.db.execute`` only)."""
-
-    from medsearch.catalog.reads import ReadQueries
-
-    texts_of_kinds = ReadQueries.texts_of_kinds
-
-    def __init__(self, con: sqlite3.Connection) -> None:
-        self.db = con
-
-
-# ---------------------------------------------------------------------------- the run
 @dataclass
 class Tally:
     kill_points: int = 0
@@ -447,86 +117,272 @@ class Tally:
     kills: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     span: float = 0.0
+    writers: dict[str, WriterTally] = field(default_factory=dict)
+    stopped: str | None = None  # why the run ended before every writer made its kills
+
+    def writer(self, name: str) -> WriterTally:
+        return self.writers.setdefault(name, WriterTally())
+
+    def record(self, writer: str, a: Attempt, span: float, problems: list[str], rnd: int) -> None:
+        """One kill point: (writer, moment) where the moment is what the harness saw at the kill: step,
+        plan mode, phase, tenth of the span, catalog writes so far, a temp file in flight or not."""
+        decile = min(9, int(10 * a.at / span)) if span > 0 else 0
+        point = (writer, a.step, a.mode, a.phase, decile, a.writes, a.tmp_at_kill)
+        w = self.writer(writer)
+        w.kills += 1
+        w.points.add(point)
+        self.kill_points += 1
+        self.by_step[f"{a.step} ({a.mode})"] += 1
+        if not problems:
+            w.survived += 1
+            self.survived += 1
+        self.kills.append({"writer": writer, "round": rnd, "step": a.step, "mode": a.mode, "phase": a.phase,
+                           "at_s": round(a.at, 3), "into_step_s": round(a.into_step, 3), "decile": decile,
+                           "writes": a.writes, "tmp": a.tmp_at_kill, "ok": not problems})  # fmt: skip
+
+    def end_round(self, writer: str, problems: list[str], rnd: int) -> None:
+        w = self.writer(writer)
+        w.rounds += 1
+        self.rounds += 1
+        if problems:
+            w.problems += problems
+            self.problems += [f"{writer} round {rnd}: {p}" for p in problems]
+        else:
+            w.rounds_ok += 1
+            self.rounds_ok += 1
+
+    @property
+    def distinct(self) -> int:
+        return sum(len(w.points) for w in self.writers.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kill_points": self.kill_points, "survived": self.survived, "rounds": self.rounds,
-                "rounds_ok": self.rounds_ok, "kills_by_step": dict(self.by_step), "problems": self.problems,
-                "seconds": round(self.seconds, 1), "span_s": round(self.span, 1),
+        return {"kill_points": self.kill_points, "distinct_kill_points": self.distinct, "survived": self.survived,
+                "rounds": self.rounds, "rounds_ok": self.rounds_ok, "kills_by_step": dict(self.by_step),
+                "writers": {n: {"kills": w.kills, "distinct": len(w.points), "survived": w.survived, "rounds": w.rounds,
+                                "rounds_ok": w.rounds_ok, "seconds": round(w.seconds, 1), "span_s": round(w.span, 1),
+                                "problems": w.problems} for n, w in self.writers.items()},
+                "problems": self.problems, "seconds": round(self.seconds, 1), "span_s": round(self.span, 1),
                 "kills": self.kills}  # fmt: skip
 
+    def table(self) -> str:
+        """The tally as a markdown table, one row per writer, then the totals."""
+        head = "| writer | kills | distinct points | survived | rounds ok | " + " | ".join(CATEGORIES) + " | s |"
+        rows = [head, "|" + "---|" * (6 + len(CATEGORIES))]
+        tot = Counter()
+        for n, w in self.writers.items():
+            cats = [sum(any(k in p for k in keys) for p in w.problems) for keys in CATEGORIES.values()]
+            tot.update({"kills": w.kills, "distinct": len(w.points), "survived": w.survived, "ok": w.rounds_ok,
+                        "rounds": w.rounds, "s": w.seconds, **{c: x for c, x in zip(CATEGORIES, cats, strict=True)}})  # fmt: skip
+            rows.append(f"| {n} | {w.kills} | {len(w.points)} | {w.survived} | {w.rounds_ok}/{w.rounds} | "
+                        + " | ".join(map(str, cats)) + f" | {w.seconds:.0f} |")  # fmt: skip
+        rows.append(f"| **all** | {tot['kills']} | {tot['distinct']} | {tot['survived']} | {tot['ok']}/{tot['rounds']} | "
+                    + " | ".join(str(tot[c]) for c in CATEGORIES) + f" | {self.seconds:.0f} |")  # fmt: skip
+        return "\n".join(rows)
 
-def crash_run(work: Path, *, kills: int, seed: int, n_medpix: int = 4, n_covid: int = 6, kills_per_round: int = 4,
-              commit_every: int = 16, chunk: int = 8, snapshot: bool = True, echo=print) -> Tally:  # fmt: skip
-    """Run rounds until ``kills`` kill points were made; returns the tally."""
-    t_start = time.monotonic()
-    rng = random.Random(seed)
-    work.mkdir(parents=True, exist_ok=True)
-    if snapshot:
-        snapshot_source(work / "src")
-    steps = pipeline(make_data(work / "data", n_medpix, n_covid), commit_every, chunk)
-    tally = Tally()
-    ref_home = work / "reference"
-    first = run_attempt(steps, ref_home, None, work / "reference.log")  # uninterrupted
-    if first.failed:
-        raise RuntimeError(f"the uninterrupted reference run failed: {first.failed}")
-    span = tally.span = first.at
-    ref_writes = first.writes
-    con = connect(ref_home / "catalog.db")
-    ref, ref_vecs = dump(con), natural_vectors(con, MODEL)
-    con.close()
-    if bad := final_checks(ref_home, ref, ref_vecs):
-        raise RuntimeError(f"the uninterrupted reference run is not consistent: {bad}")
-    echo(f"reference run: {span:.1f}s, {ref_writes} catalog writes, {sum(ref['cases'].values())} cases, {sum(ref['images'].values())} images, "
-         f"{sum(ref['texts'].values())} texts")  # fmt: skip
-    while tally.kill_points < kills:
-        tally.rounds += 1
-        home = work / f"round-{tally.rounds:03d}"
-        log = work / f"round-{tally.rounds:03d}.log"
+
+def step_writer(step: str | None) -> str:
+    return (step or "?").split()[0]  # "ingest medpix-2.0" -> ingest
+
+
+class Pipeline:
+    """ingest medpix-2.0 -> ingest covid-chestxray -> index: the reference run, then rounds from an empty home.
+    The reference home (``work/reference``) is the prepared home of the other writers."""
+
+    def __init__(self, work: Path, *, n_medpix: int, n_covid: int, commit_every: int, chunk: int, echo=print) -> None:
+        self.work = work
+        self.steps = pipeline(make_data(work / "data", n_medpix, n_covid), commit_every, chunk)
+        ref_home = work / "reference"
+        shutil.rmtree(ref_home, ignore_errors=True)
+        first = run_attempt(self.steps, ref_home, None, work / "reference.log")  # uninterrupted
+        if first.failed:
+            raise RuntimeError(f"the uninterrupted reference run failed: {first.failed}")
+        self.span, self.writes = first.at, first.writes
+        con = connect(ref_home / "catalog.db")
+        self.ref, self.ref_vecs = dump(con), natural_vectors(con, MODEL)
+        con.close()
+        if bad := final_checks(ref_home, self.ref, self.ref_vecs):
+            raise RuntimeError(f"the uninterrupted reference run is not consistent: {bad}")
+        self.rounds = 0
+        ref = self.ref
+        echo(f"ingest+index reference run: {self.span:.1f}s, {self.writes} catalog writes, {sum(ref['cases'].values())} "
+             f"cases, {sum(ref['images'].values())} images, {sum(ref['texts'].values())} texts")  # fmt: skip
+
+    def round(self, tally: Tally, rng: random.Random, kills: int, kills_per_round: int, echo=print) -> int:
+        """One round from an empty home: up to ``min(kills, kills_per_round)`` kills, then a run to the end."""
+        self.rounds += 1
+        rounds, span, t_round = self.rounds, self.span, time.monotonic()
+        home = self.work / f"round-{rounds:03d}"
+        log = self.work / f"round-{rounds:03d}.log"
         prev: dict[str, int] | None = None
         round_problems: list[str] = []
         n_round = 0
+        killed_steps: list[str] = []
         while True:
-            plan = draw_plan(rng, span, ref_writes) if n_round < kills_per_round and tally.kill_points < kills else None
-            a = run_attempt(steps, home, plan, log)
+            plan = draw_plan(rng, span, self.writes) if n_round < min(kills, kills_per_round) else None
+            a = run_attempt(self.steps, home, plan, log)
             if a.failed:
                 round_problems.append(a.failed)
                 break
             if not a.killed:
                 break
             n_round += 1
-            tally.kill_points += 1
-            tally.by_step[f"{a.step} ({a.mode})"] += 1
-            problems, counts = always_invariants(home, ref, prev)
+            problems, counts = always_invariants(home, self.ref, prev)
             prev = counts or prev
-            if not problems:
-                tally.survived += 1
+            tally.record(step_writer(a.step), a, span, problems, rounds)
+            killed_steps.append(step_writer(a.step))
             round_problems += [f"after kill {tally.kill_points} ({a.step} +{a.into_step:.2f}s): {p}" for p in problems]
-            tally.kills.append({"round": tally.rounds, "step": a.step, "mode": a.mode, "into_step_s": round(a.into_step, 3),
-                                "counts": counts, "ok": not problems})  # fmt: skip
-            echo(f"kill {tally.kill_points:>3}: round {tally.rounds} {a.mode:<5} {a.step:<24} +{a.into_step:6.2f}s  "
+            echo(f"kill {tally.kill_points:>3}: round {rounds} {a.mode:<5} {a.step:<24} +{a.into_step:6.2f}s  "
                  f"{counts}  {'ok' if not problems else 'PROBLEM'}")  # fmt: skip
         if not round_problems:
-            round_problems = final_checks(home, ref, ref_vecs)
-        if round_problems:
-            tally.problems += [f"round {tally.rounds}: {p}" for p in round_problems]
-            for p in round_problems:
-                echo(f"  round {tally.rounds}: {p}")
-        else:
-            tally.rounds_ok += 1
-            echo(f"round {tally.rounds}: complete and consistent after {n_round} kills")
+            round_problems = final_checks(home, self.ref, self.ref_vecs)
+        owner = Counter(killed_steps).most_common(1)[0][0] if killed_steps else "index"
+        tally.end_round(owner, round_problems, rounds)
+        tally.writer(owner).seconds += time.monotonic() - t_round
+        for p in round_problems:
+            echo(f"  round {rounds}: {p}")
+        if not round_problems:
+            echo(f"round {rounds}: complete and consistent after {n_round} kills")
+            shutil.rmtree(home, ignore_errors=True)  # keep the failing ones only (disk)
+        return n_round
+
+
+def crash_run(work: Path, *, kills: int, seed: int, n_medpix: int = 4, n_covid: int = 6, kills_per_round: int = 4,
+              commit_every: int = 16, chunk: int = 8, snapshot: bool = True, echo=print) -> Tally:  # fmt: skip
+    """ingest + ingest + index only: rounds until ``kills`` kill points were made; returns the tally."""
+    t_start = time.monotonic()
+    rng = random.Random(seed)
+    work.mkdir(parents=True, exist_ok=True)
+    if snapshot:
+        snapshot_source(work / "src")
+    tally = Tally()
+    p = Pipeline(work, n_medpix=n_medpix, n_covid=n_covid, commit_every=commit_every, chunk=chunk, echo=echo)
+    tally.span = p.span
+    made = 0
+    while made < kills:
+        made += p.round(tally, rng, kills - made, kills_per_round, echo)
     tally.seconds = time.monotonic() - t_start
+    return tally
+
+
+def writer_round(writer: Writer, *, kills: int, rng: random.Random, tally: Tally, kills_per_round: int = 4,
+                 echo=print) -> int:  # fmt: skip
+    """One round of a writer: a fresh copy of its prepared home, up to ``min(kills, kills_per_round)``
+    killed attempts, then a rerun to the end and the final checks. Returns the kills made."""
+    t0 = time.monotonic()
+    ref = writer.ref
+    assert ref is not None
+    w = tally.writer(writer.name)
+    n = w.rounds + 1
+    rnd = writer.work / f"round-{n:03d}"
+    shutil.rmtree(rnd, ignore_errors=True)
+    rnd.mkdir(parents=True)
+    home = rnd / "home"
+    writer.prepare_home(home)
+    problems: list[str] = []
+    n_round = 0
+    while True:
+        plan = None
+        if n_round < min(kills, kills_per_round):
+            plan = draw_plan(rng, ref.span, ref.writes, first=0.8 * ref.first, saves=ref.saves)
+        a = writer.attempt(home, rnd, plan, rnd / "run.log")
+        if a.failed:
+            problems.append(a.failed)
+            break
+        if not a.killed:
+            break
+        n_round += 1
+        found = writer.after_kill(home, rnd)
+        tally.record(writer.name, a, ref.span, found, n)
+        problems += [f"after kill {tally.kill_points} ({a.mode} {a.phase or a.step} +{a.at:.2f}s): {p}" for p in found]
+        echo(f"kill {tally.kill_points:>3}: {writer.name:<16} round {n} {a.mode:<5} {a.phase or a.step:<20} "
+             f"+{a.at:6.2f}s writes {a.writes:>3} tmp {int(a.tmp_at_kill)}  {'ok' if not found else 'PROBLEM'}")  # fmt: skip
+    if not problems:
+        problems = writer.final(home, rnd)
+    tally.end_round(writer.name, problems, n)
+    for p in problems:
+        echo(f"  {writer.name} round {n}: {p}")
+    if not problems:
+        echo(f"{writer.name} round {n}: complete and consistent after {n_round} kills")
+        shutil.rmtree(home, ignore_errors=True)  # keep the failing ones only (disk)
+    w.seconds += time.monotonic() - t0
+    return n_round
+
+
+PIPELINE_WEIGHT = 2.5  # ingest + index share of the kills (two writers)
+
+
+def crash_all(work: Path, *, kills: int, seed: int, writers: set[str] | None = None, kills_per_round: int = 4,
+              n_medpix: int = 4, n_covid: int = 6, snapshot: bool = True, echo=print,
+              tally: Tally | None = None, budget_s: float | None = None) -> Tally:  # fmt: skip
+    """Every writer: ``kills`` kill points shared by weight. The ingest+index reference comes first (its
+    home is the prepared home of the others; listen starts from an empty home), then every writer's
+    reference run, then rounds in turn (one per writer with kills left), so a run stopped early
+    still covers every writer. ``budget_s``: start no round after that many seconds (the tally says so)."""
+    from crash_writers import all_writers
+
+    from medsearch.catalog import Catalog
+
+    t_start = time.monotonic()
+    work.mkdir(parents=True, exist_ok=True)
+    if snapshot:
+        snapshot_source(work / "src")
+    empty = work / "empty-home"
+    empty.mkdir(exist_ok=True)
+    Catalog.open(empty / "catalog.db").close()
+    tally = tally if tally is not None else Tally()
+    rng = random.Random(seed)
+    pipeline_on = writers is None or bool({"ingest", "index"} & writers)
+    others = all_writers(work, work / "reference", empty, writers)
+    total_w = (PIPELINE_WEIGHT if pipeline_on else 0) + sum(w.weight for w in others)
+    left = {w.name: max(1, round(kills * w.weight / total_w)) for w in others}
+    pipe_left = max(0, kills - sum(left.values())) if pipeline_on else 0
+    echo(f"kills by writer: ingest+index {pipe_left}, " + ", ".join(f"{n} {q}" for n, q in left.items()))
+    try:
+        pipe = None
+        if pipe_left or not (work / "reference" / "catalog.db").exists():  # (a kept --work folder: reuse its home)
+            pipe = Pipeline(work, n_medpix=n_medpix, n_covid=n_covid, commit_every=16, chunk=8, echo=echo)
+            tally.span = pipe.span
+        for w in list(others):
+            try:
+                ref = w.reference()
+            except RuntimeError as e:  # a writer whose uninterrupted run fails: a finding, the others go on
+                tally.problems.append(f"{w.name}: {e}")
+                tally.writer(w.name).problems.append(str(e))
+                echo(f"{w.name}: {e}")
+                others.remove(w)
+                left[w.name] = 0
+                continue
+            tally.writer(w.name).span = ref.span
+            echo(f"{w.name}: reference run {ref.span:.1f}s, first write or temp file at {ref.first:.1f}s, "
+                 f"{ref.writes} catalog writes, temp files: {ref.saves}")  # fmt: skip
+        def over() -> bool:
+            if budget_s is not None and time.monotonic() - t_start > budget_s:
+                tally.stopped = f"time budget of {budget_s:.0f} s spent: {pipe_left + sum(left.values())} kills not made"
+                return True
+            return False
+
+        while (pipe_left or any(left.values())) and not over():
+            if pipe is not None and pipe_left:
+                pipe_left -= pipe.round(tally, rng, pipe_left, kills_per_round, echo)
+            for w in others:
+                if left[w.name] and not over():
+                    left[w.name] -= writer_round(w, kills=left[w.name], rng=rng, tally=tally,
+                                                 kills_per_round=kills_per_round, echo=echo)  # fmt: skip
+    finally:
+        tally.seconds = time.monotonic() - t_start
     return tally
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kills", type=int, default=50, help="kill points to make (default 50)")
+    ap.add_argument("--kills", type=int, default=120, help="kill points to make over all writers (default 120)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--writers", default=None, help="comma-separated subset: ingest,index,train,listen,remove --case,"
+                                                    "remove --patient,milvus,check --repair,backup (default: all)")  # fmt: skip
     ap.add_argument("--medpix", type=int, default=4, help="medpix-2.0 dev cases in the slice")
     ap.add_argument("--covid", type=int, default=6, help="covid-chestxray cases in the slice")
     ap.add_argument("--kills-per-round", type=int, default=4)
-    ap.add_argument("--commit-every", type=int, default=16, help="vectors per commit in `medsearch index`")
-    ap.add_argument("--chunk", type=int, default=8, help="items per transaction in `medsearch ingest`")
+    ap.add_argument("--budget-min", type=float, default=None, help="start no new round after this many minutes")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a new temp folder, kept)")
     ap.add_argument("--json", action="store_true", help="print the tally as JSON")
     ap.add_argument("--no-snapshot", action="store_true", help="run the live working tree, not a copy")
@@ -536,14 +392,22 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup that kills the child
 
     work = a.work or Path(tempfile.mkdtemp(prefix="medsearch-crash-"))
-    tally = crash_run(work, kills=a.kills, seed=a.seed, n_medpix=a.medpix, n_covid=a.covid,
-                      kills_per_round=a.kills_per_round, commit_every=a.commit_every, chunk=a.chunk,
-                      snapshot=not a.no_snapshot)  # fmt: skip
+    writers = {w.strip() for w in a.writers.split(",")} if a.writers else None
+    tally = Tally()
+    try:
+        crash_all(work, kills=a.kills, seed=a.seed, writers=writers, kills_per_round=a.kills_per_round,
+                  n_medpix=a.medpix, n_covid=a.covid, snapshot=not a.no_snapshot, tally=tally,
+                  budget_s=None if a.budget_min is None else 60 * a.budget_min)  # fmt: skip
+    except (KeyboardInterrupt, SystemExit):  # stopped early: the tally so far (the round in flight has no end check)
+        tally.stopped = "interrupted (SIGTERM or Ctrl-C); the round in flight was not finished"
     if a.json:
         print(json.dumps(tally.to_dict(), indent=2))
-    print(f"\nkill points: {tally.kill_points}, survived with nothing lost, duplicated or phantom: {tally.survived}; "
-          f"rounds complete and consistent: {tally.rounds_ok}/{tally.rounds}; by step: {dict(tally.by_step)}; "
+    print(f"\n{tally.table()}\n")
+    print(f"kill points: {tally.kill_points} ({tally.distinct} distinct writer x moment), survived with nothing "
+          f"lost, duplicated or phantom: {tally.survived}; rounds complete and consistent: {tally.rounds_ok}/{tally.rounds}; "
           f"{tally.seconds:.0f}s (work folder {work})")  # fmt: skip
+    if tally.stopped:
+        print(f"stopped early: {tally.stopped}")
     for p in tally.problems:
         print(f"PROBLEM {p}")
     return 0 if not tally.problems and tally.survived == tally.kill_points else 1

@@ -38,6 +38,7 @@ from .milvus import (
     encode_field,
     engine_kinds,
     home_of,
+    is_server_uri,
     milvus_ids,
     resolve_uri,
     vector_hashes,
@@ -252,6 +253,12 @@ def sync_store(
         exists = False
     fresh = not exists
     if fresh:
+        lite = resolve_uri(home_of(directory), uri)
+        orphan = None if is_server_uri(lite) else Path(lite) / "collections" / coll
+        if orphan is not None and orphan.is_dir():  # Milvus Lite killed inside create_collection: its folder
+            import shutil  # exists but the collection was never registered, and every create would fail
+
+            shutil.rmtree(orphan)
         _create(client, coll, dim)
     held = holdout_ids(catalog, model_id, space, count, kind, config) if fresh else np.zeros(0, np.int64)
     diff = _apply_diff(client, coll, catalog, model_id, space, skip=held)
@@ -365,6 +372,8 @@ def check_store(catalog: Catalog, directory: Path, space: str, entry: dict[str, 
         client = connect(resolve_uri(home_of(directory), man.params.get("uri")), token)
         coll = str(man.params.get("collection", ""))
         exists = client.has_collection(coll)
+        if exists:  # a collection is released when Milvus (Lite) starts: queries need it loaded
+            client.load_collection(coll)
         n = count_rows(client, coll) if exists else 0
         entry.update(count=n, kind=f"milvus {man.kind}", generation=man.generation, store="milvus")
         if not exists:
