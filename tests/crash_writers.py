@@ -401,7 +401,8 @@ class Listen(Writer):
             images = dict(con.execute("SELECT key, path FROM images").fetchall())
         finally:
             con.close()
-        spooled = {p.stem for p in (home / "spool" / "MEDSEARCH").glob("*.json")}
+        spool = home / "spool" / "MEDSEARCH"
+        spooled = {p.stem for pattern in ("*.spool", "*.json") for p in spool.glob(pattern)}
         if lost := self.acked - spooled - set(images):
             problems.append(f"{len(lost)} instances storescu saw acknowledged are neither spooled nor catalogued")
         if gone := [k for k, path in images.items() if not Path(path).is_file()]:
@@ -441,7 +442,7 @@ def _indexed(home: Path, keys: set[str]) -> bool:
     the round left), its spool is empty and the index holds every image (a read-only look)."""
     import json
 
-    if any((home / "spool" / "MEDSEARCH").glob("*.json")):
+    if any((home / "spool" / "MEDSEARCH").glob("*.spool")) or any((home / "spool" / "MEDSEARCH").glob("*.json")):
         return False
     try:
         man = json.loads((home / "indexes" / MODEL / "image.json").read_text())
