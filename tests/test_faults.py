@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serving import free_port, server_process
 
 from api.keys import KeyStore
 
@@ -29,12 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 LIMIT = 1200  # --limit-concurrency: above the 1,000 slow clients plus the normal ones
 HEADER_TIMEOUT = 20  # long enough for the normal requests below on a busy host
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -77,32 +72,12 @@ def server(small_home, tmp_path_factory):
            "--rate-limit", "0", "--watch", "0", "--log-level", "warning", "--limit-concurrency", str(LIMIT),
            "--header-timeout", str(HEADER_TIMEOUT), "--timeout-keep-alive", "5", "--backlog", "2048"]  # fmt: skip
     env = {**os.environ, "TMPDIR": str(spool), "PYTHONPATH": str(REPO)}
-    log = open(d / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited {proc.returncode}: {(d / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{base}/v1/health", timeout=2).json().get("status") == "ok":
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            if time.time() > deadline:
-                pytest.fail("server did not answer within 300 s")
-            time.sleep(0.5)
+    ready = lambda: httpx.get(f"{base}/v1/health", timeout=2).json().get("status") == "ok"  # noqa: E731
+    with server_process(cmd, d / "server.log", ready, timeout=300, env=env) as proc:
         srv = Server(proc, base, port, spool, home)
         assert srv.search().status_code == 200  # warm: the first request loads lazily built parts
         yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _png_bytes(n: int) -> bytes:

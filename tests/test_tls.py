@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serving import free_port, server_process
 from typer.testing import CliRunner
 
 from api.keys import KeyStore, parse_duration
@@ -45,12 +45,6 @@ def cert(tmp_path_factory) -> tuple[Path, Path]:
     return crt, key
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def home(small_home, tmp_path_factory) -> Path:
     dst = tmp_path_factory.mktemp("tls-home") / "home"
@@ -68,31 +62,11 @@ def server(home, cert):
     cmd = [sys.executable, "-m", "cli.main", "serve", "--home", str(home), "--port", str(port), "--device", "cpu",
            "--auth", "required", "--rate-limit", "0", "--watch", "0", "--ssl-certfile", str(crt),
            "--ssl-keyfile", str(key), "--log-level", "warning"]  # fmt: skip
-    log = open(home.parent / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT)
     ctx = ssl.create_default_context(cafile=str(crt))
     base = f"https://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited {proc.returncode}: {(home.parent / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{base}/v1/health", verify=ctx, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                pytest.fail("server did not answer within 240 s")
-            time.sleep(0.5)
+    ready = lambda: httpx.get(f"{base}/v1/health", verify=ctx, timeout=2).status_code == 200  # noqa: E731
+    with server_process(cmd, home.parent / "server.log", ready, timeout=240):
         yield base, ctx, store, admin
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_https_health_with_the_test_certificate(server, cert):
