@@ -11,14 +11,13 @@ extractively. Never a draft without citations.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 from rag_helpers import POISON, check_draft, make_poisoned_homes, medpix_image
+from serving import free_port, server_process
 
 from medsearch.errors import GenerationError, LLMUnavailable
 from medsearch.rag import DraftConfig, Drafter, LLMConfig
@@ -44,45 +43,19 @@ def searcher(indexed_home, towers) -> Searcher:
     return Searcher(indexed_home, encoder=towers)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def llama_server(gguf, tmp_path_factory):
     """A real `python -m llama_cpp.server` on 127.0.0.1:<free port>; yields its /v1 base URL."""
     import httpx
 
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("llama") / "server.log"
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", "4096", "--model_alias", "smollm2"]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NO_PROXY": "127.0.0.1"})
     url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/models", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama_cpp.server not ready after 120 s: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
+    ready = lambda: httpx.get(f"{url}/models", timeout=2, trust_env=False).status_code == 200  # noqa: E731
+    with server_process(cmd, log, ready, timeout=120, env={**os.environ, "NO_PROXY": "127.0.0.1"}):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _image(searcher, nth=0) -> dict:
