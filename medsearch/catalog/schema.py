@@ -65,6 +65,13 @@ CREATE TABLE IF NOT EXISTS images (
 );
 CREATE INDEX IF NOT EXISTS images_case ON images(case_id);
 CREATE INDEX IF NOT EXISTS images_sha ON images(sha256);
+-- search filters compare lower(column) (case-insensitive): one expression index each, so a selective filter
+-- reads its matching rows instead of scanning every image (1.8 s -> 37 ms for a 1% filter at 1M images: benchmarks/filter_lookup.py)
+CREATE INDEX IF NOT EXISTS images_f_modality ON images(lower(modality_type), status);
+CREATE INDEX IF NOT EXISTS images_f_region ON images(lower(body_region), status);
+CREATE INDEX IF NOT EXISTS images_f_split ON images(lower(split), status);
+CREATE INDEX IF NOT EXISTS images_f_source ON images(lower(source), status);
+CREATE INDEX IF NOT EXISTS images_f_plane ON images(lower(plane), status);
 CREATE TABLE IF NOT EXISTS series (
     id INTEGER PRIMARY KEY,
     case_id INTEGER NOT NULL REFERENCES cases(id),
