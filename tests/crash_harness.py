@@ -217,14 +217,9 @@ class Pipeline:
         round_problems: list[str] = []
         n_round = 0
         killed_steps: list[str] = []
-        while True:
-            plan = draw_plan(rng, span, self.writes) if n_round < min(kills, kills_per_round) else None
-            a = run_attempt(self.steps, home, plan, log)
-            if a.failed:
-                round_problems.append(a.failed)
-                break
-            if not a.killed:
-                break
+        for a in killed_attempts(lambda plan: run_attempt(self.steps, home, plan, log),
+                                 lambda: draw_plan(rng, span, self.writes), min(kills, kills_per_round),
+                                 round_problems):  # fmt: skip
             n_round += 1
             problems, counts = always_invariants(home, self.ref, prev)
             prev = counts or prev
@@ -244,6 +239,22 @@ class Pipeline:
             echo(f"round {rounds}: complete and consistent after {n_round} kills")
             shutil.rmtree(home, ignore_errors=True)  # keep the failing ones only (disk)
         return n_round
+
+
+def killed_attempts(attempt, draw, limit: int, problems: list[str]):
+    """Run ``attempt(plan)`` until one is not killed: the first ``limit`` get a kill plan from ``draw()``,
+    the rest run to the end. Yields each killed attempt; a failed one ends the loop with its failure
+    appended to ``problems``."""
+    made = 0
+    while True:
+        a = attempt(draw() if made < limit else None)
+        if a.failed:
+            problems.append(a.failed)
+            return
+        if not a.killed:
+            return
+        made += 1
+        yield a
 
 
 def crash_run(work: Path, *, kills: int, seed: int, n_medpix: int = 4, n_covid: int = 6, kills_per_round: int = 4,
@@ -280,16 +291,9 @@ def writer_round(writer: Writer, *, kills: int, rng: random.Random, tally: Tally
     writer.prepare_home(home)
     problems: list[str] = []
     n_round = 0
-    while True:
-        plan = None
-        if n_round < min(kills, kills_per_round):
-            plan = draw_plan(rng, ref.span, ref.writes, first=0.8 * ref.first, saves=ref.saves)
-        a = writer.attempt(home, rnd, plan, rnd / "run.log")
-        if a.failed:
-            problems.append(a.failed)
-            break
-        if not a.killed:
-            break
+    for a in killed_attempts(lambda plan: writer.attempt(home, rnd, plan, rnd / "run.log"),
+                             lambda: draw_plan(rng, ref.span, ref.writes, first=0.8 * ref.first, saves=ref.saves),
+                             min(kills, kills_per_round), problems):  # fmt: skip
         n_round += 1
         found = writer.after_kill(home, rnd)
         tally.record(writer.name, a, ref.span, found, n)
