@@ -23,6 +23,7 @@ from medsearch.stores.milvus import (
     LITE2_KINDS,
     MilvusStore,
     choose_kind,
+    close_clients,
     connect,
     engine_kinds,
     engine_tunes,
@@ -36,6 +37,19 @@ pytest.importorskip("pymilvus")
 pytestmark = pytest.mark.slow  # each test starts Milvus Lite (about a second) and builds collections
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _stop_milvus_lite():
+    """Each test's Milvus Lite server stops after it, not with the session (CI has 2 cores)."""
+    yield
+    close_clients()
+
+
+def _lite_servers() -> list:
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True) if p.name() == "milvus"]
 
 
 def _sync(cat, home, space="image", dim=32, **kw):
@@ -220,6 +234,20 @@ def test_a_killed_index_is_finished_by_the_next_run(tmp_path):
     assert out["count"] == len(ids)
     assert _check(cat, tmp_path)[0] == []
     cat.close()
+
+
+def test_close_clients_stops_the_milvus_lite_server(tmp_path):
+    before = {p.pid for p in _lite_servers()}
+    client = connect(str(tmp_path / "milvus.db"), None)
+    assert client.list_collections() == []
+    started = [p for p in _lite_servers() if p.pid not in before]
+    if lite_major() >= 3:  # Lite 3.x serves from threads of this process
+        assert started == []
+        return
+    assert len(started) == 1
+    close_clients()
+    started[0].wait(timeout=10)  # raises if it is still running
+    assert not (tmp_path / ".milvus.db.lock").exists()
 
 
 def test_default_uri_is_a_file_in_the_home_and_a_bad_server_is_a_clear_error(tmp_path):

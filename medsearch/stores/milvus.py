@@ -118,14 +118,28 @@ def connect(uri: str, token: str | None = None) -> Any:
 
 
 def close_clients() -> None:
-    """Close every client this process opened (Milvus Lite stops its server)."""
+    """Close every client this process opened and stop the Milvus Lite servers they started
+    (pymilvus 3 leaves a Lite server running until the process exits, even after ``close``)."""
     with _LOCK:
-        for client in _CLIENTS.values():
+        for (uri, _), client in _CLIENTS.items():
             try:
                 client.close()
             except Exception:  # noqa: BLE001 - closing a dead connection must not raise
                 pass
+            if not is_server_uri(uri):
+                _stop_lite(uri)
         _CLIENTS.clear()
+
+
+def _stop_lite(path: str) -> None:
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:  # a Lite without a server process (3.x runs in this process)
+        return
+    try:
+        server_manager_instance.release_server(path)  # releases the file lock: the server exits
+    except Exception:  # noqa: BLE001 - a server that died already must not fail the close
+        pass
 
 
 def collection_name(model_id: str, space: str, salt: str) -> str:
