@@ -29,6 +29,7 @@ import hashlib
 import logging
 import re
 import threading
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,9 @@ def connect(uri: str, token: str | None = None) -> Any:
                                             "are rebuilt from the catalog's stored vectors, nothing is re-embedded")  # fmt: skip
                 Path(uri).parent.mkdir(parents=True, exist_ok=True)
             try:
-                client = MilvusClient(uri=uri, token=token or "")
+                with warnings.catch_warnings():  # milvus-lite 2.5 imports pkg_resources, which warns on every start
+                    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+                    client = MilvusClient(uri=uri, token=token or "")
             except Exception as e:  # pymilvus raises MilvusException, grpc errors, OSError
                 hint = ("start the Milvus server, or check --milvus-uri/--milvus-token" if is_server_uri(uri) else
                         "another process holds this Milvus Lite file (one process per file: a running `medsearch "
