@@ -119,6 +119,63 @@ def measure(search, xq1, xqb, batch, truth, k=10):
             "similar_p95_ms": round(pct(lat_similar, 95), 2), "load_avg": load_avg()}  # fmt: skip
 
 
+class StoredOnly:
+    """BENCHMARK-ONLY encoder identity for the ``Searcher``: the bench home's model ("bench", weights
+    "w") has no weights; every query is a catalog image, answered from its stored vector as
+    ``medsearch similar IMAGE_ID`` does, so nothing is ever encoded."""
+
+    model_id = "bench"
+    weights_hash = "w"
+    shared_space = False
+    device = "cpu"
+
+    def __init__(self, dim: int) -> None:
+        self.image_dim = self.text_dim = dim
+
+    def encode_image_batch(self, batch):
+        raise RuntimeError("the store benchmark only queries catalog images (stored vectors)")
+
+    preprocess = encode_texts = encode_image_batch
+
+
+def similar_truth(xq, xb, ids, case_of, k=10, fetch=SIMILAR_FETCH, mask=None) -> list[set[int]]:
+    """What ``Searcher.similar(k)`` returns over an exact store: of the exact top-``fetch`` image ids,
+    the first of each case, ``k`` of them."""
+    out = []
+    for row in exact(xq, xb, ids, fetch, mask):
+        seen: set[int] = set()
+        hits: set[int] = set()
+        for i in row.tolist():
+            if i >= 0 and case_of[i] not in seen:
+                seen.add(case_of[i])
+                hits.add(i)
+                if len(hits) == k:
+                    break
+        out.append(hits)
+    return out
+
+
+def measure_similar(searcher, query_ids, filters, truth, search, xq1) -> dict:
+    """``Searcher.similar`` (the path of ``medsearch similar IMAGE_ID -k 10``) per query: p50/p95 ms
+    after two warm-up calls, and recall@10 of its hits against ``similar_truth``. Each call is paired
+    with a bare store call for the same fetch (``search(xq1[i], SIMILAR_FETCH)``), so that the two
+    are compared within the same seconds of a shared host's load."""
+    searcher.similar(int(query_ids[0]), k=10, filters=filters)
+    searcher.similar(int(query_ids[1]), k=10, filters=filters)
+    lat, bare, recall = [], [], []
+    for i, (qid, t) in enumerate(zip(query_ids.tolist(), truth, strict=True)):
+        t0 = time.perf_counter()
+        search(xq1[i % len(xq1)][None], SIMILAR_FETCH)
+        t1 = time.perf_counter()
+        hits = searcher.similar(int(qid), k=10, filters=filters)
+        lat.append(time.perf_counter() - t1)
+        bare.append(t1 - t0)
+        recall.append(len({h.image_id for h in hits} & t) / max(1, len(t)))
+    return {"searcher_p50_ms": round(pct(lat, 50), 2), "searcher_p95_ms": round(pct(lat, 95), 2),
+            "paired_store_p50_ms": round(pct(bare, 50), 2), "paired_store_p95_ms": round(pct(bare, 95), 2),
+            "searcher_recall_at_10": round(float(np.mean(recall)), 4), "searcher_load_avg": load_avg()}  # fmt: skip
+
+
 def exact(xq, xb, ids, k=10, mask=None):
     import faiss
 
@@ -144,8 +201,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from medsearch.catalog import Catalog
+    from medsearch.catalog.scalars import scalars
     from medsearch.config import IndexConfig, Paths
     from medsearch.erasure import remove
+    from medsearch.search import Filters, Searcher
     from medsearch.stores.faiss import VectorIndex
     from medsearch.stores.milvus import MilvusStore, close_clients, is_server_uri
     from medsearch.stores.milvus_sync import sync_store
@@ -167,11 +226,21 @@ def main() -> None:
     truth = {False: exact(xqb, xb, ids), True: exact(xqb, xb, ids, mask=mask)}
     rows: list[dict] = []
     blocks = functools.partial(cat.iter_vectors, "bench", "image")
+    # `similar` through the Searcher: catalog images as queries (their stored vectors), the exact answer per case
+    query_ids = np.random.default_rng(args.seed + 1).choice(ids, size=args.queries, replace=False)
+    case_of: dict[int, int] = {}
+    for s in range(0, len(ids), 4096):
+        case_of.update((i, c) for i, (c, _) in scalars(cat, "image", ids[s : s + 4096]).items())
+    xs = xb[np.searchsorted(ids, query_ids)]
+    similar_truths = {False: similar_truth(xs, xb, ids, case_of), True: similar_truth(xs, xb, ids, case_of, mask=mask)}
 
-    def record(store, kind, build_s, search_plain, search_filtered, extra=None):
+    def record(store, kind, build_s, search_plain, search_filtered, extra=None, searcher=None):
         for filtered, fn in ((False, search_plain), (True, search_filtered)):
             r = {"store": store, "kind": kind, "filter": "1%" if filtered else "none", "build_s": round(build_s, 1),
                  **measure(fn, xq1, xqb, args.batch, truth[filtered]), **(extra or {})}  # fmt: skip
+            if searcher is not None:
+                r.update(measure_similar(searcher, query_ids, Filters(**FILTER) if filtered else Filters(),
+                                         similar_truths[filtered], fn, xq1))  # fmt: skip
             rows.append(r)
             print(json.dumps(r), flush=True)
 
@@ -179,9 +248,12 @@ def main() -> None:
         t = time.perf_counter()
         idx = VectorIndex.from_blocks(blocks, model_id="bench", weights_hash="w", space="image", dim=args.dim,
                                       count=len(ids), config=IndexConfig(kind=kind))  # fmt: skip
-        record("faiss", kind, time.perf_counter() - t, idx.search, lambda q, k, idx=idx: idx.search(q, k, allowed=allowed),
-               {"tuned": idx.manifest.params.get("tuned_recall_at_10")})
-        del idx
+        build_s = time.perf_counter() - t
+        idx.save(paths.index_dir("bench"))  # the Searcher opens it from the home (filter: the catalog's id lookup)
+        searcher = Searcher(home, model="bench", encoder=StoredOnly(args.dim), catalog=cat)
+        record("faiss", kind, build_s, idx.search, lambda q, k, idx=idx: idx.search(q, k, allowed=allowed),
+               {"tuned": idx.manifest.params.get("tuned_recall_at_10")}, searcher=searcher)
+        del idx, searcher
 
     directory = paths.index_dir("bench")
     last = None
@@ -193,8 +265,9 @@ def main() -> None:
         build = time.perf_counter() - t
         last = store = MilvusStore.load(directory, "image")
         p = store.manifest.params
+        searcher = Searcher(home, model="bench", encoder=StoredOnly(args.dim), catalog=cat)  # the store from the manifest
         record(engine, kind, build, store.search, lambda q, k, s=store: s.search(q, k, filters=FILTER),
-               {"tuned": p.get("tuned_recall_at_10"), "knob": p.get("search_params")})
+               {"tuned": p.get("tuned_recall_at_10"), "knob": p.get("search_params")}, searcher=searcher)
     assert last is not None
     with cat.atomic():
         cat.set_meta("store", "milvus")

@@ -183,6 +183,10 @@ def test_a_collection_folder_left_by_a_kill_inside_create_does_not_block_the_nex
     import sys
 
     pytest.importorskip("pymilvus")
+    from medsearch.stores.milvus import lite_major
+
+    if 0 < lite_major() < 3:
+        pytest.skip("Milvus Lite 2.x keeps its store in one SQLite file: there is no collection folder to orphan")
     from synthetic_catalog import make_catalog
 
     cat, ids, _ = make_catalog(tmp_path / "catalog.db", 300)

@@ -23,8 +23,10 @@ from medsearch.stores.milvus import (
     LITE2_KINDS,
     MilvusStore,
     choose_kind,
+    close_clients,
     connect,
     engine_kinds,
+    engine_tunes,
     filter_expression,
     lite_major,
     resolve_uri,
@@ -35,6 +37,19 @@ pytest.importorskip("pymilvus")
 pytestmark = pytest.mark.slow  # each test starts Milvus Lite (about a second) and builds collections
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _stop_milvus_lite():
+    """Each test's Milvus Lite server stops after it, not with the session (CI has 2 cores)."""
+    yield
+    close_clients()
+
+
+def _lite_servers() -> list:
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True) if p.name() == "milvus"]
 
 
 def _sync(cat, home, space="image", dim=32, **kw):
@@ -99,16 +114,18 @@ def test_text_space_filters_follow_the_case_images(tmp_path):
     cat.close()
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf_flat", "ivf_sq8"])
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "flat" and k in engine_kinds(None)])  # what the Lite builds
 def test_ann_kinds_reach_the_recall_target_and_record_it(tmp_path, kind):
-    if kind not in engine_kinds(None):
-        pytest.skip(f"milvus-lite {lite_major()} builds no {kind} index")
     cat, ids, x = make_catalog(tmp_path / "catalog.db", 1500, d=32)  # 4,500 vectors
     out = _sync(cat, tmp_path, config=IndexConfig(kind=kind, target_recall=0.95))
     assert out["kind"] == f"milvus {kind}"
     store = MilvusStore.load(Paths(tmp_path).index_dir("m"), "image")
     p = store.manifest.params
     assert p["target_met"] and p["tuned_recall_at_10"] >= 0.95 and p["index_type"] == kind.upper()
+    if not engine_tunes(None):  # Milvus Lite 2.x ignores a request's nprobe: measured once, no knob sent
+        assert p["search_params"] == {} and p["search_knob"] == "engine"
+    else:
+        assert set(p["search_params"]) == {"ef" if kind == "hnsw" else "nprobe"}
     q = clustered(200, 32, sample=1)  # fresh points from the collection's distribution
     _, I = store.search(q, 10)
     _, If = _faiss(cat).search(q, 10)
@@ -134,17 +151,21 @@ def test_auto_kind_follows_what_the_engine_builds(tmp_path):
     cfg = IndexConfig(flat_max=1000)
     assert choose_kind(1000, cfg) == "flat" and choose_kind(1001, cfg) == "hnsw"
     assert choose_kind(1001, cfg, LITE2_KINDS) == "ivf_flat"
+    assert choose_kind(10**7, cfg, LITE2_KINDS, tunes=False) == "flat"  # Lite 2.x: no ANN held to the target
+    assert engine_tunes("http://milvus:19530") and engine_tunes(None) == (lite_major() >= 3)
     with pytest.raises(InvalidInput) as e:
         choose_kind(10, IndexConfig(kind="hnsw"), LITE2_KINDS)
     assert "ivf_flat" in e.value.hint and "server" in e.value.hint
     assert engine_kinds("http://milvus:19530") == tuple(KINDS)
+    cat, _, _ = make_catalog(tmp_path / "catalog.db", 30)  # 90 vectors
     missing = [k for k in KINDS if k not in engine_kinds(None)]
     if missing:  # the installed Lite lacks some: sync refuses them and creates no collection
-        cat, _, _ = make_catalog(tmp_path / "catalog.db", 30)
         with pytest.raises(InvalidInput):
             _sync(cat, tmp_path, config=IndexConfig(kind=missing[0]))
         assert not Paths(tmp_path).index_dir("m").joinpath("image.json").exists()
-        cat.close()
+    out = _sync(cat, tmp_path, config=IndexConfig(flat_max=50))  # past flat_max
+    assert out["kind"] == ("milvus hnsw" if engine_tunes(None) else "milvus flat")
+    cat.close()
 
 
 def test_sync_repairs_a_damaged_collection_and_check_sees_it(tmp_path):
@@ -215,13 +236,35 @@ def test_a_killed_index_is_finished_by_the_next_run(tmp_path):
     cat.close()
 
 
+def test_close_clients_stops_the_milvus_lite_server(tmp_path):
+    before = {p.pid for p in _lite_servers()}
+    client = connect(str(tmp_path / "milvus.db"), None)
+    assert client.list_collections() == []
+    started = [p for p in _lite_servers() if p.pid not in before]
+    if lite_major() >= 3:  # Lite 3.x serves from threads of this process
+        assert started == []
+        return
+    assert len(started) == 1
+    close_clients()
+    started[0].wait(timeout=10)  # raises if it is still running
+    assert not (tmp_path / ".milvus.db.lock").exists()
+
+
 def test_default_uri_is_a_file_in_the_home_and_a_bad_server_is_a_clear_error(tmp_path):
-    from medsearch.errors import StorageError
+    from medsearch.errors import InvalidInput, StorageError
 
     assert resolve_uri(tmp_path, None) == str(tmp_path / "milvus.db")
     with pytest.raises(StorageError) as e:
         connect("http://127.0.0.1:9", None)
     assert "--milvus-uri" in e.value.hint or "Milvus" in e.value.message
+    with pytest.raises(InvalidInput) as e:  # pymilvus starts Milvus Lite only for a *.db file
+        connect(str(tmp_path / "vectors"), None)
+    assert str(tmp_path / "vectors.db") in e.value.hint
+    if 0 < lite_major() < 3:  # a home indexed with milvus-lite 3.x (its store is a folder): a clear way out
+        (tmp_path / "old" / "milvus.db").mkdir(parents=True)
+        with pytest.raises(StorageError) as e:
+            connect(str(tmp_path / "old" / "milvus.db"), None)
+        assert "3.x" in e.value.message and "index --store milvus" in e.value.hint
 
 
 def test_cli_index_store_milvus_serves_the_same_hits_as_faiss(small_home, tmp_path):

@@ -16,6 +16,11 @@ target recall@10 on stored vectors used as queries (each query's own id left out
 measured recall goes into the manifest with an order-independent checksum of (id, vhash).
 
 Every call passes ``consistency_level`` explicitly (left at its default a call cost ~2 s).
+
+Engines: the ``milvus`` extra pins Milvus Lite 2.5.1, the C++ engine in a subprocess (FLAT exact,
+22 ms per query at 100k); it ignores a request's ef / nprobe (``LITE2_KINDS``), so ``auto`` keeps
+FLAT there and an explicit ``ivf_flat`` is measured, not tuned. A Milvus server (``http://``) and
+Milvus Lite 3.x (pure Python, O(rows) per query) build and tune every kind of ``KINDS``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import hashlib
 import logging
 import re
 import threading
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,12 +45,18 @@ from .base import FORMAT_VERSION, Manifest, manifest_path, read_manifest, values
 
 # what Milvus Lite 3.2 and a Milvus server build (Lite 3.2 refuses IVF_PQ: "reserved for a future phase")
 KINDS = {"flat": "FLAT", "hnsw": "HNSW", "ivf_flat": "IVF_FLAT", "ivf_sq8": "IVF_SQ8"}
-# Milvus Lite 2.x (the C++ engine: knowhere) builds only these in local mode ("local mode only support FLAT IVF_FLAT")
+# Milvus Lite 2.x (the C++ engine: segcore + knowhere) accepts only these in local mode ("local mode only
+# support FLAT IVF_FLAT"). It keeps a collection in one growing segment: create_index only records the
+# index, and a search runs on segcore's interim IVF index (its own nlist/nprobe, built in the background
+# per filled chunk) and exactly over the rest, so the nprobe a request names is ignored (100k x 32-d
+# isotropic: recall@10 0.498 at nprobe 1 and 128 alike). Its ivf_flat cannot be tuned: `auto` stays FLAT.
 LITE2_KINDS = ("flat", "ivf_flat")
+LITE_SUFFIX = ".db"  # pymilvus starts Milvus Lite only for a file URI with this suffix
 EF_MAX = 4096  # a selective filter widens ef up to this (1% filter, ef 16 -> 1600: recall 0.21 -> 1.0 at 5k)
 SELECTIVITY_CACHE = 1024
-# an IVF search under a filter matching at most this many rows probes every list: nprobe / selectivity
-# left recall@10 at 0.83 for a 1% filter at 100k on Milvus Lite 2.5 (benchmarks/results/store_bench.md)
+# an IVF search under a filter matching at most this many rows probes every list (exact over the
+# matches, as FAISS answers them); above it nprobe grows by 1 / selectivity. Engines that tune only:
+# Milvus Lite 2.x ignores the nprobe sent (its 0.83 for a 1% filter at 100k was its interim index)
 EXACT_FILTERED = 32768
 CONSISTENCY = "Strong"
 DEFAULT_DB = "milvus.db"
@@ -73,6 +85,9 @@ def resolve_uri(home: Path, uri: str | None) -> str:
 
 def connect(uri: str, token: str | None = None) -> Any:
     """A ``MilvusClient`` for ``uri`` (one per process and URI; Milvus Lite starts its server here)."""
+    if not is_server_uri(uri) and not uri.endswith(LITE_SUFFIX):
+        raise InvalidInput(f"the Milvus Lite file {uri} does not end in {LITE_SUFFIX}",
+                           hint=f"name a file like {Path(uri).with_suffix(LITE_SUFFIX)}, or a server as http://host:19530")  # fmt: skip
     key = (uri, token or "")
     with _LOCK:
         client = _CLIENTS.get(key)
@@ -85,9 +100,15 @@ def connect(uri: str, token: str | None = None) -> Any:
                     hint="pip install 'medsearch[milvus]', or index with --store faiss",
                 ) from e
             if not is_server_uri(uri):
+                if Path(uri).is_dir() and 0 < lite_major() < 3:
+                    raise StorageError(f"{uri} is a Milvus Lite 3.x store (a folder); milvus-lite {lite_major()} keeps one file",
+                                       hint="move the folder away and run `medsearch index --store milvus`: the collections "
+                                            "are rebuilt from the catalog's stored vectors, nothing is re-embedded")  # fmt: skip
                 Path(uri).parent.mkdir(parents=True, exist_ok=True)
             try:
-                client = MilvusClient(uri=uri, token=token or "")
+                with warnings.catch_warnings():  # milvus-lite 2.5 imports pkg_resources, which warns on every start
+                    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+                    client = MilvusClient(uri=uri, token=token or "")
             except Exception as e:  # pymilvus raises MilvusException, grpc errors, OSError
                 hint = ("start the Milvus server, or check --milvus-uri/--milvus-token" if is_server_uri(uri) else
                         "another process holds this Milvus Lite file (one process per file: a running `medsearch "
@@ -100,14 +121,28 @@ def connect(uri: str, token: str | None = None) -> Any:
 
 
 def close_clients() -> None:
-    """Close every client this process opened (Milvus Lite stops its server)."""
+    """Close every client this process opened and stop the Milvus Lite servers they started
+    (pymilvus 3 leaves a Lite server running until the process exits, even after ``close``)."""
     with _LOCK:
-        for client in _CLIENTS.values():
+        for (uri, _), client in _CLIENTS.items():
             try:
                 client.close()
             except Exception:  # noqa: BLE001 - closing a dead connection must not raise
                 pass
+            if not is_server_uri(uri):
+                _stop_lite(uri)
         _CLIENTS.clear()
+
+
+def _stop_lite(path: str) -> None:
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:  # a Lite without a server process (3.x runs in this process)
+        return
+    try:
+        server_manager_instance.release_server(path)  # releases the file lock: the server exits
+    except Exception:  # noqa: BLE001 - a server that died already must not fail the close
+        pass
 
 
 def collection_name(model_id: str, space: str, salt: str) -> str:
@@ -221,11 +256,23 @@ def engine_kinds(uri: str | None) -> tuple[str, ...]:
     return LITE2_KINDS if 0 < lite_major() < 3 else tuple(KINDS)
 
 
-def choose_kind(n: int, config: IndexConfig, kinds: tuple[str, ...] = tuple(KINDS)) -> str:
+def engine_tunes(uri: str | None) -> bool:
+    """Whether the engine behind ``uri`` searches with the ef / nprobe a request names: a server and
+    Milvus Lite 3.x do; Milvus Lite 2.x does not (its interim index has its own; see LITE2_KINDS)."""
+    if uri and is_server_uri(uri):
+        return True
+    return not 0 < lite_major() < 3
+
+
+def choose_kind(n: int, config: IndexConfig, kinds: tuple[str, ...] = tuple(KINDS), tunes: bool = True) -> str:
     """The configured kind, or exact FLAT up to ``flat_max`` vectors and above it HNSW (IVF_FLAT
-    where the engine has no HNSW). ``kinds``: what the engine builds (``engine_kinds``)."""
+    where the engine has no HNSW). ``kinds``: what the engine builds (``engine_kinds``); an engine
+    that ignores the search knob (``tunes`` False: Milvus Lite 2.x) stays FLAT at every size, as
+    an ANN index there could not be held to the target recall."""
     if config.kind == "auto":
-        return "flat" if n <= config.flat_max else ("hnsw" if "hnsw" in kinds else "ivf_flat")
+        if n <= config.flat_max or not tunes:
+            return "flat"
+        return "hnsw" if "hnsw" in kinds else "ivf_flat"
     if config.kind not in KINDS:
         raise InvalidInput(f"unknown milvus index kind {config.kind!r}", hint="use one of: auto, " + ", ".join(KINDS))
     if config.kind not in kinds:

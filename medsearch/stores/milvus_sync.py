@@ -37,6 +37,7 @@ from .milvus import (
     default_search_params,
     encode_field,
     engine_kinds,
+    engine_tunes,
     home_of,
     is_server_uri,
     milvus_ids,
@@ -174,17 +175,29 @@ def holdout_ids(catalog: Catalog, model_id: str, space: str, n: int, kind: str, 
     return np.concatenate(out)[:nq] if out else np.zeros(0, np.int64)
 
 
+def _recall(client: Any, coll: str, xq: np.ndarray, truth: list[set[int]], k: int, params: dict[str, Any]) -> float:
+    res = client.search(coll, data=xq, limit=k, anns_field="vec", output_fields=[],
+                        search_params={"metric_type": "IP", "params": params}, consistency_level=CONSISTENCY)  # fmt: skip
+    return float(np.mean([len(t & {int(h["id"]) for h in hits}) / max(1, len(t)) for t, hits in zip(truth, res, strict=True)]))
+
+
 def tune(client: Any, coll: str, kind: str, catalog: Catalog, model_id: str, space: str, config: IndexConfig,
-         n: int, held: np.ndarray, *, k: int = TUNE_K) -> dict[str, Any]:  # fmt: skip
+         n: int, held: np.ndarray, *, k: int = TUNE_K, tunes: bool = True) -> dict[str, Any]:  # fmt: skip
     """Smallest ef / nprobe whose recall@k on the held-out stored vectors (not in the collection
-    yet) reaches the target, against their exact top-k over the vectors that are."""
+    yet) reaches the target, against their exact top-k over the vectors that are. An engine that
+    ignores the knob (``tunes`` False: Milvus Lite 2.x) is measured once, as it searches."""
     knob = _knob(kind)
     if knob is None or len(held) == 0:
-        return {"search_params": default_search_params(kind, config)}
+        return {"search_params": default_search_params(kind, config) if tunes else {}}
     got = catalog.get_vectors(model_id, space, held.tolist())
     xq = np.ascontiguousarray(np.stack([got[int(i)] for i in held]), dtype=np.float32)
     truth = [set(r.tolist()) for r in _exact_topk(catalog, model_id, space, xq, k, held)]
     target = min(1.0, config.target_recall + config.tune_margin)
+    if not tunes:
+        recall = _recall(client, coll, xq, truth, k, {})
+        return {"search_params": {}, "search_knob": "engine", "tuned_recall_at_10": round(recall, 4),
+                "target_recall": config.target_recall, "target_met": bool(recall >= config.target_recall),
+                "tune_queries": int(len(held)), "tuned_at_count": int(n)}  # fmt: skip
     if knob == "ef":
         candidates = [c for c in HNSW_EF if c >= k]
     else:
@@ -192,9 +205,7 @@ def tune(client: Any, coll: str, kind: str, catalog: Catalog, model_id: str, spa
         candidates = sorted({min(p, nlist) for p in IVF_NPROBE})
     best, recall = candidates[-1], 0.0
     for value in candidates:
-        res = client.search(coll, data=xq, limit=k, anns_field="vec", output_fields=[],
-                            search_params={"metric_type": "IP", "params": {knob: value}}, consistency_level=CONSISTENCY)  # fmt: skip
-        recall = float(np.mean([len(t & {int(h["id"]) for h in hits}) / max(1, len(t)) for t, hits in zip(truth, res, strict=True)]))
+        recall = _recall(client, coll, xq, truth, k, {knob: value})
         if recall >= target:
             best = value
             break
@@ -202,7 +213,8 @@ def tune(client: Any, coll: str, kind: str, catalog: Catalog, model_id: str, spa
             "target_met": bool(recall >= config.target_recall), "tune_queries": int(len(held)), "tuned_at_count": int(n)}  # fmt: skip
 
 
-_TUNED = ("search_params", "tuned_recall_at_10", "target_recall", "target_met", "tune_queries", "tuned_at_count")
+_TUNED = ("search_params", "search_knob", "tuned_recall_at_10", "target_recall", "target_met", "tune_queries",
+          "tuned_at_count")
 
 
 def sync_store(
@@ -235,7 +247,8 @@ def sync_store(
     client = connect(resolve_uri(home_of(directory), uri), token)
     coll = collection_name(model_id, space, catalog.salt)
     count = catalog.count_vectors(model_id, space)
-    kind = choose_kind(count, config, engine_kinds(uri))
+    tunes = engine_tunes(uri)
+    kind = choose_kind(count, config, engine_kinds(uri), tunes)
     exists = client.has_collection(coll)
     if (not force and not dirty and prev is not None and exists and prev.params.get("collection") == coll
             and prev.params.get("uri") == uri and prev.weights_hash == weights_hash and prev.count == count
@@ -267,7 +280,7 @@ def sync_store(
     _ensure_index(client, coll, kind, bparams)
     params: dict[str, Any] = {"uri": uri, "collection": coll, "index_type": KINDS[kind], "build_params": bparams}
     if fresh or prev is None or "search_params" not in prev.params:
-        params.update(tune(client, coll, kind, catalog, model_id, space, config, diff["n"], held))
+        params.update(tune(client, coll, kind, catalog, model_id, space, config, diff["n"], held, tunes=tunes))
     else:
         params.update({k: v for k, v in prev.params.items() if k in _TUNED})
     if len(held):
