@@ -32,11 +32,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ class ListenConfig:
     max_pdu: int = 0  # 0 = unlimited
     link_back: bool = False  # keep pseudonym -> Study Instance UID in HOME/private/links.db (admin viewer links)
     fsync: bool = True  # fsync each spool entry before answering (survives power loss; False: a kill only)
+    engine: str = "native"  # "native": indexer.dimse (blocking thread per association); "pynetdicom": its AE server
 
 
 @dataclass
@@ -103,23 +104,28 @@ class Spool:
             stale.unlink(missing_ok=True)
 
     def put(self, key: str, items: StudyItems, pixels: tuple[str, bytes] | None = None) -> None:
-        entry = {"case": asdict(items.case) if items.case else None,
-                 "images": [asdict(i) for i in items.images], "sections": items.sections,
+        entry = {"case": _fields(items.case) if items.case else None,
+                 "images": [_fields(i) for i in items.images], "sections": items.sections,
                  "transfer_syntax": pixels[0] if pixels else None}  # fmt: skip
         head = json.dumps(entry, separators=(",", ":")).encode()  # no raw newline inside: JSON escapes them
         path = self.folder / f"{key}.spool"
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{path.name}.", suffix=".tmp")
+        # one writer per name at a time: a thread owns its temp name (two associations may spool one key)
+        tmp = self.folder / f".{path.name}.{threading.get_ident()}.tmp"
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + head + b"\n")
-                if pixels:
-                    f.write(pixels[1])
-                f.flush()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                parts = [MAGIC + head + b"\n", pixels[1] if pixels else b""]
+                n = os.writev(fd, parts)
+                rest = memoryview(b"".join(parts))[n:] if n < len(parts[0]) + len(parts[1]) else b""
+                while rest:  # writev may write less than asked
+                    rest = rest[os.write(fd, rest) :]
                 if self.fsync:
-                    os.fsync(f.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     def entries(self) -> list[Path]:
@@ -173,6 +179,7 @@ class Listener:
         self._server: Any = None
         self._loop: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._stats_lock = threading.Lock()
         self._links = None
         if config.link_back:
             from medsearch.catalog.links import LinkStore
@@ -182,42 +189,100 @@ class Listener:
 
     # ------------------------------------------------------------------ SCP
     def start(self) -> Listener:
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification
+        from pynetdicom import AllStoragePresentationContexts
 
-        ae = AE(ae_title=self.config.ae_title)
-        ae.maximum_pdu_size = self.config.max_pdu
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification)
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS),
-                    (evt.EVT_CONN_OPEN, _no_delay)]  # fmt: skip
-        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        storage = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+        if self.config.engine == "pynetdicom":
+            self._server = self._start_pynetdicom(storage)
+        elif self.config.engine == "native":
+            from pydicom.uid import generate_uid
+
+            from .dimse import StoreServer
+
+            self._server = StoreServer((self.config.host, self.config.port), ae_title=self.config.ae_title,
+                                       abstract_syntaxes=storage, transfer_syntaxes=ALL_TRANSFER_SYNTAXES,
+                                       on_store=self._on_request, max_pdu=self.config.max_pdu,
+                                       implementation_uid=generate_uid(entropy_srcs=["medsearch listen"])).start()  # fmt: skip
+        else:
+            from medsearch.errors import InvalidInput
+
+            raise InvalidInput(f"listen engine {self.config.engine!r} is unknown", hint="use 'native' or 'pynetdicom'")
         self._loop = threading.Thread(target=self._run_loop, name="medsearch-listen-ingest", daemon=True)
         self._loop.start()
         log.info("listening on %s:%d as %s; spool %s", self.config.host, self.port, self.config.ae_title,
                  self.spool.folder)  # fmt: skip
         return self
 
+    def _start_pynetdicom(self, storage: list[str]) -> Any:
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(ae_title=self.config.ae_title)
+        ae.maximum_pdu_size = self.config.max_pdu
+        for uid in storage:
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+
+        def on_store(event: Any) -> int:
+            def decode() -> tuple[Any, None]:
+                ds = event.dataset
+                ds.file_meta = event.file_meta
+                return ds, None
+
+            return self._store(decode)
+
+        handlers = [(evt.EVT_C_STORE, on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS),
+                    (evt.EVT_CONN_OPEN, _no_delay)]  # fmt: skip
+        return ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+
     @property
     def port(self) -> int:
         return self._server.server_address[1] if self._server else self.config.port
 
-    def _on_store(self, event: Any) -> int:
-        self.stats.received += 1
+    def _on_request(self, req: Any) -> int:
+        """A C-STORE from ``indexer.dimse``: the data set's bytes decoded here, then ``_store``."""
+
+        def decode() -> tuple[Any, bytes | bytearray]:
+            from pydicom.dataset import FileMetaDataset
+            from pydicom.filebase import DicomBytesIO
+            from pydicom.filereader import read_dataset
+            from pydicom.uid import UID
+
+            ts = UID(req.transfer_syntax)
+            ds = read_dataset(DicomBytesIO(req.dataset), ts.is_implicit_VR, ts.is_little_endian)
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = ts
+            ds.file_meta.MediaStorageSOPClassUID = req.sop_class_uid
+            ds.file_meta.MediaStorageSOPInstanceUID = req.sop_instance_uid
+            return ds, req.dataset
+
+        return self._store(decode)
+
+    def _count(self, what: str = "", why: str = "") -> None:
+        with self._stats_lock:  # associations run in parallel threads
+            if why:
+                self.stats.refuse(why)
+            else:
+                setattr(self.stats, what, getattr(self.stats, what) + 1)
+
+    def _store(self, decode: Callable[[], tuple[Any, bytes | bytearray | None]]) -> int:
+        """Decode, de-identify, spool one received instance; the DIMSE status to answer. ``decode`` gives
+        the data set and, when there is one, the buffer it was read from (the pixel module is cut from it)."""
+        self._count("received")
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
+            ds, buf = decode()
+            slices = _pixel_slices(ds, buf) if buf is not None else None  # before add_instance converts elements
+            sop_class = str(ds.get("SOPClassUID") or "")
+            has_pixels = "PixelData" in ds or "FloatPixelData" in ds
         except Exception:  # the data set does not decode
-            self.stats.refuse("cannot understand")
+            self._count(why="cannot understand")
             log.warning("C-STORE refused: data set does not decode")
             return CANNOT_UNDERSTAND
         from .sources.instances import is_sr
 
-        sop_class = str(ds.get("SOPClassUID") or "")
-        if not is_sr(ds) and "PixelData" not in ds and "FloatPixelData" not in ds:
+        if not is_sr(ds) and not has_pixels:
             why = "unsupported SOP class" if sop_class else "cannot understand"
-            self.stats.refuse(why)
+            self._count(why=why)
             log.warning("C-STORE refused (%s): SOP class %s", why, _sop_name(sop_class))
             return UNSUPPORTED if sop_class else CANNOT_UNDERSTAND
         items = StudyItems()
@@ -225,27 +290,33 @@ class Listener:
         add_instance(items, ds, source=self.source, salt=self.salt, out_dir=self.out_dir, name=name,
                      config=self.imaging, render=False)  # fmt: skip
         if items.case is None or (not items.images and not items.sections):
-            self.stats.refuse("cannot understand")
+            self._count(why="cannot understand")
             why = items.skipped[0].reason if items.skipped else "nothing usable"
             log.warning("C-STORE refused (cannot understand): %s", why)
             return CANNOT_UNDERSTAND
         key = items.images[0].key if items.images else _instance_key(ds, self.salt)
         try:
-            pixels = pixel_payload(ds) if items.images else None
+            if not items.images:
+                pixels = None
+            elif slices is not None and buf is not None:  # the pixel module's elements as received
+                view = memoryview(buf)
+                pixels = (str(ds.file_meta.TransferSyntaxUID), b"".join(view[a:b] for a, b in slices))
+            else:
+                pixels = pixel_payload(ds)
         except Exception as e:  # an element pydicom cannot write back (a malformed value)
-            self.stats.refuse("cannot understand")
+            self._count(why="cannot understand")
             log.warning("C-STORE refused (cannot understand): pixel module not readable (%s)", type(e).__name__)
             return CANNOT_UNDERSTAND
         try:
             self.spool.put(key, items, pixels)
         except OSError:
-            self.stats.refuse("out of resources")
+            self._count(why="out of resources")
             log.error("C-STORE refused: cannot write the spool (disk full?)")
             return OUT_OF_RESOURCES
         if self._links is not None:
             with self._links_lock:
                 self._links.put(self.source, items.case.key, str(ds.StudyInstanceUID))
-        self.stats.spooled += 1
+        self._count("spooled")
         return SUCCESS
 
     # ------------------------------------------------------------------ ingest loop
@@ -397,6 +468,48 @@ def _relink(cat: Catalog, st: StudyItems, earlier: dict[str, list[tuple[int, str
         refs = {r.key: r for r in rec.slices}
         series_id, _ = cat.upsert_series(rec, case_id)
         cat.link_slices(series_id, [(iid, refs[k], status) for iid, k, _, status in old if k in refs])
+
+
+_LONG_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"))
+
+
+def _pixel_slices(ds: Any, buf: bytes | bytearray) -> list[tuple[int, int]] | None:
+    """(start, end) in ``buf`` of each ``PIXEL_KEYWORDS`` element of ``ds`` as it was received, in tag
+    order: joined, they are ``pixel_payload``'s data set without re-encoding it. None when an element is
+    not a raw one read from ``buf`` (a sequence, say); the caller then re-encodes with ``pixel_payload``."""
+    import struct
+
+    from pydicom.dataelem import RawDataElement
+
+    out = []
+    for tag in _pixel_tags():
+        if tag not in ds:
+            continue
+        e = ds.get_item(tag, keep_deferred=True)
+        if not isinstance(e, RawDataElement) or e.value is None:
+            return None
+        head = 8 if e.is_implicit_VR or e.VR not in _LONG_VRS else 12
+        start = e.value_tell - head
+        end = e.value_tell + (len(e.value) + 8 if e.length == 0xFFFFFFFF else e.length)  # + sequence delimiter
+        if start < 0 or end > len(buf) or struct.unpack_from("<HH" if e.is_little_endian else ">HH", buf, start) != (
+            tag >> 16, tag & 0xFFFF):  # fmt: skip
+            return None
+        out.append((start, end))
+    return out
+
+
+@cache
+def _pixel_tags() -> tuple[int, ...]:
+    from pydicom.datadict import tag_for_keyword
+
+    from .sources.instances import PIXEL_KEYWORDS
+
+    return tuple(sorted(t for t in (tag_for_keyword(k) for k in PIXEL_KEYWORDS) if t is not None))
+
+
+def _fields(record: Any) -> dict[str, Any]:
+    """A record's fields for JSON (shallow: their values are plain JSON types; ``asdict`` deep-copies)."""
+    return dict(record.__dict__)
 
 
 def _inode(path: Path) -> int | None:
