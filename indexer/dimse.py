@@ -26,6 +26,8 @@ import threading
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
 log = logging.getLogger("medsearch.listen")
 
@@ -360,6 +362,59 @@ def _uid(v: bytes | bytearray | memoryview) -> str:
 
 def _pad(v: bytes) -> bytes:
     return v + b"\0" if len(v) % 2 else v
+
+
+# ------------------------------------------------------------------ what the listener reads of a request
+def decode_dataset(req: StoreRequest) -> Any:
+    """The request's data set as a pydicom Dataset (elements decoded when read), with the file meta a
+    receiver knows: transfer syntax, SOP class and instance. Raises for bytes that do not parse."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+    from pydicom.uid import UID
+
+    ts = UID(req.transfer_syntax)
+    ds = read_dataset(DicomBytesIO(req.dataset), ts.is_implicit_VR, ts.is_little_endian)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.file_meta.MediaStorageSOPClassUID = req.sop_class_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = req.sop_instance_uid
+    return ds
+
+
+_LONG_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"))
+
+
+def pixel_slices(ds: Any, buf: bytes | bytearray) -> list[tuple[int, int]] | None:
+    """(start, end) in ``buf`` of each ``PIXEL_KEYWORDS`` element of ``ds`` as it was received, in tag
+    order: joined, they are ``pixel_payload``'s data set without re-encoding it. None when an element is
+    not a raw one read from ``buf`` (a sequence, say); the caller then re-encodes with ``pixel_payload``."""
+    from pydicom.dataelem import RawDataElement
+
+    out = []
+    for tag in _pixel_tags():
+        if tag not in ds:
+            continue
+        e = ds.get_item(tag, keep_deferred=True)
+        if not isinstance(e, RawDataElement) or e.value is None:
+            return None
+        head = 8 if e.is_implicit_VR or e.VR not in _LONG_VRS else 12
+        start = e.value_tell - head
+        end = e.value_tell + (len(e.value) + 8 if e.length == 0xFFFFFFFF else e.length)  # + sequence delimiter
+        if start < 0 or end > len(buf) or struct.unpack_from("<HH" if e.is_little_endian else ">HH", buf, start) != (
+            tag >> 16, tag & 0xFFFF):  # fmt: skip
+            return None
+        out.append((start, end))
+    return out
+
+
+@cache
+def _pixel_tags() -> tuple[int, ...]:
+    from pydicom.datadict import tag_for_keyword
+
+    from .sources.instances import PIXEL_KEYWORDS
+
+    return tuple(sorted(t for t in (tag_for_keyword(k) for k in PIXEL_KEYWORDS) if t is not None))
 
 
 def _abort(conn: socket.socket) -> None:

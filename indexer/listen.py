@@ -36,7 +36,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from medsearch.catalog import Catalog
 from medsearch.config import ImagingConfig, Paths
 from medsearch.records import CaseRecord, ImageRecord
 
+from .dimse import pixel_slices
 from .sources.instances import StudyItems, add_instance, display_dir, pixel_payload, received_series, render_payload
 
 log = logging.getLogger("medsearch.listen")
@@ -61,6 +61,7 @@ class ListenConfig:
     max_pdu: int = 0  # 0 = unlimited
     link_back: bool = False  # keep pseudonym -> Study Instance UID in HOME/private/links.db (admin viewer links)
     fsync: bool = True  # fsync each spool entry before answering (survives power loss; False: a kill only)
+    batch: int = 64  # spool entries per ingest+index batch, each published before the next; 0 = all at once
     engine: str = "native"  # "native": indexer.dimse (blocking thread per association); "pynetdicom": its AE server
 
 
@@ -240,23 +241,10 @@ class Listener:
         return self._server.server_address[1] if self._server else self.config.port
 
     def _on_request(self, req: Any) -> int:
-        """A C-STORE from ``indexer.dimse``: the data set's bytes decoded here, then ``_store``."""
+        """A C-STORE from ``indexer.dimse``: its data set decoded there, then ``_store``."""
+        from .dimse import decode_dataset
 
-        def decode() -> tuple[Any, bytes | bytearray]:
-            from pydicom.dataset import FileMetaDataset
-            from pydicom.filebase import DicomBytesIO
-            from pydicom.filereader import read_dataset
-            from pydicom.uid import UID
-
-            ts = UID(req.transfer_syntax)
-            ds = read_dataset(DicomBytesIO(req.dataset), ts.is_implicit_VR, ts.is_little_endian)
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.TransferSyntaxUID = ts
-            ds.file_meta.MediaStorageSOPClassUID = req.sop_class_uid
-            ds.file_meta.MediaStorageSOPInstanceUID = req.sop_instance_uid
-            return ds, req.dataset
-
-        return self._store(decode)
+        return self._store(lambda: (decode_dataset(req), req.dataset))
 
     def _count(self, what: str = "", why: str = "") -> None:
         with self._stats_lock:  # associations run in parallel threads
@@ -271,7 +259,7 @@ class Listener:
         self._count("received")
         try:
             ds, buf = decode()
-            slices = _pixel_slices(ds, buf) if buf is not None else None  # before add_instance converts elements
+            slices = pixel_slices(ds, buf) if buf is not None else None  # before add_instance converts elements
             sop_class = str(ds.get("SOPClassUID") or "")
             has_pixels = "PixelData" in ds or "FloatPixelData" in ds
         except Exception:  # the data set does not decode
@@ -327,71 +315,80 @@ class Listener:
             self._wake.wait(wait)
             self._wake.clear()
             try:
-                self.ingest_round()
+                self.ingest_round(until_stopped=True)
             except Exception:  # keep receiving; the entries stay in the spool for the next round
                 log.exception("ingest round failed; its entries stay spooled")
             next_round = time.monotonic() + self.config.index_every
 
-    def ingest_round(self) -> int:
-        """Render, ingest every spooled entry in one transaction, delete them, then index. Returns entries ingested."""
+    def ingest_round(self, *, until_stopped: bool = False) -> int:
+        """Ingest and index the spool, oldest entries first, ``config.batch`` at a time: each batch is
+        published (indexed) before the next is rendered, so a long push becomes searchable as it arrives.
+        Runs until the spool is empty (``until_stopped``: or ``stop()`` was called). Returns entries ingested."""
+        total = 0
+        while not (until_stopped and self._stop.is_set()):
+            with self._lock:
+                entries = self.spool.entries()
+                if not entries:
+                    break
+                total += self._ingest_batch(entries[: self.config.batch] if self.config.batch > 0 else entries)
+        return total
+
+    def _ingest_batch(self, entries: list[Path]) -> int:
+        """Render, ingest ``entries`` in one transaction, delete them, then index (the caller holds the lock)."""
         from indexer.ingest import ingest_items
 
-        with self._lock:
-            t0 = time.perf_counter()
-            entries = self.spool.entries()
-            if not entries:
-                return 0
-            inodes = {p: _inode(p) for p in entries}  # a re-push during the round replaces a file: keep that one
-            studies: dict[str, StudyItems] = {}
-            from concurrent.futures import ThreadPoolExecutor
+        t0 = time.perf_counter()
+        inodes = {p: _inode(p) for p in entries}  # a re-push during the round replaces a file: keep that one
+        studies: dict[str, StudyItems] = {}
+        from concurrent.futures import ThreadPoolExecutor
 
-            # render on every core: PNG encoding and the numpy window run without the GIL; one entry's
-            # pixels per thread in memory at a time
-            with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-                loaded = list(pool.map(self._load_and_render, entries))
-            stages = {"render": time.perf_counter() - t0}
-            for p, it in zip(entries, loaded, strict=True):
-                if it is None:
-                    log.error("spool entry %s is unreadable; moved aside", p.name)
-                    p.rename(p.with_suffix(".bad"))
-                    continue
-                s = studies.setdefault(it.case.key, StudyItems(case=it.case)) if it.case else None
-                if s is not None:
-                    s.images.extend(it.images)
-                    s.skipped.extend(it.skipped)
-                    for k, v in it.sections.items():
-                        s.sections[k] = f"{s.sections[k]}\n{v}" if k in s.sections and v not in s.sections[k] else v
-            for st in studies.values():
-                st.written = [Path(im.path) for im in st.images]
-                st.sync_files()  # the display images are durable before the catalog names them
-            stages["fsync"] = time.perf_counter() - t0 - sum(stages.values())
-            cat = Catalog.open(self.paths.catalog)
-            try:
-                with cat.atomic():
-                    for st in studies.values():
-                        earlier = self._series_of(cat, st)
-                        items = st.items()
-                        if st.sections:  # keep report text already stored for the study
-                            items[0] = _merge_sections(cat, items[0])
-                        ingest_items(cat, items, path=f"listen:{self.config.ae_title}", layout="c-store",
-                                     imaging=self.imaging, chunk=1 << 30)  # fmt: skip
-                        _relink(cat, st, earlier)
-                for p in entries:
-                    if _inode(p) == inodes[p]:
-                        p.unlink(missing_ok=True)
-                stages["store"] = time.perf_counter() - t0 - sum(stages.values())
-                if self.index is not None:
-                    self.index(cat)
-                    self.stats.last_indexed_at = time.time()
-                    stages["index"] = time.perf_counter() - t0 - sum(stages.values())
-            finally:
-                cat.close()
-            self.stats.last_round_stages = stages
-            self.stats.ingested += len(entries)
-            self.stats.rounds += 1
-            self.stats.last_round_seconds = time.perf_counter() - t0
-            log.info("ingested %d spooled instances in %.2f s", len(entries), self.stats.last_round_seconds)
-            return len(entries)
+        # render on every core: PNG encoding and the numpy window run without the GIL; one entry's
+        # pixels per thread in memory at a time
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+            loaded = list(pool.map(self._load_and_render, entries))
+        stages = {"render": time.perf_counter() - t0}
+        for p, it in zip(entries, loaded, strict=True):
+            if it is None:
+                log.error("spool entry %s is unreadable; moved aside", p.name)
+                p.rename(p.with_suffix(".bad"))
+                continue
+            s = studies.setdefault(it.case.key, StudyItems(case=it.case)) if it.case else None
+            if s is not None:
+                s.images.extend(it.images)
+                s.skipped.extend(it.skipped)
+                for k, v in it.sections.items():
+                    s.sections[k] = f"{s.sections[k]}\n{v}" if k in s.sections and v not in s.sections[k] else v
+        for st in studies.values():
+            st.written = [Path(im.path) for im in st.images]
+            st.sync_files()  # the display images are durable before the catalog names them
+        stages["fsync"] = time.perf_counter() - t0 - sum(stages.values())
+        cat = Catalog.open(self.paths.catalog)
+        try:
+            with cat.atomic():
+                for st in studies.values():
+                    earlier = self._series_of(cat, st)
+                    items = st.items()
+                    if st.sections:  # keep report text already stored for the study
+                        items[0] = _merge_sections(cat, items[0])
+                    ingest_items(cat, items, path=f"listen:{self.config.ae_title}", layout="c-store",
+                                 imaging=self.imaging, chunk=1 << 30)  # fmt: skip
+                    _relink(cat, st, earlier)
+            for p in entries:
+                if _inode(p) == inodes[p]:
+                    p.unlink(missing_ok=True)
+            stages["store"] = time.perf_counter() - t0 - sum(stages.values())
+            if self.index is not None:
+                self.index(cat)
+                self.stats.last_indexed_at = time.time()
+                stages["index"] = time.perf_counter() - t0 - sum(stages.values())
+        finally:
+            cat.close()
+        self.stats.last_round_stages = stages
+        self.stats.ingested += len(entries)
+        self.stats.rounds += 1
+        self.stats.last_round_seconds = time.perf_counter() - t0
+        log.info("ingested %d spooled instances in %.2f s", len(entries), self.stats.last_round_seconds)
+        return len(entries)
 
     def _load_and_render(self, path: Path) -> StudyItems | None:
         """A spool entry's items, its display PNG written; None when the entry cannot be read."""
@@ -468,43 +465,6 @@ def _relink(cat: Catalog, st: StudyItems, earlier: dict[str, list[tuple[int, str
         refs = {r.key: r for r in rec.slices}
         series_id, _ = cat.upsert_series(rec, case_id)
         cat.link_slices(series_id, [(iid, refs[k], status) for iid, k, _, status in old if k in refs])
-
-
-_LONG_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"))
-
-
-def _pixel_slices(ds: Any, buf: bytes | bytearray) -> list[tuple[int, int]] | None:
-    """(start, end) in ``buf`` of each ``PIXEL_KEYWORDS`` element of ``ds`` as it was received, in tag
-    order: joined, they are ``pixel_payload``'s data set without re-encoding it. None when an element is
-    not a raw one read from ``buf`` (a sequence, say); the caller then re-encodes with ``pixel_payload``."""
-    import struct
-
-    from pydicom.dataelem import RawDataElement
-
-    out = []
-    for tag in _pixel_tags():
-        if tag not in ds:
-            continue
-        e = ds.get_item(tag, keep_deferred=True)
-        if not isinstance(e, RawDataElement) or e.value is None:
-            return None
-        head = 8 if e.is_implicit_VR or e.VR not in _LONG_VRS else 12
-        start = e.value_tell - head
-        end = e.value_tell + (len(e.value) + 8 if e.length == 0xFFFFFFFF else e.length)  # + sequence delimiter
-        if start < 0 or end > len(buf) or struct.unpack_from("<HH" if e.is_little_endian else ">HH", buf, start) != (
-            tag >> 16, tag & 0xFFFF):  # fmt: skip
-            return None
-        out.append((start, end))
-    return out
-
-
-@cache
-def _pixel_tags() -> tuple[int, ...]:
-    from pydicom.datadict import tag_for_keyword
-
-    from .sources.instances import PIXEL_KEYWORDS
-
-    return tuple(sorted(t for t in (tag_for_keyword(k) for k in PIXEL_KEYWORDS) if t is not None))
 
 
 def _fields(record: Any) -> dict[str, Any]:
