@@ -289,7 +289,12 @@ class _Association:
                         data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(dataset))
                     except zlib.error:
                         data = b""
-                status = self.server.on_store(StoreRequest(sop_class or abstract, instance, ts, data, self.calling_ae))
+                req = StoreRequest(sop_class or abstract, instance, ts, data, self.calling_ae)
+                try:
+                    status = self.server.on_store(req)
+                except Exception as e:  # a bug in the handler: the sender hears a failure, the association lives
+                    log.error("C-STORE handler failed (%s); answered 0x0110", type(e).__name__)
+                    status = 0x0110  # processing failure
             self._respond(ctx, C_STORE_RSP, msg_id, sop_class, instance, status)
         elif field == C_CANCEL_RQ:
             return  # nothing in progress to cancel: C-STOREs are answered one at a time
