@@ -49,7 +49,7 @@ class StoreRequest:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
-    dataset: bytes | bytearray
+    dataset: bytes
     calling_ae: str
 
 
@@ -192,7 +192,7 @@ class _Association:
         if not self._negotiate(body):
             return
         command = bytearray()
-        dataset = bytearray()
+        dataset: list[memoryview] = []  # fragments (views into their PDUs), joined once when the last arrives
         fields: dict[int, bytes] | None = None
         while True:
             pdu = self._read_pdu()
@@ -220,10 +220,10 @@ class _Association:
                 else:
                     if fields is None:
                         raise ProtocolError("a data set fragment before its command")
-                    dataset += frag
+                    dataset.append(frag)
                     if control & 2:
-                        self._dispatch(ctx, fields, dataset)
-                        fields, dataset = None, bytearray()
+                        self._dispatch(ctx, fields, b"".join(dataset))
+                        fields, dataset = None, []
 
     def _negotiate(self, body: bytearray) -> bool:
         if len(body) < 68:
@@ -271,7 +271,7 @@ class _Association:
         return True
 
     # -------------------------------------------------------------- DIMSE
-    def _dispatch(self, ctx: int, fields: dict[int, bytes], dataset: bytearray | None) -> None:
+    def _dispatch(self, ctx: int, fields: dict[int, bytes], dataset: bytes | None) -> None:
         field = _us(fields, 0x0100)
         msg_id = _us(fields, 0x0110)
         sop_class = _uid(fields.get(0x0002, b""))
@@ -283,10 +283,10 @@ class _Association:
             if dataset is None:
                 status = 0xC000  # a C-STORE without a data set: cannot understand
             else:
-                data: bytes | bytearray = dataset
+                data = dataset
                 if ts == DEFLATED:
                     try:
-                        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(dataset))
+                        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(dataset)
                     except zlib.error:
                         data = b""
                 req = StoreRequest(sop_class or abstract, instance, ts, data, self.calling_ae)
@@ -379,7 +379,7 @@ def decode_dataset(req: StoreRequest) -> Any:
     from pydicom.uid import UID
 
     ts = UID(req.transfer_syntax)
-    ds = read_dataset(DicomBytesIO(req.dataset), ts.is_implicit_VR, ts.is_little_endian)
+    ds = read_dataset(DicomBytesIO(req.dataset), ts.is_implicit_VR, ts.is_little_endian)  # bytes: shared, not copied
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ts
     ds.file_meta.MediaStorageSOPClassUID = req.sop_class_uid
@@ -390,7 +390,7 @@ def decode_dataset(req: StoreRequest) -> Any:
 _LONG_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"))
 
 
-def pixel_slices(ds: Any, buf: bytes | bytearray) -> list[tuple[int, int]] | None:
+def pixel_slices(ds: Any, buf: bytes) -> list[tuple[int, int]] | None:
     """(start, end) in ``buf`` of each ``PIXEL_KEYWORDS`` element of ``ds`` as it was received, in tag
     order: joined, they are ``pixel_payload``'s data set without re-encoding it. None when an element is
     not a raw one read from ``buf`` (a sequence, say); the caller then re-encodes with ``pixel_payload``."""

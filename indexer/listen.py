@@ -104,7 +104,8 @@ class Spool:
         for stale in self.folder.glob(".*.tmp"):  # a write killed before its rename was never acknowledged
             stale.unlink(missing_ok=True)
 
-    def put(self, key: str, items: StudyItems, pixels: tuple[str, bytes] | None = None) -> None:
+    def put(self, key: str, items: StudyItems, pixels: tuple[str, bytes | list[memoryview]] | None = None) -> None:
+        """Write ``key``'s entry: the items and the pixel payload (bytes, or the buffers that joined make it)."""
         entry = {"case": _fields(items.case) if items.case else None,
                  "images": [_fields(i) for i in items.images], "sections": items.sections,
                  "transfer_syntax": pixels[0] if pixels else None}  # fmt: skip
@@ -115,9 +116,10 @@ class Spool:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                parts = [MAGIC + head + b"\n", pixels[1] if pixels else b""]
+                data = pixels[1] if pixels else b""
+                parts = [MAGIC + head + b"\n", *([data] if isinstance(data, bytes | bytearray) else data)]
                 n = os.writev(fd, parts)
-                rest = memoryview(b"".join(parts))[n:] if n < len(parts[0]) + len(parts[1]) else b""
+                rest = memoryview(b"".join(parts))[n:] if n < sum(len(x) for x in parts) else b""
                 while rest:  # writev may write less than asked
                     rest = rest[os.write(fd, rest) :]
                 if self.fsync:
@@ -253,7 +255,7 @@ class Listener:
             else:
                 setattr(self.stats, what, getattr(self.stats, what) + 1)
 
-    def _store(self, decode: Callable[[], tuple[Any, bytes | bytearray | None]]) -> int:
+    def _store(self, decode: Callable[[], tuple[Any, bytes | None]]) -> int:
         """Decode, de-identify, spool one received instance; the DIMSE status to answer. ``decode`` gives
         the data set and, when there is one, the buffer it was read from (the pixel module is cut from it)."""
         self._count("received")
@@ -288,7 +290,7 @@ class Listener:
                 pixels = None
             elif slices is not None and buf is not None:  # the pixel module's elements as received
                 view = memoryview(buf)
-                pixels = (str(ds.file_meta.TransferSyntaxUID), b"".join(view[a:b] for a, b in slices))
+                pixels = (str(ds.file_meta.TransferSyntaxUID), [view[a:b] for a, b in slices])  # written as they are
             else:
                 pixels = pixel_payload(ds)
         except Exception as e:  # an element pydicom cannot write back (a malformed value)
