@@ -118,8 +118,12 @@ def bench_listener(root: Path, files: list[Path], towers, nodelay: bool, *, engi
     home = _home(root, f"listen-{engine}-{int(nodelay)}-{int(fsync)}-{associations}-{batch}-{time.monotonic_ns()}")
     published: list[tuple[float, int]] = []  # (time, vectors in the published index)
 
+    embed = {"images": 0.0, "texts": 0.0, "indexes": 0.0}  # run_index's own split, summed over batches
+
     def index(cat):  # what `medsearch listen` runs each batch
-        run_index(cat, towers, Paths(home), config=EmbedConfig(workers=0), progress=False)
+        e = run_index(cat, towers, Paths(home), config=EmbedConfig(workers=0), progress=False)
+        for k, v in (("images", e.image_seconds), ("texts", e.text_seconds), ("indexes", e.index_seconds)):
+            embed[k] += v
         published.append((time.perf_counter(), cat.count_vectors(towers.model_id, "image")))
 
     cfg = ListenConfig(port=free_port(), index_every=5 if towers else 3600, engine=engine, fsync=fsync, batch=batch)
@@ -159,7 +163,8 @@ def bench_listener(root: Path, files: list[Path], towers, nodelay: bool, *, engi
         out.update(catalogued=cat.counts()["images"], generations=len(published),
                    to_searchable_s=(published[-1][0] - t1) if published and published[-1][1] >= n else None,
                    first_searchable_s=(published[0][0] - spooled[0][0]) if published else None,
-                   latency_max_s=max(lat) if len(lat) == n else None, latency_p50_s=sorted(lat)[len(lat) // 2] if lat else None)  # fmt: skip
+                   latency_max_s=max(lat) if len(lat) == n else None, latency_p50_s=sorted(lat)[len(lat) // 2] if lat else None,
+                   stages=dict(lis.stats.stage_seconds), embed=embed)  # fmt: skip
         cat.close()
     return out
 
@@ -208,7 +213,8 @@ def bench_pynetdicom_noop(files: list[Path], nodelay: bool, associations: int = 
     return {"received": len(got), "push_s": dt, "inst_per_s": len(got) / dt, "cpu_ms_per_inst": 1000 * cpu / len(got)}
 
 
-def listener_report(root: Path, files: list[Path], towers, repeats: int = 2, associations: int = 4) -> list[str]:
+def listener_report(root: Path, files: list[Path], towers, repeats: int = 2, associations: int = 4,
+                    searchable: tuple[tuple[int, int], ...] = ((0, 1), (64, 1), (32, 1), (64, 4))) -> list[str]:
     """The listener tables: receive rates (each receiver, 1 and ``associations`` associations, runs interleaved
     ``repeats`` times so they share the load), then push -> searchable with batches against one round."""
     lines = [f"\n## C-STORE receive of {len(files)} instances (dcmtk storescu, TCP_NODELAY=1)\n",
@@ -237,8 +243,9 @@ def listener_report(root: Path, files: list[Path], towers, repeats: int = 2, ass
     lines += [f"\n## Push -> searchable, {len(files)} instances, --index-every 5, towers on CPU (EmbedConfig(workers=0))\n",
               f"Load before: {load_avg()}.\n",
               "| ingest rounds | associations | instances/s received | generations | first searchable s | "
-              "latency p50 s | latency max s | end of push -> all searchable s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for batch, a in ((0, 1), (64, 1), (32, 1), (64, associations)):
+              "latency p50 s | latency max s | end of push -> all searchable s | round s: render, fsync, store, index (embed images, texts, build indexes) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for batch, a in searchable:  # (batch, associations)
         r = bench_listener(root, files, towers, True, batch=batch, associations=a)
 
         def f(v):
@@ -246,7 +253,9 @@ def listener_report(root: Path, files: list[Path], towers, repeats: int = 2, ass
 
         how = "one batch per round (before)" if batch == 0 else f"batches of {batch}"
         lines.append(f"| {how} | {a} | {r['inst_per_s']:.0f} | {r['generations']} | {f(r['first_searchable_s'])} | "
-                     f"{f(r['latency_p50_s'])} | {f(r['latency_max_s'])} | {f(r['to_searchable_s'])} |")  # fmt: skip
+                     f"{f(r['latency_p50_s'])} | {f(r['latency_max_s'])} | {f(r['to_searchable_s'])} | "
+                     f"{', '.join(f(r['stages'].get(k)) for k in ('render', 'fsync', 'store', 'index'))} "
+                     f"({', '.join(f(v) for v in r['embed'].values())}) |")  # fmt: skip
         lines.append(f"<!-- load {load_avg()} -->")
     lines.append(f"\nLoad after: {load_avg()}. Latency: from an instance acknowledged to the first published "
                  "index holding its vector (FIFO: the k-th spooled against the k-th embedded).")

@@ -74,6 +74,7 @@ class ListenStats:
     rounds: int = 0
     last_round_seconds: float = 0.0
     last_round_stages: dict[str, float] = field(default_factory=dict)  # render, fsync, store, index (seconds)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # the same, summed over every batch
     last_indexed_at: float | None = None
 
     def refuse(self, why: str) -> None:
@@ -386,6 +387,8 @@ class Listener:
         finally:
             cat.close()
         self.stats.last_round_stages = stages
+        for k, v in stages.items():
+            self.stats.stage_seconds[k] = self.stats.stage_seconds.get(k, 0.0) + v
         self.stats.ingested += len(entries)
         self.stats.rounds += 1
         self.stats.last_round_seconds = time.perf_counter() - t0
