@@ -6,12 +6,15 @@
    ``--slices all``: instances fetched, seconds to sync (fetch, de-identify, render), seconds to embed
    with the towers as ``medsearch index`` does (default EmbedConfig; model loaded before the clock
    starts), vectors and catalog bytes; instances/s end to end; CPU seconds of this process.
-2. Listener: the same study pushed with dcmtk's storescu to ``medsearch listen`` (de-identify, spool;
-   rendering happens in the ingest round) and, as the baseline, to dcmtk's own storescp (writes the
-   files as they come); instances/s received, and seconds from the end of the push to searchable
-   (indexed) with --index-every 5. Each twice: storescu as shipped (dcmtk 3.6.7 leaves Nagle's
-   algorithm on, so every PDU header/data pair waits for the peer's delayed ACK, ~40 ms) and with
-   ``TCP_NODELAY=1`` in its environment (dcmtk's switch to disable Nagle).
+2. Listener (``--only listener`` runs just this): the same study pushed with dcmtk's storescu
+   (``TCP_NODELAY=1``: dcmtk 3.6.7 leaves Nagle's algorithm on otherwise, ~40 ms per PDU pair) over 1
+   and ``--associations`` parallel associations to: dcmtk's own storescp (C++, writes files), a bare
+   pynetdicom SCP with a no-op handler, and ``Listener`` with the pynetdicom engine (before) and the
+   native one (``indexer.dimse``), with and without fsync; rows interleaved ``--repeats`` times so
+   they share the machine's load; instances/s and CPU ms per instance. Then push -> searchable at
+   --index-every 5 (towers, as ``medsearch listen`` embeds): one batch per round against batches of
+   64 and 32: when the first generation is published, per-instance latency (acknowledged ->
+   searchable), end of push -> all searchable, the process's CPU seconds and the round's stages.
 3. Peak RSS of a sync of 100 and of --studies one-slice studies (each in a fresh process; VmHWM of
    the child: ``ru_maxrss`` would carry the parent's peak, the loaded towers, across fork + exec).
 """
@@ -148,6 +151,7 @@ def bench_listener(root: Path, files: list[Path], towers, nodelay: bool, *, engi
         deadline = time.monotonic() + 600
         while towers and (not published or published[-1][1] < n) and time.monotonic() < deadline:
             time.sleep(0.1)
+        cpu_all = _cpu() - c0  # receive, render, store, embed, index: all of it in this process
         watching.set()
         watcher.join()
     finally:
@@ -164,7 +168,7 @@ def bench_listener(root: Path, files: list[Path], towers, nodelay: bool, *, engi
                    to_searchable_s=(published[-1][0] - t1) if published and published[-1][1] >= n else None,
                    first_searchable_s=(published[0][0] - spooled[0][0]) if published else None,
                    latency_max_s=max(lat) if len(lat) == n else None, latency_p50_s=sorted(lat)[len(lat) // 2] if lat else None,
-                   stages=dict(lis.stats.stage_seconds), embed=embed)  # fmt: skip
+                   stages=dict(lis.stats.stage_seconds), embed=embed, cpu_s=cpu_all)  # fmt: skip
         cat.close()
     return out
 
@@ -243,8 +247,8 @@ def listener_report(root: Path, files: list[Path], towers, repeats: int = 2, ass
     lines += [f"\n## Push -> searchable, {len(files)} instances, --index-every 5, towers on CPU (EmbedConfig(workers=0))\n",
               f"Load before: {load_avg()}.\n",
               "| ingest rounds | associations | instances/s received | generations | first searchable s | "
-              "latency p50 s | latency max s | end of push -> all searchable s | round s: render, fsync, store, index (embed images, texts, build indexes) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+              "latency p50 s | latency max s | end of push -> all searchable s | CPU s | round s: render, fsync, store, index (embed images, texts, build indexes) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for batch, a in searchable:  # (batch, associations)
         r = bench_listener(root, files, towers, True, batch=batch, associations=a)
 
@@ -253,7 +257,7 @@ def listener_report(root: Path, files: list[Path], towers, repeats: int = 2, ass
 
         how = "one batch per round (before)" if batch == 0 else f"batches of {batch}"
         lines.append(f"| {how} | {a} | {r['inst_per_s']:.0f} | {r['generations']} | {f(r['first_searchable_s'])} | "
-                     f"{f(r['latency_p50_s'])} | {f(r['latency_max_s'])} | {f(r['to_searchable_s'])} | "
+                     f"{f(r['latency_p50_s'])} | {f(r['latency_max_s'])} | {f(r['to_searchable_s'])} | {f(r['cpu_s'])} | "
                      f"{', '.join(f(r['stages'].get(k)) for k in ('render', 'fsync', 'store', 'index'))} "
                      f"({', '.join(f(v) for v in r['embed'].values())}) |")  # fmt: skip
         lines.append(f"<!-- load {load_avg()} -->")

@@ -73,6 +73,7 @@ class StoreServer:
         max_pdu: int = 0,
         timeout: float = 60.0,
         implementation_uid: str = "",
+        max_associations: int = 32,
     ) -> None:
         self.ae_title = ae_title
         self.abstract = set(abstract_syntaxes) | {VERIFICATION}
@@ -81,6 +82,7 @@ class StoreServer:
         self.max_pdu = max_pdu
         self.timeout = timeout
         self.implementation_uid = implementation_uid
+        self.max_associations = max_associations  # more at once are rejected (transient, local limit exceeded)
         self._sock = socket.create_server(address, backlog=64)
         self.server_address = self._sock.getsockname()
         self._stop = threading.Event()
@@ -105,7 +107,9 @@ class StoreServer:
                     conn, _ = self._sock.accept()
                 except OSError:  # closed by shutdown()
                     break
-                t = threading.Thread(target=self._run, args=(conn,), name="medsearch-listen-assoc", daemon=True)
+                with self._lock:
+                    busy = len(self._conns) >= self.max_associations
+                t = threading.Thread(target=self._run, args=(conn, busy), name="medsearch-listen-assoc", daemon=True)
                 with self._lock:
                     self._threads.add(t)
                     self._conns.add(conn)
@@ -113,11 +117,11 @@ class StoreServer:
         finally:
             sel.close()
 
-    def _run(self, conn: socket.socket) -> None:
+    def _run(self, conn: socket.socket, busy: bool = False) -> None:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a response never waits for a delayed ACK
             conn.settimeout(self.timeout)
-            _Association(self, conn).run()
+            _Association(self, conn).run(busy)
         except (OSError, ProtocolError) as e:
             log.warning("association aborted: %s", e if isinstance(e, ProtocolError) else type(e).__name__)
             _abort(conn)
@@ -173,7 +177,10 @@ class _Association:
                 raise ConnectionResetError("peer closed the connection inside a PDU header")
             head += chunk
         kind, _, length = struct.unpack(">BBL", head)
-        cap = min(self.server.max_pdu + 6, MAX_PDU_CAP) if self.server.max_pdu and kind == 0x04 else MAX_PDU_CAP
+        if kind == 0x04:
+            cap = min(self.server.max_pdu + 6, MAX_PDU_CAP) if self.server.max_pdu else MAX_PDU_CAP
+        else:
+            cap = 1 << 20  # association, release and abort PDUs are small
         if kind not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07) or length > cap:
             raise ProtocolError(f"PDU type 0x{kind:02x} of {length} bytes")
         return kind, self._recv_exact(length)
@@ -182,13 +189,17 @@ class _Association:
         self.conn.sendall(struct.pack(">BBL", kind, 0, len(body)) + body)
 
     # -------------------------------------------------------------- association
-    def run(self) -> None:
+    def run(self, busy: bool = False) -> None:
         pdu = self._read_pdu(first=True)
         if pdu is None:
             return
         kind, body = pdu
         if kind != 0x01:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{kind:02x}")
+        if busy:
+            log.warning("association rejected: %d associations are open already", self.server.max_associations)
+            self._send(0x03, bytes([0, 2, 3, 2]))  # rejected-transient, presentation provider: local limit exceeded
+            return
         if not self._negotiate(body):
             return
         command = bytearray()

@@ -317,3 +317,47 @@ def test_pynetdicom_engine_still_receives(tmp_path):
     cat = Catalog.open(home / "catalog.db")
     assert cat.counts()["images"] == 3
     cat.close()
+
+
+def test_native_acceptor_against_pynetdicom_as_the_sender():
+    """A second, independent DICOM implementation as the SCU: C-ECHO, C-STORE with the handler's status and
+    the request as sent (SOP class/instance, transfer syntax, the data set's bytes), the association limit."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from indexer.dimse import StoreServer, decode_dataset
+    from indexer.listen import ALL_TRANSFER_SYNTAXES
+
+    got = []
+
+    def on_store(req):
+        got.append(req)
+        return 0xB000 if len(got) == 2 else 0x0000  # the second answered with a warning status
+
+    ds = ct_series(2, study_uid=generate_uid(), series_uid=generate_uid())
+    server = StoreServer(("127.0.0.1", 0), ae_title="MEDSEARCH", abstract_syntaxes=[CTImageStorage],
+                         transfer_syntaxes=ALL_TRANSFER_SYNTAXES, on_store=on_store, max_associations=1,
+                         implementation_uid="1.2.3.4").start()  # fmt: skip
+    try:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
+        ae.add_requested_context(Verification)
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.481.5")  # RT Plan: not offered, so refused in negotiation
+        port = server.server_address[1]
+        assoc = ae.associate("127.0.0.1", port, ae_title="MEDSEARCH")
+        assert assoc.is_established
+        assert {str(cx.abstract_syntax) for cx in assoc.accepted_contexts} == {CTImageStorage, Verification}
+        assert [str(cx.abstract_syntax) for cx in assoc.rejected_contexts] == ["1.2.840.10008.5.1.4.1.1.481.5"]
+        second = ae.associate("127.0.0.1", port, ae_title="MEDSEARCH")  # over max_associations
+        assert second.is_rejected
+        assert assoc.send_c_echo().Status == 0x0000
+        assert [assoc.send_c_store(d).Status for d in ds] == [0x0000, 0xB000]
+        assoc.release()
+        assert assoc.is_released
+    finally:
+        server.shutdown()
+    assert [(r.sop_class_uid, r.sop_instance_uid, r.transfer_syntax) for r in got] == [
+        (CTImageStorage, d.SOPInstanceUID, ImplicitVRLittleEndian) for d in ds]
+    back = decode_dataset(got[0])
+    assert back.SOPInstanceUID == ds[0].SOPInstanceUID and back.PixelData == ds[0].PixelData
