@@ -322,9 +322,9 @@ def test_pynetdicom_engine_still_receives(tmp_path):
 def test_native_acceptor_against_pynetdicom_as_the_sender():
     """A second, independent DICOM implementation as the SCU: C-ECHO, C-STORE with the handler's status and
     the request as sent (SOP class/instance, transfer syntax, the data set's bytes), the association limit."""
+    from pydicom.uid import ImplicitVRLittleEndian
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage, Verification
-    from pydicom.uid import ImplicitVRLittleEndian
 
     from indexer.dimse import StoreServer, decode_dataset
     from indexer.listen import ALL_TRANSFER_SYNTAXES
@@ -357,7 +357,7 @@ def test_native_acceptor_against_pynetdicom_as_the_sender():
         assert assoc.is_released
     finally:
         server.shutdown()
-    assert [(r.sop_class_uid, r.sop_instance_uid, r.transfer_syntax) for r in got] == [
-        (CTImageStorage, d.SOPInstanceUID, ImplicitVRLittleEndian) for d in ds]
+    want = [(CTImageStorage, d.SOPInstanceUID, ImplicitVRLittleEndian) for d in ds]
+    assert [(r.sop_class_uid, r.sop_instance_uid, r.transfer_syntax) for r in got] == want
     back = decode_dataset(got[0])
     assert back.SOPInstanceUID == ds[0].SOPInstanceUID and back.PixelData == ds[0].PixelData
