@@ -2,24 +2,27 @@
 
     medsearch listen [--host 127.0.0.1] [--port 11112] [--ae-title MEDSEARCH] [--index-every 30]
 
-    C-STORE ─► decode ─► de-identify, check header ─► spool entry (fsync, rename) ─► status 0x0000
-                                                        │ every --index-every seconds:
-                                                        └► render display PNGs ─► ingest with series rows
-                                                           (one transaction) ─► delete entries ─► index
+    C-STORE (indexer.dimse: a thread per association) ─► decode ─► de-identify, check header
+        ─► spool entry (write, fsync, rename) ─► status 0x0000
+             │ every --index-every seconds, oldest first, ``batch`` entries at a time until the spool is empty:
+             └► render display PNGs ─► ingest with series rows (one transaction) ─► delete entries ─► index
+                (a published generation per batch)
 
 What each C-STORE gets back:
     0x0000  success: the instance is de-identified and durably spooled (it survives a SIGKILL)
     0x0122  refused, SOP class not supported: a storage object that is neither an image nor a text SR
     0xC000  error, cannot understand: a data set that does not decode, has no pixels or no UIDs
     0xA700  refused, out of resources: the spool cannot be written (disk full)
+    0x0110  processing failure: the handler raised (a bug; logged by exception type, the association lives)
 
 The spool (``HOME/spool/<ae-title>/``) holds one entry per received instance (``<key>.spool``):
 a JSON line with the de-identified catalog items (pseudonymous keys, whitelisted header fields)
-and, for an image, a data set of just its pixel module and LUTs (``instances.PIXEL_KEYWORDS``);
-never a UID, a name, a date or the original file. An entry is written to a temp file, fsynced
-and renamed before the C-STORE is answered, so after a SIGKILL (or, with ``fsync``, a power
-loss) a restarted listener replays exactly the entries that were acknowledged: ingest is
-idempotent by key and content hash, so nothing is lost or doubled.
+and, for an image, a data set of just its pixel module and LUTs (``instances.PIXEL_KEYWORDS``, cut
+from the received bytes: ``dimse.pixel_slices``); never a UID, a name, a date or the original file.
+An entry is written to a temp file, fsynced and renamed before the C-STORE is answered, so after a
+SIGKILL (or, with ``fsync``, a power loss) a restarted listener replays exactly the entries that were
+acknowledged: ingest is idempotent by key and content hash, so nothing is lost or doubled. Parallel
+associations fsync in parallel, and the kernel commits them together.
 
 The sender waits only for decode, de-identify and the spool write. Rendering the display PNG
 (window, 8-bit, PNG encode: most of the CPU of an instance) happens in the ingest round, which
