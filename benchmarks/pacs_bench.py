@@ -6,12 +6,15 @@
    ``--slices all``: instances fetched, seconds to sync (fetch, de-identify, render), seconds to embed
    with the towers as ``medsearch index`` does (default EmbedConfig; model loaded before the clock
    starts), vectors and catalog bytes; instances/s end to end; CPU seconds of this process.
-2. Listener: the same study pushed with dcmtk's storescu to ``medsearch listen`` (de-identify, spool;
-   rendering happens in the ingest round) and, as the baseline, to dcmtk's own storescp (writes the
-   files as they come); instances/s received, and seconds from the end of the push to searchable
-   (indexed) with --index-every 5. Each twice: storescu as shipped (dcmtk 3.6.7 leaves Nagle's
-   algorithm on, so every PDU header/data pair waits for the peer's delayed ACK, ~40 ms) and with
-   ``TCP_NODELAY=1`` in its environment (dcmtk's switch to disable Nagle).
+2. Listener (``--only listener`` runs just this): the same study pushed with dcmtk's storescu
+   (``TCP_NODELAY=1``: dcmtk 3.6.7 leaves Nagle's algorithm on otherwise, ~40 ms per PDU pair) over 1
+   and ``--associations`` parallel associations to: dcmtk's own storescp (C++, writes files), a bare
+   pynetdicom SCP with a no-op handler, and ``Listener`` with the pynetdicom engine (before) and the
+   native one (``indexer.dimse``), with and without fsync; rows interleaved ``--repeats`` times so
+   they share the machine's load; instances/s and CPU ms per instance. Then push -> searchable at
+   --index-every 5 (towers, as ``medsearch listen`` embeds): one batch per round against batches of
+   64 and 32: when the first generation is published, per-instance latency (acknowledged ->
+   searchable), end of push -> all searchable, the process's CPU seconds and the round's stages.
 3. Peak RSS of a sync of 100 and of --studies one-slice studies (each in a fresh process; VmHWM of
    the child: ``ru_maxrss`` would carry the parent's peak, the loaded towers, across fork + exec).
 """
@@ -88,7 +91,26 @@ def _storescu_env(nodelay: bool) -> dict:
     return {**env, "TCP_NODELAY": "1"} if nodelay else env
 
 
-def bench_listener(root: Path, files: list[Path], towers, nodelay: bool) -> dict:
+def _push(port: int, ae: str, files: list[Path], nodelay: bool, associations: int = 1) -> float:
+    """Seconds for ``associations`` storescu processes (one association each, files dealt round-robin) to push."""
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aec", ae, "127.0.0.1", str(port), *map(str, files[i::associations])],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_storescu_env(nodelay))
+             for i in range(associations)]  # fmt: skip
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode:
+            raise RuntimeError(f"storescu exited {p.returncode}: {err.decode(errors='replace')[-500:]}")
+    return time.perf_counter() - t0
+
+
+def bench_listener(root: Path, files: list[Path], towers, nodelay: bool, *, engine: str = "native",
+                   fsync: bool = True, associations: int = 1, batch: int = 64) -> dict:  # fmt: skip
+    """Push ``files`` to a Listener. ``towers`` None: receive only (no ingest round during the push), with the
+    CPU seconds of this process per instance; else rounds every 5 s embedding with ``towers`` as `medsearch
+    listen` does, and the seconds from each instance spooled to searchable (its vector in a published index)."""
+    import threading
+
     from orthanc import free_port
 
     from indexer.embed import run_index
@@ -96,37 +118,65 @@ def bench_listener(root: Path, files: list[Path], towers, nodelay: bool) -> dict
     from medsearch.catalog import Catalog
     from medsearch.config import EmbedConfig, Paths
 
-    home = _home(root, f"listen-{int(nodelay)}")
-    done: list[float] = []
+    home = _home(root, f"listen-{engine}-{int(nodelay)}-{int(fsync)}-{associations}-{batch}-{time.monotonic_ns()}")
+    published: list[tuple[float, int]] = []  # (time, vectors in the published index)
 
-    def index(cat):  # what `medsearch listen` runs each round
-        run_index(cat, towers, Paths(home), config=EmbedConfig(workers=0), progress=False)
-        if cat.count_vectors(towers.model_id, "image") >= len(files):
-            done.append(time.perf_counter())
+    embed = {"images": 0.0, "texts": 0.0, "indexes": 0.0}  # run_index's own split, summed over batches
 
-    lis = Listener(home, ListenConfig(port=free_port(), index_every=5), index=index).start()
+    def index(cat):  # what `medsearch listen` runs each batch
+        e = run_index(cat, towers, Paths(home), config=EmbedConfig(workers=0), progress=False)
+        for k, v in (("images", e.image_seconds), ("texts", e.text_seconds), ("indexes", e.index_seconds)):
+            embed[k] += v
+        published.append((time.perf_counter(), cat.count_vectors(towers.model_id, "image")))
+
+    cfg = ListenConfig(port=free_port(), index_every=5 if towers else 3600, engine=engine, fsync=fsync, batch=batch)
+    lis = Listener(home, cfg, index=index if towers else None).start()
+    spooled: list[tuple[float, int]] = []
+    watching = threading.Event()
+
+    def watch() -> None:  # when the k-th instance was spooled (acknowledged)
+        while not watching.is_set():
+            spooled.append((time.perf_counter(), lis.stats.spooled))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
     try:
-        t0 = time.perf_counter()
-        subprocess.run(["storescu", "-aec", "MEDSEARCH", "127.0.0.1", str(lis.port), *map(str, files)], check=True,
-                       capture_output=True, env=_storescu_env(nodelay))  # fmt: skip
+        time.sleep(0.5)  # the first (empty) round has run
+        watcher.start()
+        c0 = _cpu()
+        push_s = _push(lis.port, "MEDSEARCH", files, nodelay, associations)
+        cpu = _cpu() - c0
         t1 = time.perf_counter()
-        spooled = lis.stats.spooled
-        deadline = time.monotonic() + 300
-        while not done and time.monotonic() < deadline:
+        n = lis.stats.spooled
+        deadline = time.monotonic() + 600
+        while towers and (not published or published[-1][1] < n) and time.monotonic() < deadline:
             time.sleep(0.1)
+        cpu_all = _cpu() - c0  # receive, render, store, embed, index: all of it in this process
+        watching.set()
+        watcher.join()
     finally:
         lis.stop(drain=False)
-    cat = Catalog.open(home / "catalog.db", readonly=True)
-    n = cat.counts()["images"]
-    cat.close()
-    return {"received": spooled, "push_s": t1 - t0, "inst_per_s": spooled / (t1 - t0),
-            "to_searchable_s": (done[0] - t1) if done else None, "catalogued": n}
+    out = {"engine": engine, "fsync": fsync, "associations": associations, "batch": batch, "received": n,
+           "push_s": push_s, "inst_per_s": n / push_s, "cpu_ms_per_inst": 1000 * cpu / max(n, 1)}  # fmt: skip
+    if towers:
+        def first(series: list[tuple[float, int]], k: int) -> float | None:
+            return next((t for t, c in series if c >= k), None)
+
+        lat = [first(published, k) - first(spooled, k) for k in range(1, n + 1) if first(published, k)]
+        cat = Catalog.open(home / "catalog.db", readonly=True)
+        out.update(catalogued=cat.counts()["images"], generations=len(published),
+                   to_searchable_s=(published[-1][0] - t1) if published and published[-1][1] >= n else None,
+                   first_searchable_s=(published[0][0] - spooled[0][0]) if published else None,
+                   latency_max_s=max(lat) if len(lat) == n else None, latency_p50_s=sorted(lat)[len(lat) // 2] if lat else None,
+                   stages=dict(lis.stats.stage_seconds), embed=embed, cpu_s=cpu_all)  # fmt: skip
+        cat.close()
+    return out
 
 
-def bench_storescp(root: Path, files: list[Path], nodelay: bool) -> dict:
+def bench_storescp(root: Path, files: list[Path], nodelay: bool, associations: int = 1) -> dict:
     from orthanc import free_port
 
-    out = root / f"storescp-{int(nodelay)}"
+    out = root / f"storescp-{int(nodelay)}-{associations}-{time.monotonic_ns()}"
     out.mkdir()
     port = free_port()
     p = subprocess.Popen(["storescp", "-aet", "BASE", "-od", str(out), str(port)], stdout=subprocess.DEVNULL,
@@ -136,14 +186,84 @@ def bench_storescp(root: Path, files: list[Path], nodelay: bool) -> dict:
             if subprocess.run(["echoscu", "-aec", "BASE", "127.0.0.1", str(port)], capture_output=True).returncode == 0:
                 break
             time.sleep(0.1)
-        t0 = time.perf_counter()
-        subprocess.run(["storescu", "-aec", "BASE", "127.0.0.1", str(port), *map(str, files)], check=True,
-                       capture_output=True, env=_storescu_env(nodelay))  # fmt: skip
-        dt = time.perf_counter() - t0
+        dt = _push(port, "BASE", files, nodelay, associations)
     finally:
         p.terminate()
         p.wait()
-    return {"received": len(list(out.iterdir())), "push_s": dt, "inst_per_s": len(files) / dt}
+    n = len(list(out.iterdir()))
+    shutil.rmtree(out, ignore_errors=True)
+    return {"received": n, "push_s": dt, "inst_per_s": len(files) / dt}
+
+
+def bench_pynetdicom_noop(files: list[Path], nodelay: bool, associations: int = 1) -> dict:
+    """A bare pynetdicom SCP whose C-STORE handler answers success at once: pynetdicom's own cost."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    from indexer.listen import ALL_TRANSFER_SYNTAXES, _no_delay
+
+    ae = AE(ae_title="MEDSEARCH")
+    ae.maximum_pdu_size = 0
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    got = []
+    handlers = [(evt.EVT_C_STORE, lambda e: got.append(1) or 0x0000), (evt.EVT_CONN_OPEN, _no_delay)]
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+    try:
+        c0 = _cpu()
+        dt = _push(server.server_address[1], "MEDSEARCH", files, nodelay, associations)
+        cpu = _cpu() - c0
+    finally:
+        server.shutdown()
+    return {"received": len(got), "push_s": dt, "inst_per_s": len(got) / dt, "cpu_ms_per_inst": 1000 * cpu / len(got)}
+
+
+def listener_report(root: Path, files: list[Path], towers, repeats: int = 2, associations: int = 4,
+                    searchable: tuple[tuple[int, int], ...] = ((0, 1), (64, 1), (32, 1), (64, 4))) -> list[str]:
+    """The listener tables: receive rates (each receiver, 1 and ``associations`` associations, runs interleaved
+    ``repeats`` times so they share the load), then push -> searchable with batches against one round."""
+    lines = [f"\n## C-STORE receive of {len(files)} instances (dcmtk storescu, TCP_NODELAY=1)\n",
+             f"Load before: {load_avg()}. Each row: {repeats} runs interleaved with the other rows (median shown, "
+             "all runs in brackets); CPU ms = this process's CPU seconds during the push per instance.\n",
+             "| receiver | associations | instances/s | CPU ms/instance |", "| --- | --- | --- | --- |"]  # fmt: skip
+    kinds = {"dcmtk storescp (C++, writes files, no fsync)": lambda a: bench_storescp(root, files, True, a),
+             "bare pynetdicom SCP, no-op handler": lambda a: bench_pynetdicom_noop(files, True, a),
+             "listen, pynetdicom engine (before), fsync": lambda a: bench_listener(root, files, None, True, engine="pynetdicom", associations=a),
+             "listen, native engine, fsync": lambda a: bench_listener(root, files, None, True, associations=a),
+             "listen, native engine, no fsync (kill-safe)": lambda a: bench_listener(root, files, None, True, fsync=False, associations=a)}  # fmt: skip
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for _ in range(repeats):
+        for a in sorted({1, associations}):
+            for name, fn in kinds.items():
+                runs.setdefault((name, a), []).append(fn(a))
+    for (name, a), rs in runs.items():
+        rates = sorted(r["inst_per_s"] for r in rs)
+        cpu = sorted(r.get("cpu_ms_per_inst", 0) for r in rs)
+        assert all(r["received"] == len(files) for r in rs), (name, rs)
+        cpu_s = f"{cpu[len(cpu) // 2]:.1f}" if "storescp" not in name else "-"
+        lines.append(f"| {name} | {a} | {rates[len(rates) // 2]:.0f} ({', '.join(f'{x:.0f}' for x in rates)}) | {cpu_s} |")
+    lines.append(f"\nLoad after: {load_avg()}.")
+    if towers is None:
+        return lines
+    lines += [f"\n## Push -> searchable, {len(files)} instances, --index-every 5, towers on CPU (EmbedConfig(workers=0))\n",
+              f"Load before: {load_avg()}.\n",
+              "| ingest rounds | associations | instances/s received | generations | first searchable s | "
+              "latency p50 s | latency max s | end of push -> all searchable s | CPU s | round s: render, fsync, store, index (embed images, texts, build indexes) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for batch, a in searchable:  # (batch, associations)
+        r = bench_listener(root, files, towers, True, batch=batch, associations=a)
+
+        def f(v):
+            return "-" if v is None else f"{v:.1f}"
+
+        how = "one batch per round (before)" if batch == 0 else f"batches of {batch}"
+        lines.append(f"| {how} | {a} | {r['inst_per_s']:.0f} | {r['generations']} | {f(r['first_searchable_s'])} | "
+                     f"{f(r['latency_p50_s'])} | {f(r['latency_max_s'])} | {f(r['to_searchable_s'])} | {f(r['cpu_s'])} | "
+                     f"{', '.join(f(r['stages'].get(k)) for k in ('render', 'fsync', 'store', 'index'))} "
+                     f"({', '.join(f(v) for v in r['embed'].values())}) |")  # fmt: skip
+        lines.append(f"<!-- load {load_avg()} -->")
+    lines.append(f"\nLoad after: {load_avg()}. Latency: from an instance acknowledged to the first published "
+                 "index holding its vector (FIFO: the k-th spooled against the k-th embedded).")
+    return lines
 
 
 RSS_CHILD = """
@@ -175,6 +295,10 @@ def main() -> None:
     ap.add_argument("--studies", type=int, default=1000)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--only", choices=["listener"], default=None, help="run only the listener tables")
+    ap.add_argument("--associations", type=int, default=4, help="parallel storescu associations of the listener rows")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of each listener receive row")
+    ap.add_argument("--no-searchable", action="store_true", help="listener: receive rates only (no towers)")
     args = ap.parse_args()
     from orthanc import OrthancServer
     from pacs_data import ct_series, write_series
@@ -186,9 +310,15 @@ def main() -> None:
     lines = [f"# PACS benchmark\n\n`python benchmarks/pacs_bench.py --slices {args.slices} --studies {args.studies} "
              f"--size {args.size}`; load before: {load_avg()}\n"]  # fmt: skip
     try:
-        towers = load_encoder("towers", device="cpu")
+        towers = None if args.only and args.no_searchable else load_encoder("towers", device="cpu")
         study = ct_series(args.slices, study_uid=generate_uid(), series_uid=generate_uid(), size=args.size)
         files = write_series(study, root / "study")
+        if args.only == "listener":
+            lines[0] = (f"# C-STORE listener benchmark\n\n`python benchmarks/pacs_bench.py --only listener --slices "
+                        f"{args.slices} --size {args.size} --associations {args.associations}`\n")  # fmt: skip
+            lines += listener_report(root, files, towers, repeats=args.repeats, associations=args.associations)
+            _emit(lines, args.out)
+            return
         with OrthancServer(root / "orthanc") as o:
             for ds in study:
                 o.upload(_dicom_bytes(ds))
@@ -203,19 +333,7 @@ def main() -> None:
             stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items())
             lines.append(f"\n--slices {r['slices']}: sync stages (s): {stages}; embed {r['embed_s']:.2f}.")
         lines.append(f"\nLoad after the sync: {load_avg()}.")
-        lines.append(f"\n## C-STORE receive of the same {args.slices} instances (dcmtk storescu, one association)\n")
-        lines.append("| receiver | storescu | instances | push s | instances/s | end of push -> searchable s (--index-every 5) |")
-        lines.append("| --- | --- | --- | --- | --- | --- |")
-        for nodelay in (False, True):
-            lis = bench_listener(root, files, towers, nodelay)
-            base = bench_storescp(root, files, nodelay)
-            how = "TCP_NODELAY=1" if nodelay else "as shipped (Nagle on)"
-            reach = f"{lis['to_searchable_s']:.1f}" if lis["to_searchable_s"] is not None else "not reached"
-            lines.append(f"| medsearch listen (de-identify, spool; fsync each) | {how} | {lis['received']} | "
-                         f"{lis['push_s']:.2f} | {lis['inst_per_s']:.0f} | {reach} |")
-            lines.append(f"| baseline: dcmtk storescp (writes files, no fsync) | {how} | {base['received']} | "
-                         f"{base['push_s']:.2f} | {base['inst_per_s']:.0f} | - |")
-        lines.append(f"\nLoad after the listener runs: {load_avg()}.")
+        lines += listener_report(root, files, towers, associations=args.associations)
         # RSS: args.studies one-slice studies, the first 100 of them MR so a modality filter syncs exactly 100
         with OrthancServer(root / "orthanc-many") as o:
             for i in range(args.studies):
@@ -235,11 +353,15 @@ def main() -> None:
                      f"{small['studies']} to {big['studies']} studies. Load after: {load_avg()}.")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    _emit(lines, args.out)
+
+
+def _emit(lines: list[str], out: Path | None) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
 
 
 if __name__ == "__main__":

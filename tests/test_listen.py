@@ -222,3 +222,142 @@ def test_pushed_slices_get_the_study_and_series_rows_a_tree_ingest_gives(tmp_pat
     for i, ds in enumerate(by_z):
         assert np.array_equal(np.asarray(Image.open(paths[i])), dicom_to_uint8(ds)), i
     assert not list((home / "spool").rglob("*.spool"))
+
+
+# ---------------------------------------------------------------------------- the native acceptor (indexer.dimse)
+def _request(ds, ts: str):
+    """What the acceptor hands the listener for ``ds`` sent in transfer syntax ``ts``: the data set's bytes."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.uid import UID
+
+    from indexer.dimse import StoreRequest
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = UID(ts).is_little_endian, UID(ts).is_implicit_VR
+    write_dataset(fp, ds)
+    return StoreRequest(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts, bytearray(fp.getvalue()), "SCU")
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm",
+                                  "JPEG2000.dcm", "SC_rgb_rle.dcm"])  # fmt: skip
+def test_pixel_module_cut_from_the_received_bytes_is_what_pixel_payload_writes(name):
+    """The spool's pixel module is sliced out of the received data set (no re-encoding); read back it holds
+    the same elements and values as ``pixel_payload``'s re-encoded data set, encapsulated pixel data included."""
+    import io
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from indexer.dimse import decode_dataset, pixel_slices
+    from indexer.sources.instances import PIXEL_KEYWORDS, pixel_payload
+
+    src = pydicom.dcmread(get_testdata_file(name))
+    req = _request(src, str(src.file_meta.TransferSyntaxUID))
+    ds = decode_dataset(req)
+    slices = pixel_slices(ds, req.dataset)
+    assert slices, name
+    cut = b"".join(bytes(req.dataset[a:b]) for a, b in slices)
+    ts, written = pixel_payload(decode_dataset(req))
+    a, b = (pydicom.dcmread(io.BytesIO(x), force=True) for x in (cut, written))
+    assert [e.keyword for e in a] == [e.keyword for e in b]
+    assert {e.keyword for e in a} == {k for k in PIXEL_KEYWORDS if k in src}
+    for kw in (e.keyword for e in b):
+        assert a[kw].value == b[kw].value, (name, kw)
+    assert ts == str(src.file_meta.TransferSyntaxUID)
+    assert b"PatientName" not in cut and str(src.get("PatientName", "@@")).encode() not in cut
+
+
+def test_parallel_associations_deflate_and_junk_peers(tmp_path):
+    """Four storescu processes at once (one association each), one proposing Deflated Explicit VR LE, and
+    peers that send junk or hang up mid-PDU: every instance spooled once, the listener keeps answering."""
+    import socket
+
+    import numpy as np
+    from PIL import Image
+
+    from indexer.listen import ListenConfig, Listener
+    from medsearch.imaging import dicom_to_uint8
+
+    home = _home(tmp_path)
+    series = ct_series(12, study_uid=generate_uid(), series_uid=generate_uid())
+    files = write_series(series, tmp_path / "in")
+    with Listener(home, ListenConfig(port=free_port(), index_every=3600, batch=5)) as lis:
+        for junk in (b"\x01\x00\x00\x00\x00\x04abcd", b"\x09\x00\x00\x00\x00\x00", b"\x01\x00\x00\x00\x10\x00",
+                     b"\x04\x00\x00\x00\x00\x08\x00\x00\x00\x04\x07\x03ab", b""):  # fmt: skip
+            with socket.create_connection(("127.0.0.1", lis.port), timeout=10) as s:
+                s.sendall(junk)
+                s.shutdown(socket.SHUT_WR)
+                s.recv(64)  # an A-ABORT or the close
+        pushes = [subprocess.Popen(["storescu", *(["-xd"] if i == 0 else []), "-aec", "MEDSEARCH", "127.0.0.1",
+                                    str(lis.port), *map(str, files[i::4])], stderr=subprocess.PIPE, text=True)
+                  for i in range(4)]  # fmt: skip
+        for p in pushes:
+            assert p.wait(timeout=120) == 0, p.stderr.read()
+        assert subprocess.run(["echoscu", "-aec", "MEDSEARCH", "127.0.0.1", str(lis.port)]).returncode == 0
+        assert lis.stats.spooled == 12 and len(lis.spool) == 12 and not lis.stats.refused
+        assert lis.ingest_round() == 12 and lis.stats.rounds == 3  # batches of 5, 5, 2
+    cat = Catalog.open(home / "catalog.db")
+    paths = dict(cat.db.execute("SELECT slice_index, path FROM images").fetchall())
+    cat.close()
+    assert len(paths) == 12
+    for i, ds in enumerate(sorted(series, key=lambda d: d.ImagePositionPatient[2])):
+        assert np.array_equal(np.asarray(Image.open(paths[i])), dicom_to_uint8(ds)), i
+
+
+def test_pynetdicom_engine_still_receives(tmp_path):
+    """``ListenConfig(engine="pynetdicom")``, the server the benchmark compares against, spools the same entries."""
+    from indexer.listen import ListenConfig, Listener
+
+    home = _home(tmp_path)
+    files = write_series(ct_series(3, study_uid=generate_uid(), series_uid=generate_uid()), tmp_path / "in")
+    with Listener(home, ListenConfig(port=free_port(), index_every=3600, engine="pynetdicom")) as lis:
+        assert storescu(lis.port, files).returncode == 0
+        assert lis.stats.spooled == 3 and lis.ingest_round() == 3
+    cat = Catalog.open(home / "catalog.db")
+    assert cat.counts()["images"] == 3
+    cat.close()
+
+
+def test_native_acceptor_against_pynetdicom_as_the_sender():
+    """A second, independent DICOM implementation as the SCU: C-ECHO, C-STORE with the handler's status and
+    the request as sent (SOP class/instance, transfer syntax, the data set's bytes), the association limit."""
+    from pydicom.uid import ImplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    from indexer.dimse import StoreServer, decode_dataset
+    from indexer.listen import ALL_TRANSFER_SYNTAXES
+
+    got = []
+
+    def on_store(req):
+        got.append(req)
+        return 0xB000 if len(got) == 2 else 0x0000  # the second answered with a warning status
+
+    ds = ct_series(2, study_uid=generate_uid(), series_uid=generate_uid())
+    server = StoreServer(("127.0.0.1", 0), ae_title="MEDSEARCH", abstract_syntaxes=[CTImageStorage],
+                         transfer_syntaxes=ALL_TRANSFER_SYNTAXES, on_store=on_store, max_associations=1,
+                         implementation_uid="1.2.3.4").start()  # fmt: skip
+    try:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
+        ae.add_requested_context(Verification)
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.481.5")  # RT Plan: not offered, so refused in negotiation
+        port = server.server_address[1]
+        assoc = ae.associate("127.0.0.1", port, ae_title="MEDSEARCH")
+        assert assoc.is_established
+        assert {str(cx.abstract_syntax) for cx in assoc.accepted_contexts} == {CTImageStorage, Verification}
+        assert [str(cx.abstract_syntax) for cx in assoc.rejected_contexts] == ["1.2.840.10008.5.1.4.1.1.481.5"]
+        second = ae.associate("127.0.0.1", port, ae_title="MEDSEARCH")  # over max_associations
+        assert second.is_rejected
+        assert assoc.send_c_echo().Status == 0x0000
+        assert [assoc.send_c_store(d).Status for d in ds] == [0x0000, 0xB000]
+        assoc.release()
+        assert assoc.is_released
+    finally:
+        server.shutdown()
+    want = [(CTImageStorage, d.SOPInstanceUID, ImplicitVRLittleEndian) for d in ds]
+    assert [(r.sop_class_uid, r.sop_instance_uid, r.transfer_syntax) for r in got] == want
+    back = decode_dataset(got[0])
+    assert back.SOPInstanceUID == ds[0].SOPInstanceUID and back.PixelData == ds[0].PixelData
