@@ -148,14 +148,21 @@ class TowersPreprocess:
         import torch
         from PIL import Image as PILImage
 
-        image = pil_to_rgb(image)
+        # Grey (the usual medical image) is resized as one channel and replicated afterwards: Pillow resizes
+        # each band of an RGB image on its own with the same integer arithmetic, so this is bit-identical to
+        # resizing the replicated RGB image (tests/test_dicomweb.py checks it) at a third of the cost
+        # (5.4 -> 1.8 ms for a 512 px slice).
+        grey = image.mode in ("1", "L", "LA") and image.width >= 1 and image.height >= 1
+        image = image.convert("L") if grey else pil_to_rgb(image)
         w, h = image.size
         scale = self.size / min(w, h)
         nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
         image = image.resize((nw, nh), PILImage.Resampling.BICUBIC)
         left, top = (nw - self.size) // 2, (nh - self.size) // 2
         image = image.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3) uint8
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W) grey or (H, W, 3) uint8
+        if grey:
+            return x.unsqueeze(0).expand(3, -1, -1).contiguous()  # (3, H, W) uint8
         return x.permute(2, 0, 1).contiguous()  # (3, H, W) uint8
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
