@@ -60,27 +60,66 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def bench_sync(orthanc, root: Path, towers, slices: int | None) -> dict:
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of another process so far, from /proc (Orthanc's share of the 2 cores)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_sync(orthanc, root: Path, towers, slices: int | None, embed: str = "index") -> dict:
+    """One sync of the study into a fresh home, then `medsearch index`'s work (run_index), timed together.
+
+    ``embed``: "index" embeds in the index pass (DataLoader workers read the PNGs back, as before);
+    "sync" embeds during the sync from the rendered pixels (``sync_dicomweb(encoder=...)``, towers loaded
+    before the clock); "sync+load" the same with the towers loaded by the sync, in its embedding thread,
+    inside the clock (what a fresh `medsearch ingest ... --embed` process pays)."""
     from indexer.embed import run_index
     from indexer.sources.dicomweb import DicomwebConfig, sync_dicomweb
     from medsearch.catalog import Catalog
     from medsearch.config import EmbedConfig, Paths
 
-    home = _home(root, f"sync-{slices or 'all'}")
+    home = _home(root, f"sync-{slices or 'all'}-{embed.replace('+', '-')}-{time.monotonic_ns()}")
     cat = Catalog.open(home / "catalog.db")
-    t0, c0 = time.perf_counter(), _cpu()
-    s = sync_dicomweb(cat, home, DicomwebConfig(url=f"dicomweb+{orthanc.dicomweb}", slices=slices))
-    t1, c1 = time.perf_counter(), _cpu()
-    e = run_index(cat, towers, Paths(home), config=EmbedConfig(), progress=False)  # what `medsearch index` runs
+    encoder = None
+    if embed == "sync":
+        encoder = towers
+    elif embed == "sync+load":
+        from medsearch.encoders.registry import load_encoder
+
+        encoder = lambda: load_encoder("towers", device="cpu")  # noqa: E731
+    t0, c0, o0 = time.perf_counter(), _cpu(), _proc_cpu(orthanc.proc.pid)
+    s = sync_dicomweb(cat, home, DicomwebConfig(url=f"dicomweb+{orthanc.dicomweb}", slices=slices), encoder=encoder)
+    t1, c1, o1 = time.perf_counter(), _cpu(), _proc_cpu(orthanc.proc.pid)
+    index_enc = towers if embed != "sync+load" else encoder()  # the index pass has nothing left to embed
+    t1b = time.perf_counter() if embed == "sync+load" else t1
+    e = run_index(cat, index_enc, Paths(home), config=EmbedConfig(), progress=False)  # what `medsearch index` runs
     t2 = time.perf_counter()
+    total = (t1 - t0) + (t2 - t1b)
     vectors = cat.count_vectors(towers.model_id, "image")
     cat.close()
     nbytes = sum(p.stat().st_size for p in home.rglob("catalog.db*"))
     images = sum(p.stat().st_size for p in (home / "images").rglob("*.png"))
-    return {"slices": "all" if slices is None else slices, "fetched": s.instances_fetched, "sync_s": t1 - t0,
-            "embed_s": t2 - t1, "total_s": t2 - t0, "vectors": vectors, "catalog_bytes": nbytes,
-            "display_bytes": images, "inst_per_s": s.instances_fetched / (t2 - t0), "embedded": e.images_embedded,
-            "sync_cpu_s": c1 - c0, "stages": s.stage_seconds}
+    return {"slices": "all" if slices is None else slices, "embed": embed, "fetched": s.instances_fetched,
+            "sync_s": t1 - t0, "embed_s": t2 - t1b, "total_s": total, "vectors": vectors, "catalog_bytes": nbytes,
+            "display_bytes": images, "inst_per_s": s.instances_fetched / total, "embedded": e.images_embedded,
+            "in_sync": s.images_embedded, "sync_cpu_s": c1 - c0, "orthanc_cpu_s": o1 - o0,
+            "stages": s.stage_seconds}  # fmt: skip
+
+
+def sync_table(rows: list[dict]) -> list[str]:
+    lines = ["| --slices | embedded | instances fetched | sync s | sync CPU s | Orthanc CPU s | index s | total s | "
+             "vectors | display PNG bytes | instances/s end to end |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    where = {"index": "in `index` (PNG read back)", "sync": "in the sync (towers loaded)",
+             "sync+load": "in the sync (towers loaded in the clock)"}  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['slices']} | {where[r['embed']]} | {r['fetched']} | {r['sync_s']:.2f} | {r['sync_cpu_s']:.2f} | "
+                     f"{r['orthanc_cpu_s']:.2f} | {r['embed_s']:.2f} | {r['total_s']:.2f} | {r['vectors']} | "
+                     f"{r['display_bytes']:,} | {r['inst_per_s']:.1f} |")  # fmt: skip
+    for r in rows:
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items())
+        lines.append(f"\n--slices {r['slices']}, embedded {r['embed']}: sync stages (s): {stages}; index {r['embed_s']:.2f}.")
+    return lines
 
 
 def _storescu_env(nodelay: bool) -> dict:
@@ -175,6 +214,9 @@ def main() -> None:
     ap.add_argument("--studies", type=int, default=1000)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--only", choices=("sync",), default=None, help="run only the sync benchmark")
+    ap.add_argument("--sync-modes", default="index,sync,sync+load", help="where the sync rows embed (bench_sync)")
+    ap.add_argument("--sync-rounds", type=int, default=1, help="rounds of the sync rows (alternating modes)")
     args = ap.parse_args()
     from orthanc import OrthancServer
     from pacs_data import ct_series, write_series
@@ -192,17 +234,14 @@ def main() -> None:
         with OrthancServer(root / "orthanc") as o:
             for ds in study:
                 o.upload(_dicom_bytes(ds))
-            rows = [bench_sync(o, root, towers, 8), bench_sync(o, root, towers, None)]
+            modes = args.sync_modes.split(",")
+            rows = [bench_sync(o, root, towers, n, m) for _ in range(args.sync_rounds) for n in (8, None)
+                    for m in modes]  # fmt: skip
         lines.append(f"## Sync of one {args.slices}-slice CT study ({args.size} px) from Orthanc on loopback, towers on CPU\n")
-        lines.append("| --slices | instances fetched | sync s | sync CPU s | embed s | total s | vectors | catalog bytes | display PNG bytes | instances/s end to end |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for r in rows:
-            lines.append(f"| {r['slices']} | {r['fetched']} | {r['sync_s']:.2f} | {r['sync_cpu_s']:.2f} | {r['embed_s']:.2f} | "
-                         f"{r['total_s']:.2f} | {r['vectors']} | {r['catalog_bytes']:,} | {r['display_bytes']:,} | {r['inst_per_s']:.1f} |")
-        for r in rows:
-            stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items())
-            lines.append(f"\n--slices {r['slices']}: sync stages (s): {stages}; embed {r['embed_s']:.2f}.")
+        lines.extend(sync_table(rows))
         lines.append(f"\nLoad after the sync: {load_avg()}.")
+        if args.only == "sync":
+            return _write(lines, args.out)
         lines.append(f"\n## C-STORE receive of the same {args.slices} instances (dcmtk storescu, one association)\n")
         lines.append("| receiver | storescu | instances | push s | instances/s | end of push -> searchable s (--index-every 5) |")
         lines.append("| --- | --- | --- | --- | --- | --- |")
@@ -235,11 +274,15 @@ def main() -> None:
                      f"{small['studies']} to {big['studies']} studies. Load after: {load_avg()}.")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    _write(lines, args.out)
+
+
+def _write(lines: list[str], out: Path | None) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
 
 
 if __name__ == "__main__":

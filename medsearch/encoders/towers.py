@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import threading
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -231,21 +232,50 @@ class TowersEncoder:
             net = net.to(memory_format=torch.channels_last)
         self._image_net = net.to(self.device)
 
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+        self._text: tuple[Any, Any, int] | None = None  # (tokenizer, model, chunk tokens), on first use
+        self._text_lock = threading.Lock()
 
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # the core never prints
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self._text_dir), local_files_only=True)
-            text_net = AutoModel.from_pretrained(str(self._text_dir), local_files_only=True)
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
-        text_net.eval().requires_grad_(False)
-        self._text_net = text_net.to(self.device)
-        # content budget per chunk: the context minus [CLS] and [SEP]
-        self._chunk_tokens = self.text_max_tokens - self._tokenizer.num_special_tokens_to_add(pair=False)
+    # ---- the text tower, loaded on first use: importing transformers and MiniLM took 2-3 s of a 4 s start-up,
+    # which a process that only embeds images (a DICOMweb sync, `medsearch similar`) does not need
+
+    def _text_tower(self) -> tuple[Any, Any, int]:
+        with self._text_lock:
+            if self._text is None:
+                from transformers import AutoModel, AutoTokenizer
+                from transformers.utils import logging as hf_logging
+
+                bar = hf_logging.is_progress_bar_enabled()
+                hf_logging.disable_progress_bar()  # the core never prints
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(str(self._text_dir), local_files_only=True)
+                    text_net = AutoModel.from_pretrained(str(self._text_dir), local_files_only=True)
+                finally:
+                    if bar:
+                        hf_logging.enable_progress_bar()
+                text_net.eval().requires_grad_(False)
+                # content budget per chunk: the context minus [CLS] and [SEP]
+                chunk = self.text_max_tokens - tokenizer.num_special_tokens_to_add(pair=False)
+                self._text = (tokenizer, text_net.to(self.device), chunk)
+            return self._text
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable (spawned DataLoader workers): a lock is not
+        return {**self.__dict__, "_text_lock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._text_lock = threading.Lock()
+
+    @property
+    def _tokenizer(self) -> Any:
+        return self._text_tower()[0]
+
+    @property
+    def _text_net(self) -> Any:
+        return self._text_tower()[1]
+
+    @property
+    def _chunk_tokens(self) -> int:
+        return self._text_tower()[2]
 
     # ---- identity
 

@@ -10,7 +10,8 @@ from medsearch.config import ImagingConfig
 from medsearch.errors import InvalidImage, InvalidInput
 
 from ._guards import _REEXPORT, _check_pixels, _first_line, _to_uint8
-from .windows import _functional, _voi, voi_window, window as _window
+from .windows import _functional, _voi, voi_window
+from .windows import window as _window
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
