@@ -88,7 +88,8 @@ def bench_sync(orthanc, root: Path, towers, slices: int | None, embed: str = "in
 
         encoder = lambda: load_encoder("towers", device="cpu")  # noqa: E731
     t0, c0, o0 = time.perf_counter(), _cpu(), _proc_cpu(orthanc.proc.pid)
-    s = sync_dicomweb(cat, home, DicomwebConfig(url=f"dicomweb+{orthanc.dicomweb}", slices=slices), encoder=encoder)
+    kw = {"encoder": encoder} if encoder is not None else {}  # (runs against older code too, for before/after)
+    s = sync_dicomweb(cat, home, DicomwebConfig(url=f"dicomweb+{orthanc.dicomweb}", slices=slices), **kw)
     t1, c1, o1 = time.perf_counter(), _cpu(), _proc_cpu(orthanc.proc.pid)
     index_enc = towers if embed != "sync+load" else encoder()  # the index pass has nothing left to embed
     t1b = time.perf_counter() if embed == "sync+load" else t1
@@ -102,7 +103,7 @@ def bench_sync(orthanc, root: Path, towers, slices: int | None, embed: str = "in
     return {"slices": "all" if slices is None else slices, "embed": embed, "fetched": s.instances_fetched,
             "sync_s": t1 - t0, "embed_s": t2 - t1b, "total_s": total, "vectors": vectors, "catalog_bytes": nbytes,
             "display_bytes": images, "inst_per_s": s.instances_fetched / total, "embedded": e.images_embedded,
-            "in_sync": s.images_embedded, "sync_cpu_s": c1 - c0, "orthanc_cpu_s": o1 - o0,
+            "in_sync": getattr(s, "images_embedded", 0), "sync_cpu_s": c1 - c0, "orthanc_cpu_s": o1 - o0,
             "stages": s.stage_seconds}  # fmt: skip
 
 

@@ -411,3 +411,31 @@ def test_sigkill_mid_sync_then_rerun_stores_every_study_whole_once(tmp_path):
         assert not list(home.rglob("*.tmp"))
         r = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, timeout=300)
         assert json.loads(r.stdout)["studies_unchanged"] == n_studies  # a third run adds nothing
+
+
+def test_folded_image_tower_gives_the_vectors_of_the_tower(towers):
+    """The towers encode on CPU with BatchNorm folded into the convolutions (``fold_batchnorm``): unit vectors
+    within 1e-5 of the unfolded tower's on real slices, and a copy remade when the tower is trained in place."""
+    import numpy as np
+    import torch
+    from pacs_data import ct_pixels
+    from PIL import Image
+
+    from medsearch.encoders.base import l2_normalize
+    from medsearch.encoders.towers import fold_batchnorm
+
+    x = torch.stack([towers.preprocess_u8(Image.fromarray(a)) for a in ct_pixels(6, 256)])  # (6, 3, 224, 224) uint8
+    xf = towers.transform.normalize(x).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        plain = towers._image_net.extract_features(xf).mean(dim=(2, 3)).numpy()  # (6, 1280), no folding
+        folded_net = fold_batchnorm(towers._image_net)
+        folded = folded_net.extract_features(xf).mean(dim=(2, 3)).numpy()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded_net.modules())
+    assert np.abs(plain - folded).max() < 1e-4 * np.abs(plain).max()
+    np.testing.assert_allclose(l2_normalize(folded), l2_normalize(plain), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(towers.encode_image_batch(x), l2_normalize(plain), atol=1e-5, rtol=0)
+    first = towers._folded[1]
+    with torch.no_grad():  # training that updates the tower in place: the folded copy must follow
+        towers._image_net._bn1.bias.add_(0.0)
+    towers.encode_image_batch(x[:1])
+    assert towers._folded[1] is not first
