@@ -53,11 +53,13 @@ def _home(root: Path, name: str) -> Path:
     return h
 
 
-def _cpu() -> float:
+def _cpu(children: bool = False) -> float:
+    """CPU seconds of this process (with ``children``: plus its finished children, e.g. DataLoader workers)."""
     import resource
 
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    c = resource.getrusage(resource.RUSAGE_CHILDREN) if children else None
+    return r.ru_utime + r.ru_stime + (c.ru_utime + c.ru_stime if c else 0.0)
 
 
 def _proc_cpu(pid: int) -> float:
@@ -81,20 +83,21 @@ def bench_sync(orthanc, root: Path, towers, slices: int | None, embed: str = "in
     home = _home(root, f"sync-{slices or 'all'}-{embed.replace('+', '-')}-{time.monotonic_ns()}")
     cat = Catalog.open(home / "catalog.db")
     encoder = None
-    if embed == "sync":
+    if embed.startswith("sync") and "+load" not in embed:
         encoder = towers
-    elif embed == "sync+load":
+    elif embed.startswith("sync+load"):
         from medsearch.encoders.registry import load_encoder
 
         encoder = lambda: load_encoder("towers", device="cpu")  # noqa: E731
-    t0, c0, o0 = time.perf_counter(), _cpu(), _proc_cpu(orthanc.proc.pid)
+    t0, c0, o0, a0 = time.perf_counter(), _cpu(), _proc_cpu(orthanc.proc.pid), _cpu(children=True)
     kw = {"encoder": encoder} if encoder is not None else {}  # (runs against older code too, for before/after)
-    s = sync_dicomweb(cat, home, DicomwebConfig(url=f"dicomweb+{orthanc.dicomweb}", slices=slices), **kw)
+    threads = {"embed_threads": int(embed.split("-t")[1])} if "-t" in embed else {}  # e.g. "sync-t1"
+    s = sync_dicomweb(cat, home, DicomwebConfig(url=f"dicomweb+{orthanc.dicomweb}", slices=slices, **threads), **kw)
     t1, c1, o1 = time.perf_counter(), _cpu(), _proc_cpu(orthanc.proc.pid)
-    index_enc = towers if embed != "sync+load" else encoder()  # the index pass has nothing left to embed
-    t1b = time.perf_counter() if embed == "sync+load" else t1
+    index_enc = encoder() if callable(encoder) and not hasattr(encoder, "encode_image_batch") else towers
+    t1b = time.perf_counter() if index_enc is not towers else t1  # the index pass has nothing left to embed
     e = run_index(cat, index_enc, Paths(home), config=EmbedConfig(), progress=False)  # what `medsearch index` runs
-    t2 = time.perf_counter()
+    t2, a2, o2 = time.perf_counter(), _cpu(children=True), _proc_cpu(orthanc.proc.pid)
     total = (t1 - t0) + (t2 - t1b)
     vectors = cat.count_vectors(towers.model_id, "image")
     cat.close()
@@ -104,18 +107,24 @@ def bench_sync(orthanc, root: Path, towers, slices: int | None, embed: str = "in
             "sync_s": t1 - t0, "embed_s": t2 - t1b, "total_s": total, "vectors": vectors, "catalog_bytes": nbytes,
             "display_bytes": images, "inst_per_s": s.instances_fetched / total, "embedded": e.images_embedded,
             "in_sync": getattr(s, "images_embedded", 0), "sync_cpu_s": c1 - c0, "orthanc_cpu_s": o1 - o0,
+            "all_cpu_s": (a2 - a0) + (o2 - o0),
             "stages": s.stage_seconds}  # fmt: skip
 
 
 def sync_table(rows: list[dict]) -> list[str]:
     lines = ["| --slices | embedded | instances fetched | sync s | sync CPU s | Orthanc CPU s | index s | total s | "
-             "vectors | display PNG bytes | instances/s end to end |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    where = {"index": "in `index` (PNG read back)", "sync": "in the sync (towers loaded)",
-             "sync+load": "in the sync (towers loaded in the clock)"}  # fmt: skip
+             "CPU s end to end | CPU ms per instance | vectors | display PNG bytes | instances/s end to end |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    def where(mode: str) -> str:
+        if mode == "index":
+            return "in `index` (PNG read back)"
+        how = "towers loaded in the clock" if "+load" in mode else "towers loaded"
+        return f"in the sync ({how}{', torch threads ' + mode.split('-t')[1] if '-t' in mode else ''})"
+
     for r in rows:
-        lines.append(f"| {r['slices']} | {where[r['embed']]} | {r['fetched']} | {r['sync_s']:.2f} | {r['sync_cpu_s']:.2f} | "
-                     f"{r['orthanc_cpu_s']:.2f} | {r['embed_s']:.2f} | {r['total_s']:.2f} | {r['vectors']} | "
+        lines.append(f"| {r['slices']} | {where(r['embed'])} | {r['fetched']} | {r['sync_s']:.2f} | {r['sync_cpu_s']:.2f} | "
+                     f"{r['orthanc_cpu_s']:.2f} | {r['embed_s']:.2f} | {r['total_s']:.2f} | {r['all_cpu_s']:.2f} | "
+                     f"{1000 * r['all_cpu_s'] / max(1, r['fetched']):.0f} | {r['vectors']} | "
                      f"{r['display_bytes']:,} | {r['inst_per_s']:.1f} |")  # fmt: skip
     for r in rows:
         stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items())

@@ -310,10 +310,11 @@ def test_cli_pull_index_draft_and_stow_back(orthanc, tmp_path):
     orthanc.upload(buf.getvalue())
     home = tmp_path / "home"
     url = f"dicomweb+{orthanc.dicomweb}"
-    r = runner.invoke(app, ["ingest", url, "--home", str(home), "--slices", "4", "--json"])
+    r = runner.invoke(app, ["ingest", url, "--home", str(home), "--slices", "4", "--embed", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert out["studies_synced"] >= 1 and out["instances_fetched"] >= 4
+    assert out["images_embedded"] == out["images_added"] >= 4  # --embed: every new slice has its vector
     r = runner.invoke(app, ["ingest", url, "--home", str(home), "--slices", "0"])
     assert r.exit_code == 2 and "--slices" in r.output
     r = runner.invoke(app, ["index", "--home", str(home), "--model", "towers", "-q"])

@@ -12,7 +12,9 @@ Per study, in this order and without touching pixels until the last step:
    not fetched again; SR documents of the study are always fetched (they become its report).
 3. WADO-RS fetches just those instances into memory; each is de-identified and rendered to a
    display PNG (``indexer.sources.instances``), and the whole study is stored in one transaction
-   together with its sync record: a study goes in whole or not at all.
+   together with its sync record: a study goes in whole or not at all. With an ``encoder``, each
+   rendered slice is embedded from its pixels in memory while the next ones are fetched
+   (``indexer.embed_stream``), and its vector is stored in the same transaction.
 
 Re-running adds only what is new: the high-water mark ``dicomweb:<source>:since`` (the newest
 StudyDate synced) bounds the QIDO query, and the catalog's keys and sync records skip the rest;
@@ -82,6 +84,7 @@ class DicomwebConfig:
     page: int = 100  # studies per QIDO page
     source: str | None = None
     link_back: bool = False  # keep pseudonym -> Study Instance UID in HOME/private/links.db (admin viewer links)
+    embed_threads: int = 0  # with an encoder: torch threads of the embedding thread (0: torch's default, one per core)
 
 
 @dataclass
@@ -264,7 +267,7 @@ def sync_dicomweb(
         return _sync(catalog, home, config, imaging, progress, client, None)
     from indexer.embed_stream import StreamEmbedder
 
-    with StreamEmbedder(encoder) as embedder:
+    with StreamEmbedder(encoder, torch_threads=config.embed_threads) as embedder:
         return _sync(catalog, home, config, imaging, progress, client, embedder)
 
 
