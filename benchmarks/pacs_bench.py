@@ -56,34 +56,83 @@ def _home(root: Path, name: str) -> Path:
     return h
 
 
-def _cpu() -> float:
+def _cpu(children: bool = False) -> float:
+    """CPU seconds of this process (with ``children``: plus its finished children, e.g. DataLoader workers)."""
     import resource
 
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    c = resource.getrusage(resource.RUSAGE_CHILDREN) if children else None
+    return r.ru_utime + r.ru_stime + (c.ru_utime + c.ru_stime if c else 0.0)
 
 
-def bench_sync(orthanc, root: Path, towers, slices: int | None) -> dict:
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of another process so far, from /proc (Orthanc's share of the 2 cores)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_sync(orthanc, root: Path, towers, slices: int | None, embed: str = "index") -> dict:
+    """One sync of the study into a fresh home, then `medsearch index`'s work (run_index), timed together.
+
+    ``embed``: "index" embeds in the index pass (DataLoader workers read the PNGs back, as before);
+    "sync" embeds during the sync from the rendered pixels (``sync_dicomweb(encoder=...)``, towers loaded
+    before the clock); "sync+load" the same with the towers loaded by the sync, in its embedding thread,
+    inside the clock (what a fresh `medsearch ingest ... --embed` process pays)."""
     from indexer.embed import run_index
     from indexer.sources.dicomweb import DicomwebConfig, sync_dicomweb
     from medsearch.catalog import Catalog
     from medsearch.config import EmbedConfig, Paths
 
-    home = _home(root, f"sync-{slices or 'all'}")
+    home = _home(root, f"sync-{slices or 'all'}-{embed.replace('+', '-')}-{time.monotonic_ns()}")
     cat = Catalog.open(home / "catalog.db")
-    t0, c0 = time.perf_counter(), _cpu()
-    s = sync_dicomweb(cat, home, DicomwebConfig(url=f"dicomweb+{orthanc.dicomweb}", slices=slices))
-    t1, c1 = time.perf_counter(), _cpu()
-    e = run_index(cat, towers, Paths(home), config=EmbedConfig(), progress=False)  # what `medsearch index` runs
-    t2 = time.perf_counter()
+    encoder = None
+    if embed.startswith("sync") and "+load" not in embed:
+        encoder = towers
+    elif embed.startswith("sync+load"):
+        from medsearch.encoders.registry import load_encoder
+
+        encoder = lambda: load_encoder("towers", device="cpu")  # noqa: E731
+    t0, c0, o0, a0 = time.perf_counter(), _cpu(), _proc_cpu(orthanc.proc.pid), _cpu(children=True)
+    kw = {"encoder": encoder} if encoder is not None else {}  # (runs against older code too, for before/after)
+    threads = {"embed_threads": int(embed.split("-t")[1])} if "-t" in embed else {}  # e.g. "sync-t1"
+    s = sync_dicomweb(cat, home, DicomwebConfig(url=f"dicomweb+{orthanc.dicomweb}", slices=slices, **threads), **kw)
+    t1, c1, o1 = time.perf_counter(), _cpu(), _proc_cpu(orthanc.proc.pid)
+    index_enc = encoder() if callable(encoder) and not hasattr(encoder, "encode_image_batch") else towers
+    t1b = time.perf_counter() if index_enc is not towers else t1  # the index pass has nothing left to embed
+    e = run_index(cat, index_enc, Paths(home), config=EmbedConfig(), progress=False)  # what `medsearch index` runs
+    t2, a2, o2 = time.perf_counter(), _cpu(children=True), _proc_cpu(orthanc.proc.pid)
+    total = (t1 - t0) + (t2 - t1b)
     vectors = cat.count_vectors(towers.model_id, "image")
     cat.close()
     nbytes = sum(p.stat().st_size for p in home.rglob("catalog.db*"))
     images = sum(p.stat().st_size for p in (home / "images").rglob("*.png"))
-    return {"slices": "all" if slices is None else slices, "fetched": s.instances_fetched, "sync_s": t1 - t0,
-            "embed_s": t2 - t1, "total_s": t2 - t0, "vectors": vectors, "catalog_bytes": nbytes,
-            "display_bytes": images, "inst_per_s": s.instances_fetched / (t2 - t0), "embedded": e.images_embedded,
-            "sync_cpu_s": c1 - c0, "stages": s.stage_seconds}
+    return {"slices": "all" if slices is None else slices, "embed": embed, "fetched": s.instances_fetched,
+            "sync_s": t1 - t0, "embed_s": t2 - t1b, "total_s": total, "vectors": vectors, "catalog_bytes": nbytes,
+            "display_bytes": images, "inst_per_s": s.instances_fetched / total, "embedded": e.images_embedded,
+            "in_sync": getattr(s, "images_embedded", 0), "sync_cpu_s": c1 - c0, "orthanc_cpu_s": o1 - o0,
+            "all_cpu_s": (a2 - a0) + (o2 - o0),
+            "stages": s.stage_seconds}  # fmt: skip
+
+
+def sync_table(rows: list[dict]) -> list[str]:
+    lines = ["| --slices | embedded | instances fetched | sync s | sync CPU s | Orthanc CPU s | index s | total s | "
+             "CPU s end to end | CPU ms per instance | vectors | display PNG bytes | instances/s end to end |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    def where(mode: str) -> str:
+        if mode == "index":
+            return "in `index` (PNG read back)"
+        how = "towers loaded in the clock" if "+load" in mode else "towers loaded"
+        return f"in the sync ({how}{', torch threads ' + mode.split('-t')[1] if '-t' in mode else ''})"
+
+    for r in rows:
+        lines.append(f"| {r['slices']} | {where(r['embed'])} | {r['fetched']} | {r['sync_s']:.2f} | {r['sync_cpu_s']:.2f} | "
+                     f"{r['orthanc_cpu_s']:.2f} | {r['embed_s']:.2f} | {r['total_s']:.2f} | {r['all_cpu_s']:.2f} | "
+                     f"{1000 * r['all_cpu_s'] / max(1, r['fetched']):.0f} | {r['vectors']} | "
+                     f"{r['display_bytes']:,} | {r['inst_per_s']:.1f} |")  # fmt: skip
+    for r in rows:
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items())
+        lines.append(f"\n--slices {r['slices']}, embedded {r['embed']}: sync stages (s): {stages}; index {r['embed_s']:.2f}.")
+    return lines
 
 
 def _storescu_env(nodelay: bool) -> dict:
@@ -295,10 +344,12 @@ def main() -> None:
     ap.add_argument("--studies", type=int, default=1000)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--only", choices=["listener"], default=None, help="run only the listener tables")
+    ap.add_argument("--only", choices=["listener", "sync"], default=None, help="run only the listener or the sync tables")
     ap.add_argument("--associations", type=int, default=4, help="parallel storescu associations of the listener rows")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of each listener receive row")
     ap.add_argument("--no-searchable", action="store_true", help="listener: receive rates only (no towers)")
+    ap.add_argument("--sync-modes", default="index,sync,sync+load", help="where the sync rows embed (bench_sync)")
+    ap.add_argument("--sync-rounds", type=int, default=1, help="rounds of the sync rows (alternating modes)")
     args = ap.parse_args()
     from orthanc import OrthancServer
     from pacs_data import ct_series, write_series
@@ -310,7 +361,7 @@ def main() -> None:
     lines = [f"# PACS benchmark\n\n`python benchmarks/pacs_bench.py --slices {args.slices} --studies {args.studies} "
              f"--size {args.size}`; load before: {load_avg()}\n"]  # fmt: skip
     try:
-        towers = None if args.only and args.no_searchable else load_encoder("towers", device="cpu")
+        towers = None if args.only == "listener" and args.no_searchable else load_encoder("towers", device="cpu")
         study = ct_series(args.slices, study_uid=generate_uid(), series_uid=generate_uid(), size=args.size)
         files = write_series(study, root / "study")
         if args.only == "listener":
@@ -322,17 +373,14 @@ def main() -> None:
         with OrthancServer(root / "orthanc") as o:
             for ds in study:
                 o.upload(_dicom_bytes(ds))
-            rows = [bench_sync(o, root, towers, 8), bench_sync(o, root, towers, None)]
+            modes = args.sync_modes.split(",")
+            rows = [bench_sync(o, root, towers, n, m) for _ in range(args.sync_rounds) for n in (8, None)
+                    for m in modes]  # fmt: skip
         lines.append(f"## Sync of one {args.slices}-slice CT study ({args.size} px) from Orthanc on loopback, towers on CPU\n")
-        lines.append("| --slices | instances fetched | sync s | sync CPU s | embed s | total s | vectors | catalog bytes | display PNG bytes | instances/s end to end |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for r in rows:
-            lines.append(f"| {r['slices']} | {r['fetched']} | {r['sync_s']:.2f} | {r['sync_cpu_s']:.2f} | {r['embed_s']:.2f} | "
-                         f"{r['total_s']:.2f} | {r['vectors']} | {r['catalog_bytes']:,} | {r['display_bytes']:,} | {r['inst_per_s']:.1f} |")
-        for r in rows:
-            stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items())
-            lines.append(f"\n--slices {r['slices']}: sync stages (s): {stages}; embed {r['embed_s']:.2f}.")
+        lines.extend(sync_table(rows))
         lines.append(f"\nLoad after the sync: {load_avg()}.")
+        if args.only == "sync":
+            return _emit(lines, args.out)
         lines += listener_report(root, files, towers, associations=args.associations)
         # RSS: args.studies one-slice studies, the first 100 of them MR so a modality filter syncs exactly 100
         with OrthancServer(root / "orthanc-many") as o:

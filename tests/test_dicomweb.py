@@ -122,6 +122,89 @@ def test_sync_pulls_selected_slices_whole_studies_and_no_identifiers(orthanc, tm
     assert not (home / "private").exists()  # the link back is off by default
 
 
+def _vectors_by_z(cat: Catalog, model: str) -> dict[float, object]:
+    """Stored image vectors by the slice's z (each home has its own salt, so its own instance keys)."""
+    import json
+
+    z = {i: float(json.loads(m)["position"][2]) for i, m in cat.db.execute("SELECT id, meta FROM images")}
+    return {z[i]: v for ids, vecs in cat.iter_vectors(model, "image") for i, v in zip(ids.tolist(), vecs, strict=True)}
+
+
+def test_sync_embeds_from_memory_the_vectors_medsearch_index_computes(orthanc, tmp_path, towers):
+    """``sync_dicomweb(encoder=...)`` embeds each slice from its rendered pixels and stores the vectors in the
+    study's transaction; they are the vectors `medsearch index` computes from the stored display PNGs."""
+    import io
+    import json
+
+    import numpy as np
+    import pydicom
+    import torch
+    from PIL import Image
+
+    from indexer.embed import run_index
+    from indexer.embed_stream import StreamEmbedder
+    from indexer.sources.dicomweb import DicomwebConfig, sync_dicomweb
+    from indexer.sources.instances import render_array
+    from medsearch.config import EmbedConfig, Paths
+    from medsearch.encoders.towers import IMAGE_SIZE, pil_to_rgb
+    from medsearch.imaging import load_image
+
+    # a study dated after every other study of this module's Orthanc, so --since picks it alone
+    series = ct_series(10, study_uid=generate_uid(), series_uid=generate_uid(), size=96, body_part="HEAD",
+                       study_date="20250601")  # fmt: skip
+    for ds in series:
+        orthanc.upload(_dicom(ds))
+    url = f"dicomweb+{orthanc.dicomweb}"
+    stored = {}
+    for how in ("sync", "index"):
+        home = tmp_path / how
+        home.mkdir()
+        cat = Catalog.open(home / "catalog.db")
+        loader = (lambda: towers) if how == "sync" else None  # a loader: called in the embedding thread
+        s = sync_dicomweb(cat, home, DicomwebConfig(url=url, slices=None, since="20250601"), encoder=loader)
+        assert s.images_added == 10 and s.images_embedded == (10 if how == "sync" else 0)
+        assert len(cat.image_ids_to_embed(towers.model_id)) == (0 if how == "sync" else 10)
+        e = run_index(cat, towers, Paths(home), config=EmbedConfig(batch_size=4, workers=0), progress=False)
+        assert e.images_embedded == (0 if how == "sync" else 10)  # the index pass had nothing left to embed
+        stored[how] = _vectors_by_z(cat, towers.model_id)
+        rows = cat.db.execute("SELECT key, path, meta FROM images").fetchall()
+        cat.close()
+    assert set(stored["sync"]) == set(stored["index"]) and len(stored["sync"]) == 10
+    for k in stored["sync"]:  # float16 in the catalog, from both
+        np.testing.assert_allclose(stored["sync"][k], stored["index"][k], atol=1e-3, rtol=0)
+
+    # float32, before storage: the pixels handed over are the display PNG's, and the vectors are its vectors
+    by_z = {float(ds.ImagePositionPatient[2]): ds for ds in series}
+    keys, pngs = [], []
+    with StreamEmbedder(towers, batch=3) as emb:
+        for key, path, meta in rows:
+            ds = pydicom.dcmread(io.BytesIO(_dicom(by_z[float(json.loads(meta)["position"][2])])))
+            arr, _ = render_array(ds, key)
+            png = load_image(path)
+            assert np.array_equal(np.asarray(png), arr)  # lossless
+            keys.append(key)
+            pngs.append(png)
+            emb.submit(key, arr)
+        got = emb.take(keys)
+    want = towers.encode_image_batch(torch.stack([towers.preprocess_u8(p) for p in pngs]))  # (10, 1280)
+    for j, k in enumerate(keys):
+        np.testing.assert_allclose(got[k], want[j], atol=1e-5, rtol=0)
+    # a grey image is resized as one band: the same bytes as resizing the replicated RGB image
+    img = pngs[0].resize((130, 97))
+    rgb = pil_to_rgb(img).resize((round(130 * IMAGE_SIZE / 97), IMAGE_SIZE), Image.Resampling.BICUBIC)
+    left = (rgb.width - IMAGE_SIZE) // 2
+    want_u8 = np.asarray(rgb.crop((left, 0, left + IMAGE_SIZE, IMAGE_SIZE))).transpose(2, 0, 1)
+    assert np.array_equal(towers.preprocess_u8(img).numpy(), want_u8)
+
+
+def _dicom(ds) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def keys_case(ref: str) -> str:
     return ref.split(":", 1)[1]
 
@@ -227,10 +310,11 @@ def test_cli_pull_index_draft_and_stow_back(orthanc, tmp_path):
     orthanc.upload(buf.getvalue())
     home = tmp_path / "home"
     url = f"dicomweb+{orthanc.dicomweb}"
-    r = runner.invoke(app, ["ingest", url, "--home", str(home), "--slices", "4", "--json"])
+    r = runner.invoke(app, ["ingest", url, "--home", str(home), "--slices", "4", "--embed", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert out["studies_synced"] >= 1 and out["instances_fetched"] >= 4
+    assert out["images_embedded"] == out["images_added"] >= 4  # --embed: every new slice has its vector
     r = runner.invoke(app, ["ingest", url, "--home", str(home), "--slices", "0"])
     assert r.exit_code == 2 and "--slices" in r.output
     r = runner.invoke(app, ["index", "--home", str(home), "--model", "towers", "-q"])
@@ -328,3 +412,31 @@ def test_sigkill_mid_sync_then_rerun_stores_every_study_whole_once(tmp_path):
         assert not list(home.rglob("*.tmp"))
         r = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, timeout=300)
         assert json.loads(r.stdout)["studies_unchanged"] == n_studies  # a third run adds nothing
+
+
+def test_folded_image_tower_gives_the_vectors_of_the_tower(towers):
+    """The towers encode on CPU with BatchNorm folded into the convolutions (``fold_batchnorm``): unit vectors
+    within 1e-5 of the unfolded tower's on real slices, and a copy remade when the tower is trained in place."""
+    import numpy as np
+    import torch
+    from pacs_data import ct_pixels
+    from PIL import Image
+
+    from medsearch.encoders.base import l2_normalize
+    from medsearch.encoders.towers import fold_batchnorm
+
+    x = torch.stack([towers.preprocess_u8(Image.fromarray(a)) for a in ct_pixels(6, 256)])  # (6, 3, 224, 224) uint8
+    xf = towers.transform.normalize(x).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        plain = towers._image_net.extract_features(xf).mean(dim=(2, 3)).numpy()  # (6, 1280), no folding
+        folded_net = fold_batchnorm(towers._image_net)
+        folded = folded_net.extract_features(xf).mean(dim=(2, 3)).numpy()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded_net.modules())
+    assert np.abs(plain - folded).max() < 1e-4 * np.abs(plain).max()
+    np.testing.assert_allclose(l2_normalize(folded), l2_normalize(plain), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(towers.encode_image_batch(x), l2_normalize(plain), atol=1e-5, rtol=0)
+    first = towers._folded[1]
+    with torch.no_grad():  # training that updates the tower in place: the folded copy must follow
+        towers._image_net._bn1.bias.add_(0.0)
+    towers.encode_image_batch(x[:1])
+    assert towers._folded[1] is not first

@@ -369,3 +369,41 @@ def test_multipage_tiff_frames(tmp_path):
     assert np.asarray(load_image(tmp_path / "stack.tif", frame=2))[0, 0] == 30
     with pytest.raises(InvalidInput, match="frame 3 does not exist"):
         load_image(tmp_path / "stack.tif", frame=3)
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint16", "uint8"])
+@pytest.mark.parametrize("voi", ["LINEAR", "LINEAR_EXACT", "SIGMOID", "preset", "override", "MONOCHROME1"])
+def test_window_table_gives_the_same_bytes_as_windowing_every_pixel(dtype: str, voi: str) -> None:
+    """dicom_to_uint8 tabulates window(rescale(v)) over the stored values of a slice; the result must be the
+    bytes of the per-pixel float64 path (``window(dicom_array(ds))``) for signed, unsigned and 8-bit data."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    rng = np.random.default_rng(7)
+    lo, hi = {"int16": (-2048, 3071), "uint16": (0, 4095), "uint8": (0, 255)}[dtype]
+    px = rng.integers(lo, hi + 1, size=(64, 48)).astype(dtype)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = 64, 48, 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if voi == "MONOCHROME1" else "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8 if dtype == "uint8" else 16
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = int(dtype == "int16")
+    ds.PixelData = px.tobytes()
+    ds.Modality, ds.BodyPartExamined = "CT", "CHEST"
+    ds.RescaleSlope, ds.RescaleIntercept = (1, -1024) if dtype == "uint16" else (0.5, 3.25)
+    if voi in ("LINEAR", "LINEAR_EXACT", "SIGMOID", "MONOCHROME1"):
+        ds.WindowCenter, ds.WindowWidth = 37.5, 351
+        if voi != "MONOCHROME1":
+            ds.VOILUTFunction = voi
+    override = (-600.0, 1500.0) if voi == "override" else None
+    hu = dicom_array(ds)  # (64, 48) float64 modality values
+    c, w = {"preset": (-600.0, 1500.0), "override": (-600.0, 1500.0)}.get(voi, (37.5, 351.0))
+    want = window(hu, c, w, voi if voi in ("LINEAR_EXACT", "SIGMOID") else "LINEAR")
+    if voi == "MONOCHROME1":
+        want = 255 - want
+    got = dicom_to_uint8(ds, window=override)
+    assert got.dtype == np.uint8 and got.shape == (64, 48)
+    assert np.array_equal(got, want)
+    assert len(np.unique(got)) > 20  # the window spreads the values: the comparison is not trivially equal

@@ -30,6 +30,7 @@ def ingest(
     token: pacs.Token = None,
     link_back: Annotated[bool, typer.Option("--link-back", help="PACS: keep pseudonym -> Study Instance UID in HOME/private/links.db (admin viewer links).")] = False,
     timeout: Annotated[float, typer.Option(min=1, help="PACS: seconds per HTTP request before a retry.")] = 30,
+    embed: Annotated[bool, typer.Option("--embed", help="PACS: embed each slice during the sync, from its pixels in memory, with the home's default model (`medsearch index` then only builds the indexes).")] = False,
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
@@ -43,7 +44,7 @@ def ingest(
 
     if is_dicomweb(path):
         pacs.sync(path, home=home, source=source, since=since, modality=modality, slices=slices, token=token,
-                  link_back=link_back, timeout=timeout, json_out=json_out, quiet=quiet)  # fmt: skip
+                  link_back=link_back, timeout=timeout, json_out=json_out, quiet=quiet, embed=embed)  # fmt: skip
         return
     path = Path(path)
     if not path.exists():  # before the catalog is created, so a typo leaves no empty home behind

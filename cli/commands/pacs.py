@@ -34,7 +34,8 @@ def parse_slices(value: str | None) -> int | None:
 
 
 def sync(url: str, *, home: Path | None, source: str | None, since: str | None, modality: list[str] | None,
-         slices: str | None, token: str | None, link_back: bool, timeout: float, json_out: bool, quiet: bool) -> None:  # fmt: skip
+         slices: str | None, token: str | None, link_back: bool, timeout: float, json_out: bool, quiet: bool,
+         embed: bool = False) -> None:  # fmt: skip
     """`medsearch ingest dicomweb+...`: pull new studies from a PACS over DICOMweb."""
     import re
 
@@ -50,9 +51,18 @@ def sync(url: str, *, home: Path | None, source: str | None, since: str | None, 
     h = home_dir(home)
     h.mkdir(parents=True, exist_ok=True)
     cat = Catalog.open(h / "catalog.db")
+    encoder = None
+    if embed:  # loaded in the sync's embedding thread while the first metadata is fetched
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        from medsearch.config import Paths
+        from medsearch.encoders.registry import load_encoder
+
+        model = default_model(h)
+        encoder = lambda: load_encoder(model, device="auto", models_dir=Paths(h).models)  # noqa: E731
     try:
         with output.Progress(not (quiet or json_out), unit="study") as progress:
-            s = sync_dicomweb(cat, h, cfg, progress=(lambda stage, n: progress.advance("sync", n)) if progress.enabled else None)
+            s = sync_dicomweb(cat, h, cfg, progress=(lambda stage, n: progress.advance("sync", n)) if progress.enabled else None,
+                              encoder=encoder)  # fmt: skip
     finally:
         cat.close()
     if json_out:
@@ -66,7 +76,9 @@ def sync(url: str, *, home: Path | None, source: str | None, since: str | None, 
         output.problem(f"  note: {n}")
     for item, reason in s.skipped[:20]:
         output.problem(f"  skipped {item}: {reason}")
-    if s.images_added:
+    if s.images_embedded:
+        output.line(f"{s.images_embedded} slices embedded; next: `medsearch index` builds the indexes")
+    elif s.images_added:
         output.line("next: `medsearch index` embeds the new slices")
 
 

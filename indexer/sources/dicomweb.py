@@ -12,7 +12,9 @@ Per study, in this order and without touching pixels until the last step:
    not fetched again; SR documents of the study are always fetched (they become its report).
 3. WADO-RS fetches just those instances into memory; each is de-identified and rendered to a
    display PNG (``indexer.sources.instances``), and the whole study is stored in one transaction
-   together with its sync record: a study goes in whole or not at all.
+   together with its sync record: a study goes in whole or not at all. With an ``encoder``, each
+   rendered slice is embedded from its pixels in memory while the next ones are fetched
+   (``indexer.embed_stream``), and its vector is stored in the same transaction.
 
 Re-running adds only what is new: the high-water mark ``dicomweb:<source>:since`` (the newest
 StudyDate synced) bounds the QIDO query, and the catalog's keys and sync records skip the rest;
@@ -36,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from medsearch.catalog import Catalog, now
-from medsearch.catalog.pacs import existing_image_keys, set_sync_state, sync_state
+from medsearch.catalog.pacs import existing_image_keys, series_slices, set_sync_state, sync_state
 from medsearch.config import ImagingConfig
 from medsearch.deid import pseudonym
 from medsearch.errors import InvalidInput, RemoteUnavailable
@@ -48,6 +50,9 @@ from .sr import TEXT_SR_CLASSES
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom import Dataset
+
+    from indexer.embed_stream import StreamEmbedder
+    from medsearch.encoders.base import Encoder
 
 SCHEMES = ("dicomweb+http://", "dicomweb+https://")
 _TAG = {  # DICOM JSON tags read from QIDO / metadata answers
@@ -79,6 +84,7 @@ class DicomwebConfig:
     page: int = 100  # studies per QIDO page
     source: str | None = None
     link_back: bool = False  # keep pseudonym -> Study Instance UID in HOME/private/links.db (admin viewer links)
+    embed_threads: int = 0  # with an encoder: torch threads of the embedding thread (0: torch's default, one per core)
 
 
 @dataclass
@@ -93,12 +99,14 @@ class SyncSummary:
     instances_listed: int = 0
     instances_fetched: int = 0
     images_added: int = 0
+    images_embedded: int = 0  # vectors stored during the sync (``encoder``)
     reports_added: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     # where the time went: metadata (QIDO, series metadata), fetch (waiting for WADO instances beyond what the
-    # fetch thread had ready), render (de-identify + display PNG), fsync (the PNGs), store (the transaction)
+    # fetch thread had ready), render (de-identify + display PNG), fsync (the PNGs), embed_wait (for the
+    # embedding thread to finish the study's slices), store (the transaction)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def timed(self, stage: str, since: float) -> float:
@@ -247,8 +255,26 @@ def sync_dicomweb(
     imaging: ImagingConfig = ImagingConfig(),
     progress: Callable[[str, int], None] | None = None,
     client: DicomwebClient | None = None,
+    encoder: Encoder | Callable[[], Encoder] | None = None,
 ) -> SyncSummary:
-    """Sync new studies, series and instances from a DICOMweb server into the catalog (see module doc)."""
+    """Sync new studies, series and instances from a DICOMweb server into the catalog (see module doc).
+
+    ``encoder`` (or a function that loads it, called in the embedding thread while the first metadata is
+    fetched): embed each rendered slice during the sync, from its pixels in memory, and store the vectors
+    in the study's transaction (``indexer.embed_stream``); ``medsearch index`` then only builds the indexes.
+    """
+    if encoder is None:
+        return _sync(catalog, home, config, imaging, progress, client, None)
+    from indexer.embed_stream import StreamEmbedder
+
+    with StreamEmbedder(encoder, torch_threads=config.embed_threads) as embedder:
+        return _sync(catalog, home, config, imaging, progress, client, embedder)
+
+
+def _sync(
+    catalog: Catalog, home: Path, config: DicomwebConfig, imaging: ImagingConfig,
+    progress: Callable[[str, int], None] | None, client: DicomwebClient | None, embedder: StreamEmbedder | None,
+) -> SyncSummary:  # fmt: skip
     from indexer.ingest import ingest_items
 
     t0 = time.perf_counter()
@@ -260,6 +286,7 @@ def sync_dicomweb(
     slices_mode = "all" if config.slices is None else str(config.slices)
     out_dir = display_dir(home, source)
     newest = catalog.get_meta(mark) or ""
+    weights_checked = False
     links = None
     if config.link_back:
         from medsearch.catalog.links import LinkStore
@@ -274,14 +301,27 @@ def sync_dicomweb(
             summary.studies_unchanged += 1
             newest = max(newest, str(value(study, "StudyDate") or ""))
             continue
-        items = _fetch_study(client, catalog, uid, study_key, source, config, out_dir, imaging, summary)
+        on_image = None if embedder is None else (lambda rec, pixels: embedder.submit(rec.key, pixels))
+        items = _fetch_study(client, catalog, uid, study_key, source, config, out_dir, imaging, summary, on_image)
         try:
             t = time.perf_counter()
             items.sync_files()  # the display images are durable before the catalog names them
             t = summary.timed("fsync", t)
+            vectors: dict[Any, Any] = {}
+            if embedder is not None and items.images:
+                vectors = embedder.take(im.key for im in items.images)
+                if not weights_checked:  # vectors of other weights of this model id go, as `medsearch index` does
+                    from indexer.embed import check_weights
+
+                    check_weights(catalog, embedder.ready())
+                    weights_checked = True
+                t = summary.timed("embed_wait", t)
             with catalog.atomic():
                 s = ingest_items(catalog, items.items(), path=client.shown, layout="dicomweb", imaging=imaging,
                                  chunk=1 << 30)  # fmt: skip
+                if vectors:
+                    summary.images_embedded += _put_vectors(catalog, source, study_key, items, vectors,
+                                                            embedder.ready().model_id)  # type: ignore[union-attr]  # fmt: skip
                 set_sync_state(catalog, source, study_key, n_instances, slices_mode, now())
             summary.timed("store", t)
         except BaseException:
@@ -304,9 +344,25 @@ def sync_dicomweb(
     return summary
 
 
+def _put_vectors(catalog: Catalog, source: str, study_key: str, items: StudyItems, vectors: dict[Any, Any],
+                 model_id: str) -> int:  # fmt: skip
+    """Store the vectors of the study's new images (inside its transaction); how many were stored."""
+    import numpy as np
+
+    ids: dict[str, int] = {}
+    for series_key in {im.meta.get("series_key") for im in items.images}:
+        ids.update((key, image_id) for image_id, key, _meta, status in
+                   series_slices(catalog, source, study_key, str(series_key)) if status == "ok")  # fmt: skip
+    keys = [k for k in vectors if k in ids]
+    if keys:
+        catalog.put_vectors(model_id, "image", [ids[k] for k in keys], np.stack([vectors[k] for k in keys]))
+    return len(keys)
+
+
 def _fetch_study(
     client: DicomwebClient, catalog: Catalog, study_uid: str, study_key: str, source: str,
     config: DicomwebConfig, out_dir: Path, imaging: ImagingConfig, summary: SyncSummary,
+    on_image: Callable[[Any, Any], None] | None = None,
 ) -> StudyItems:  # fmt: skip
     """Series metadata first, then only the chosen instances: the study's items, its series records included."""
     items = StudyItems()
@@ -333,16 +389,18 @@ def _fetch_study(
         have = existing_image_keys(catalog, source, [keys[i] for i in picked])
         todo = [i for i in picked if keys[i] not in have or i in sr]
         if config.slices is None and len(todo) == len(meta) and len(todo) > 1:
-            datasets: Iterator[Dataset] = client.whole_series(study_uid, series_uid)
-        else:
-            datasets = (client.instance(study_uid, series_uid, value(meta[i], "SOPInstanceUID")) for i in todo)
+            datasets: Iterator[Dataset] = prefetch(client.whole_series(study_uid, series_uid))
+        else:  # a few requests in flight at once: the PACS reads and sends one while the next is asked for
+            datasets = fetch_each(client.instance, [(study_uid, series_uid, value(meta[i], "SOPInstanceUID"))
+                                                    for i in todo])  # fmt: skip
         t = summary.timed("metadata", t)
-        for ds in prefetch(datasets):
+        for ds in datasets:
             t = summary.timed("fetch", t)
             summary.instances_fetched += 1
             name = f"{source}:{study_key[:12]}/{pseudonym(series_uid, catalog.salt, 'SeriesInstanceUID')[:12]}" \
                    f"#{ds.get('InstanceNumber', '?')}"  # fmt: skip
-            add_instance(items, ds, source=source, salt=catalog.salt, out_dir=out_dir, name=name, config=imaging)
+            add_instance(items, ds, source=source, salt=catalog.salt, out_dir=out_dir, name=name, config=imaging,
+                         on_image=on_image)  # fmt: skip
             t = summary.timed("render", t)
     return items  # no case record when nothing new was fetched: the study is complete in the catalog
 
@@ -428,6 +486,34 @@ def prefetch(items: Iterator[Any], depth: int = 8) -> Iterator[Any]:
     finally:
         stop.set()
         t.join(timeout=5)
+
+
+def fetch_each(fetch: Callable[..., Any], calls: list[tuple[Any, ...]], workers: int = 4) -> Iterator[Any]:
+    """``fetch(*args)`` for each of ``calls``, up to ``workers`` at once on one HTTP session, yielded in
+    order; the first error is raised in order, and the requests not yet started are dropped."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not calls:
+        return
+    pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(calls))), thread_name_prefix="medsearch-wado")
+    pending: deque[Any] = deque()
+    todo = iter(calls)
+    try:
+        for args in todo:
+            pending.append(pool.submit(fetch, *args))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(fetch, *nxt))
+            yield result
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _first_float(m: dict[str, Any], kw: str) -> float | None:

@@ -20,14 +20,17 @@ SR documents are not images: they yield report sections for their study (``index
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from medsearch.config import ImagingConfig
 from medsearch.deid import deid_method, safe_metadata
 from medsearch.errors import InvalidInput, MedsearchError
+from medsearch.imaging.png import encode_png
 from medsearch.records import CaseRecord, ImageRecord, Skipped
 from medsearch.studies import SeriesRecord
 
@@ -120,6 +123,7 @@ def add_instance(
     deid_text: bool = True,
     config: ImagingConfig = ImagingConfig(),
     render: bool = True,
+    on_image: Callable[[ImageRecord, np.ndarray], None] | None = None,
 ) -> None:
     """Turn one in-memory instance into items of ``study`` (rendering and storing its display PNG).
 
@@ -129,6 +133,8 @@ def add_instance(
     ``render=False`` checks the header only (within limits, a decoder, native pixel data of the
     right length) and leaves the PNG at the image's ``path`` to ``render_pixels`` later (the
     C-STORE receiver renders in its ingest round, not while the sender waits).
+    ``on_image(record, pixels)`` receives each rendered image with its display pixels (the PNG's, bit for
+    bit), so a caller can embed them without reading the PNG back (the DICOMweb sync does).
     """
     from indexer.sources.dicom import (
         LATERALITY,
@@ -171,7 +177,8 @@ def add_instance(
     path = out_dir / study_key / f"{instance_key}.png"
     try:
         if render:
-            png, frame = render_png(ds, name, config)
+            arr, frame = render_array(ds, name, config)
+            png = encode_png(arr)
         else:
             frame = check_pixels(ds, name, config)
     except MedsearchError as e:
@@ -189,12 +196,15 @@ def add_instance(
     if (w := _window(ds)) is not None:
         meta["window"] = list(w)
     meta["rendered"] = {"frame": frame, "format": "png"}
-    study.images.append(ImageRecord(
+    rec = ImageRecord(
         source=source, key=instance_key, case_key=study_key, path=str(path), frame=None,
         modality_type=modality_type, modality=modality or None, plane=_plane(meta), body_region=body_region,
         location=meta["body_part"].title() if meta.get("body_part") else None,
         laterality=LATERALITY.get(meta.get("laterality", "")), study_date=_study_date(meta), meta=meta,
-    ))  # fmt: skip
+    )  # fmt: skip
+    study.images.append(rec)
+    if render and on_image is not None:
+        on_image(rec, arr)
 
 
 def write_png(path: Path, png: bytes) -> None:
@@ -215,8 +225,12 @@ def write_png(path: Path, png: bytes) -> None:
 
 def render_png(ds: Dataset, name: str, config: ImagingConfig = ImagingConfig()) -> tuple[bytes, int | None]:
     """The display image of one instance (middle frame of a multi-frame one) as PNG bytes, and that frame."""
-    from PIL import Image
+    arr, frame = render_array(ds, name, config)
+    return encode_png(arr), frame
 
+
+def render_array(ds: Dataset, name: str, config: ImagingConfig = ImagingConfig()) -> tuple[np.ndarray, int | None]:
+    """The display image of one instance as ``(rows, cols)`` or ``(rows, cols, 3)`` uint8, and its frame."""
     from medsearch.imaging import dicom_to_uint8, require_dicom_decoder, validate_dicom_header
 
     n_frames = validate_dicom_header(ds, name, config)
@@ -228,9 +242,7 @@ def render_png(ds: Dataset, name: str, config: ImagingConfig = ImagingConfig()) 
         raise
     except Exception as e:  # pixel data that does not decode
         raise InvalidInput(f"{name}: pixel data does not decode ({type(e).__name__})", hint="check the sender") from e
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=3)
-    return buf.getvalue(), frame
+    return arr, frame
 
 
 def check_pixels(ds: Dataset, name: str, config: ImagingConfig = ImagingConfig()) -> int | None:

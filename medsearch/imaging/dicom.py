@@ -10,7 +10,8 @@ from medsearch.config import ImagingConfig
 from medsearch.errors import InvalidImage, InvalidInput
 
 from ._guards import _REEXPORT, _check_pixels, _first_line, _to_uint8
-from .windows import _functional, _voi
+from .windows import _functional, _voi, voi_window
+from .windows import window as _window
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -116,8 +117,17 @@ def dicom_to_uint8(
     """
     n_frames = validate_dicom_header(ds, name, config)
     index = _pick_frame(frame, n_frames, name)
-    arr = _dicom_array(ds, index, n_frames, name)
     pi = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").upper()
+    w = None if pi == "PALETTE COLOR" or "ModalityLUTSequence" in ds else voi_window(ds, index, config, window)
+    if w is not None:  # a window over rescaled values: a table over the stored values
+        require_dicom_decoder(ds, name)
+        raw = _decode(ds, index if n_frames > 1 else None, name)  # (rows, cols) or (rows, cols, 3)
+        out = _windowed(raw, ds, index, name, w) if raw.ndim == 2 else None
+        if out is not None:
+            return 255 - out if pi == "MONOCHROME1" else out
+        arr = raw if raw.ndim == 3 else _modality(raw, ds, index, name)
+    else:
+        arr = _dicom_array(ds, index, n_frames, name)
     if arr.ndim == 3:  # colour (rows, cols, 3): scale the stored range to 8 bit
         bits = _palette_bits(ds) if pi == "PALETTE COLOR" else int(ds.get("BitsStored") or 8)
         if arr.dtype == np.uint8 and bits <= 8:
@@ -278,6 +288,27 @@ def _modality(raw: np.ndarray, ds: Dataset, index: int, name: str) -> np.ndarray
     if b != 0.0:
         out += b
     return out
+
+
+_TABLE_MAX = 1 << 16  # stored values a window table may cover (16-bit data: all of them)
+
+
+def _windowed(raw: np.ndarray, ds: Dataset, index: int, name: str, w: tuple[float, float, str]) -> np.ndarray | None:
+    """``window(_modality(raw))`` for integer stored values, computed once per distinct value and looked up:
+    the same float64 operations on the same values, so the same bytes (tests/test_imaging.py compares), in
+    ~0.5 ms instead of ~4.5 ms for a 512 px CT slice. None when ``raw`` is not 8/16-bit integers."""
+    if raw.dtype not in (np.uint8, np.uint16, np.int16) or raw.size == 0:
+        return None
+    lo, hi = int(raw.min()), int(raw.max())
+    values = np.arange(lo, hi + 1, dtype=raw.dtype)  # every stored value in the slice, (hi - lo + 1,)
+    lut = _window(_modality(values, ds, index, name), *w)  # (hi - lo + 1,) uint8
+    if raw.dtype == np.int16:  # index by the bit pattern: -1 is 65535
+        table = np.zeros(_TABLE_MAX, dtype=np.uint8)
+        table[values.view(np.uint16)] = lut
+        return table[raw.view(np.uint16)]
+    table = np.zeros(hi + 1, dtype=np.uint8)
+    table[lo:] = lut
+    return table[raw]
 
 
 def _palette_bits(ds: Dataset) -> int:

@@ -139,9 +139,7 @@ def _voi(
     Order: ``override`` (a preset name or (center, width)), the VOI LUT, the file's window,
     ``config.default_window``, for CT the preset of its body part (``preset_for``), percentiles.
     """
-    if override is not None:
-        return window(arr, *resolve_window(override))
-    if "VOILUTSequence" in ds:
+    if override is None and "VOILUTSequence" in ds:
         from pydicom.pixels import apply_voi_lut
 
         try:
@@ -150,6 +148,21 @@ def _voi(
             return _to_uint8(np.asarray(out, dtype=np.float64) * (255.0 / (2.0 ** max(bits, 1) - 1)))
         except Exception:  # a malformed LUT: fall through to the window / percentiles
             pass
+    w = voi_window(ds, index, config, override, lut=False)
+    return window(arr, *w) if w is not None else robust_scale(arr)
+
+
+def voi_window(
+    ds: Dataset, index: int, config: ImagingConfig, override: str | tuple[float, float] | None = None, *,
+    lut: bool = True,
+) -> tuple[float, float, str] | None:
+    """The (center, width, function) window ``_voi`` applies, or None when it applies something else: the
+    percentile stretch, or (with ``lut``) the data set's VOI LUT. A window is a pointwise map of modality
+    values, so it can be tabulated over the stored values (``dicom.dicom_to_uint8``)."""
+    if override is not None:
+        return (*resolve_window(override), "LINEAR")
+    if lut and "VOILUTSequence" in ds:
+        return None
     center = _first(ds.get("WindowCenter"))
     width = _first(ds.get("WindowWidth"))
     function = str(ds.get("VOILUTFunction") or "LINEAR")
@@ -161,9 +174,7 @@ def _voi(
         center, width = config.default_window
         function = "LINEAR"
     if center is not None and width is not None and width > 0:
-        return window(arr, center, width, function)
+        return center, width, function
     if str(ds.get("Modality") or "").upper() == "CT" and (preset := preset_for(ds.get("BodyPartExamined"))):
-        return window(arr, *PRESETS[preset])
-    return robust_scale(arr)
-
-
+        return (*PRESETS[preset], "LINEAR")
+    return None
