@@ -399,7 +399,8 @@ class VectorIndex:
         """Load and check against the manifest (and the expected model when given).
 
         ``mmap``: map the file read-only instead of reading it (flat and IVF data stay on disk
-        until touched; for index shards larger than RAM).
+        until touched; for index shards larger than RAM). A segmented flat index is read whole;
+        when a save replaced its segments while they were read, the new generation is read.
         """
         for attempt in range(3):
             man = read_manifest(directory / f"{space}.json") if (directory / f"{space}.json").exists() else None
