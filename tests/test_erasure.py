@@ -162,7 +162,7 @@ elif step == "files":
     er._purge_files = killer(er._purge_files)
 elif step == "segment":  # a segmented index: one rewritten segment on disk, the manifest not yet swapped
     import medsearch.stores.segments as sg
-    sg.write_index = killer(sg.write_index)
+    sg.write_segment = killer(sg.write_segment)
 elif step == "manifest":  # the manifest swapped, the files it no longer names (with the removed rows) still there
     import medsearch.stores.segments as sg
     def die(*a, **kw):
@@ -293,12 +293,12 @@ def test_segmented_flat_index_answers_as_a_rebuild_and_remove_rewrites_only_its_
     # a remove that replaces segments while a server reads them: the reader retries on the new generation
     real, calls = sg.read_segment, []
 
-    def racing(directory, entry, **kw):
+    def racing(*a, **kw):
         if not calls:
             calls.append(None)
             monkeypatch.setattr(sg, "read_segment", real)  # the remove itself reads as usual
             calls[0] = VectorIndex.remove_saved(tmp_path, "image", ids[:5])  # rewrites and collects segment 0
-        return real(directory, entry, **kw)
+        return real(*a, **kw)
 
     monkeypatch.setattr(sg, "read_segment", racing)
     raced = VectorIndex.load(tmp_path, "image")

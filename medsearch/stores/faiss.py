@@ -370,7 +370,7 @@ class VectorIndex:
             if man.store != "faiss" or man.kind != "flat" or not segments.is_segmented(man.params):
                 return None
             try:
-                entries, n = segments.remove_ids(directory, space, man.params["segments"], ids)
+                entries, n = segments.remove_ids(directory, space, man.params["segments"], ids, man.dim)
                 if n and not entries:
                     return None
                 if n:

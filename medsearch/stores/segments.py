@@ -1,8 +1,9 @@
 """Segmented files of a large flat FAISS index: an erasure rewrites only the segments it touches.
 
 A flat index over more than ``segment_rows(dim)`` vectors (64 MiB of float32 each) is saved as
-segment files ``<space>.seg-<token>.faiss`` (each an ``IndexIDMap2`` over ``IndexFlatIP`` of
-consecutive rows) instead of one ``<space>.faiss``. The manifest's ``params["segments"]`` lists
+segment files ``<space>.seg-<token>.vecs`` (the ids and float32 rows of consecutive rows of the
+index, see ``MAGIC``) instead of one ``<space>.faiss``; loading assembles the same
+``IndexIDMap2(IndexFlatIP)`` a single file gives. The manifest's ``params["segments"]`` lists
 them in row order with their row count, id range and sha256; the manifest is the commit point:
 
     1. new segments are written under fresh names (temp file, fsync, rename): no reader sees them
@@ -26,13 +27,11 @@ from typing import Any
 import numpy as np
 
 from medsearch.errors import IndexInconsistent
-from medsearch.fileio import sha256_file
 
-from . import ann
 from .base import fsync_path
 
 SEGMENT_BYTES = 64 << 20  # float32 payload per segment file
-IO_BLOCK = 8 << 20  # bytes per read/write call while streaming a segment
+MAGIC = b"MSSEG\x00\x01\x00"  # medsearch segment, format 1: then (n, d) int64, n int64 ids, n x d float32
 
 
 def _faiss():
@@ -56,7 +55,7 @@ def single_file(directory: Path, space: str) -> Path:
 
 def segment_files(directory: Path, space: str) -> list[Path]:
     """Every segment file of ``space`` in ``directory``, named by a manifest or not."""
-    return sorted(Path(directory).glob(f"{space}.seg-*.faiss"))
+    return sorted(Path(directory).glob(f"{space}.seg-*.vecs"))
 
 
 def data_files(directory: Path, space: str, params: dict[str, Any] | None = None) -> list[Path]:
@@ -75,65 +74,67 @@ def checksum_of(entries: list[dict[str, Any]]) -> str:
 
 
 def write_segment(directory: Path, space: str, ids: np.ndarray, xb: np.ndarray) -> dict[str, Any]:
-    """Write rows (ids (n,) int64, xb (n, d) float32) as a new segment file; returns its manifest entry."""
-    faiss = _faiss()
-    part = faiss.IndexIDMap2(faiss.IndexFlatIP(int(xb.shape[1])))
-    part.add_with_ids(np.ascontiguousarray(xb, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
-    return write_index(directory, space, part)
+    """Write rows (ids (n,) int64, xb (n, d) float32) as a new segment file; returns its manifest entry.
 
-
-def write_index(directory: Path, space: str, part: Any) -> dict[str, Any]:
-    """Write an ``IndexIDMap2(IndexFlat)`` as a new segment file; returns its manifest entry.
-
-    FAISS streams into the file and the hash in one pass (no copy of the bytes in memory), then
-    fsync and a rename to a fresh name no manifest names yet.
+    The file is ``MAGIC``, (n, d) as int64, the ids, the vectors: written straight from the arrays
+    (no serialised copy) while they are hashed, fsynced, renamed to a fresh name no manifest names yet.
     """
-    faiss = _faiss()
-    name = f"{space}.seg-{secrets.token_hex(8)}.faiss"
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    name = f"{space}.seg-{secrets.token_hex(8)}.vecs"
     tmp = Path(directory) / f".{name}.{os.getpid()}.tmp"  # `.<space>.*.tmp`: dropped by the next save if killed
     h = hashlib.sha256()
     try:
         with open(tmp, "wb") as f:
-
-            def sink(b: bytes) -> int:
-                h.update(b)
-                return f.write(b)
-
-            writer = faiss.PyCallbackIOWriter(sink, IO_BLOCK)
-            faiss.write_index(part, writer)
-            del writer  # flushes its last block
+            for part in (MAGIC, np.array(xb.shape, np.int64).tobytes(), memoryview(ids).cast("B"), memoryview(xb).cast("B")):
+                h.update(part)
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, Path(directory) / name)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    ids = ann.ids_of(part)
-    return {"file": name, "count": int(part.ntotal), "sha256": h.hexdigest(),
+    return {"file": name, "count": int(len(ids)), "sha256": h.hexdigest(),
             "min_id": int(ids.min()) if len(ids) else 0, "max_id": int(ids.max()) if len(ids) else -1}  # fmt: skip
 
 
-def read_segment(directory: Path, entry: dict[str, Any], *, verify: bool = True) -> Any:
-    """The segment's ``IndexIDMap2``, its bytes checked against the manifest entry before FAISS
-    parses them (a damaged header must not make FAISS allocate or crash).
+def read_segment(
+    directory: Path, entry: dict[str, Any], dim: int, *, verify: bool = True,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The segment's (ids (n,) int64, xb (n, dim) float32), read into ``out`` when given (slices of
+    the whole index's storage: one copy from the file, none after). The header must agree with the
+    manifest entry before anything is read, and the bytes with its sha256 before anything is used.
 
     FileNotFoundError when the file is gone (a newer generation replaced it); IndexInconsistent
-    when its bytes or count do not match.
+    when its header, size or bytes do not match.
     """
-    faiss = _faiss()
     path = Path(directory) / entry["file"]
-    if verify and sha256_file(path) != entry["sha256"]:
-        raise IndexInconsistent(
-            f"{path} does not match its manifest checksum (partial write or tampering)",
-            hint="run `medsearch check --repair` to rebuild it from stored vectors",
-        )
-    if not path.exists():  # (verify=False) faiss would report it as a RuntimeError
-        raise FileNotFoundError(2, "No such file or directory", str(path))
-    part = faiss.read_index(str(path))
-    if int(part.ntotal) != int(entry["count"]):
-        raise IndexInconsistent(f"{path} holds {part.ntotal} vectors, its manifest entry says {entry['count']}",
-                                hint="run `medsearch check --repair`")  # fmt: skip
-    return part
+    n, dim = int(entry["count"]), int(dim)
+
+    def bad(why: str) -> IndexInconsistent:
+        return IndexInconsistent(f"{path} {why} (partial write or tampering)",
+                                 hint="run `medsearch check --repair` to rebuild it from stored vectors")  # fmt: skip
+
+    with open(path, "rb") as f:
+        head = f.read(len(MAGIC) + 16)
+        if head[: len(MAGIC)] != MAGIC or np.frombuffer(head[len(MAGIC) :], np.int64).tolist() != [n, dim]:
+            raise bad(f"is not a segment of {n} x {dim} vectors")
+        ids, xb = out if out is not None else (np.empty(n, np.int64), np.empty((n, dim), np.float32))
+        for arr in (ids, xb):
+            view = memoryview(arr).cast("B")
+            if f.readinto(view) != len(view):
+                raise bad("is shorter than its header says")
+        if f.read(1):
+            raise bad("is longer than its header says")
+    if verify:
+        h = hashlib.sha256(head)
+        h.update(memoryview(ids).cast("B"))
+        h.update(memoryview(xb).cast("B"))
+        if h.hexdigest() != entry["sha256"]:
+            raise bad("does not match its manifest checksum")
+    return ids, xb
 
 
 def write_rows(directory: Path, space: str, ids: np.ndarray, xb: np.ndarray, dim: int) -> list[dict[str, Any]]:
@@ -143,22 +144,37 @@ def write_rows(directory: Path, space: str, ids: np.ndarray, xb: np.ndarray, dim
 
 
 def read_all(directory: Path, entries: list[dict[str, Any]], dim: int, *, verify: bool = True) -> Any:
-    """One ``IndexIDMap2(IndexFlatIP)`` holding every segment's rows in order (as if saved as one file)."""
+    """One ``IndexIDMap2(IndexFlatIP)`` holding every segment's rows in order (as if saved as one file).
+
+    The flat storage is sized once from the manifest's counts and each segment is read straight
+    into its slice; the id map's reverse map is built once at the end.
+    """
     faiss = _faiss()
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(int(dim)))
+    total, dim = sum(int(e["count"]) for e in entries), int(dim)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    if total == 0:
+        return index
+    flat = faiss.downcast_index(index.index)
+    flat.codes.resize(total * dim * 4)
+    flat.ntotal = total
+    xb = faiss.rev_swig_ptr(flat.get_xb(), total * dim).reshape(total, dim)  # (total, dim) float32 view
+    ids = np.empty(total, np.int64)
+    at = 0
     for e in entries:
-        part = read_segment(directory, e, verify=verify)
-        xb = ann.exact_storage(part)
-        if xb is not None and len(xb):
-            index.add_with_ids(xb, ann.ids_of(part))
-        del part
+        m = int(e["count"])
+        read_segment(directory, e, dim, verify=verify, out=(ids[at : at + m], xb[at : at + m]))
+        at += m
+    faiss.copy_array_to_vector(ids, index.id_map)
+    index.ntotal = total
+    index.construct_rev_map()
     return index
 
 
-def remove_ids(directory: Path, space: str, entries: list[dict[str, Any]], ids: np.ndarray) -> tuple[list[dict[str, Any]], int]:
+def remove_ids(
+    directory: Path, space: str, entries: list[dict[str, Any]], ids: np.ndarray, dim: int
+) -> tuple[list[dict[str, Any]], int]:
     """Drop ``ids`` from the segments whose id range may hold them, rewriting only those that held
     any (under new names). Returns the new entry list (row order kept) and how many rows went."""
-    faiss = _faiss()
     ids = np.unique(np.asarray(ids, dtype=np.int64))
     out: list[dict[str, Any]] = []
     removed = 0
@@ -167,15 +183,15 @@ def remove_ids(directory: Path, space: str, entries: list[dict[str, Any]], ids: 
         if lo == hi:  # no id of the erasure in this segment's range: not read, not written
             out.append(e)
             continue
-        part = read_segment(directory, e)
-        n = int(part.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids[lo:hi]))))
+        seg_ids, seg_xb = read_segment(directory, e, dim)
+        keep = ~np.isin(seg_ids, ids[lo:hi])
+        n = int(len(keep) - keep.sum())
         if n == 0:
             out.append(e)
             continue
         removed += n
-        if part.ntotal:
-            out.append(write_index(directory, space, part))
-        del part
+        if keep.any():
+            out.append(write_segment(directory, space, seg_ids[keep], seg_xb[keep]))
     return out, removed
 
 
