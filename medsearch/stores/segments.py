@@ -11,8 +11,8 @@ them in row order with their row count, id range and sha256; the manifest is the
     3. files no manifest names any more are deleted (``collect``)
 
 A kill before 2 leaves the previous generation whole (plus unnamed files that step 3 of the next
-save deletes); a kill before 3 leaves old files that the next save, ``remove`` or
-``check --repair`` deletes. Removing one patient among 1M x 256-d vectors rewrites one or two
+save or remove deletes); a kill before 3 leaves the replaced files, which the next save or remove
+deletes (an interrupted erasure is rerun by the next ``remove`` or ``check --repair``). Removing one patient among 1M x 256-d vectors rewrites one or two
 64 MiB segments instead of a 1 GB file.
 """
 
