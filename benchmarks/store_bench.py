@@ -185,6 +185,66 @@ def exact(xq, xb, ids, k=10, mask=None):
     return ids[P]
 
 
+def equal_to_rebuild(cat, directory: Path, dim: int, xq: np.ndarray) -> dict:
+    """Search answers of the index a ``remove`` left vs an index rebuilt from the catalog's vectors."""
+    from medsearch.config import IndexConfig
+    from medsearch.stores.faiss import VectorIndex
+
+    t = time.perf_counter()
+    left = VectorIndex.load(directory, "image")
+    load_s = time.perf_counter() - t
+    rebuilt = VectorIndex.from_blocks(functools.partial(cat.iter_vectors, "bench", "image"), model_id="bench",
+                                      weights_hash="w", space="image", dim=dim, count=cat.count_vectors("bench", "image"),
+                                      config=IndexConfig(kind="flat"))  # fmt: skip
+    out = {"index_load_s": round(load_s, 2), "ntotal": left.ntotal, "rebuilt_ntotal": rebuilt.ntotal}
+    for k in (10, SIMILAR_FETCH):
+        D, I = left.search(xq, k)
+        D0, I0 = rebuilt.search(xq, k)
+        out[f"same_ids_at_{k}"] = float(np.mean(I == I0))
+        out[f"max_score_diff_at_{k}"] = float(np.abs(D - D0).max())
+    return out
+
+
+class StoredVectorsOnly:
+    """The bench home's model: queries are catalog images (their stored vectors, as `medsearch
+    similar ID` uses), so nothing is ever encoded; the Searcher only reads the weights hash."""
+
+    model_id, weights_hash = "bench", "w"
+
+
+def searcher_filtered(home: Path, cat, n: int) -> dict:
+    """`similar` through the Searcher (the path every shell takes) at 1M: with the 1% filter the
+    catalog's id lookup + the FAISS subset search, unfiltered the full flat scan; p50/p95 ms."""
+    from medsearch.search import Filters, Searcher
+
+    s = Searcher(home, model="bench", encoder=StoredVectorsOnly(), catalog=cat)
+    t = time.perf_counter()
+    s.index("image")
+    load_s = time.perf_counter() - t
+    rng = np.random.default_rng(1)
+    qids = [int(i) for i in rng.choice(cat.vector_ids("bench", "image"), size=n + 2, replace=False)]
+    f = Filters(**FILTER)
+    out = {"searcher_index_load_s": round(load_s, 2)}
+    lookup = []
+    for _ in range(7):
+        t = time.perf_counter()
+        cat.image_ids_where(f.as_dict())
+        lookup.append(time.perf_counter() - t)
+    out["filter_lookup_p50_ms"] = round(pct(lookup, 50), 1)
+    for name, filters in (("filtered", f), ("unfiltered", Filters())):
+        s.similar(qids[0], k=10, filters=filters)  # warm-up
+        lat = []
+        for q in qids[2 : 2 + (n if name == "filtered" else max(5, n // 5))]:
+            t = time.perf_counter()
+            hits = s.similar(q, k=10, filters=filters)
+            lat.append(time.perf_counter() - t)
+            assert name == "unfiltered" or all((h.modality_type or "").lower() == "pet" for h in hits), hits[:1]
+        out[f"searcher_similar_{name}_p50_ms"] = round(pct(lat, 50), 1)
+        out[f"searcher_similar_{name}_p95_ms"] = round(pct(lat, 95), 1)
+    out["searcher_load_avg"] = load_avg()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000)
@@ -197,7 +257,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--milvus-uri", default=None, help="Milvus Lite file or server URI (default: HOME/milvus.db)")
-    ap.add_argument("--no-remove", action="store_true", help="skip the `remove` of one patient")
+    ap.add_argument("--no-remove", action="store_true", help="skip the `remove` of one patient (and what follows it: "
+                    "the search answers after it vs a rebuilt index, the filtered `similar` through the Searcher)")
     args = ap.parse_args()
 
     from medsearch.catalog import Catalog
@@ -268,12 +329,13 @@ def main() -> None:
         searcher = Searcher(home, model="bench", encoder=StoredOnly(args.dim), catalog=cat)  # the store from the manifest
         record(engine, kind, build, store.search, lambda q, k, s=store: s.search(q, k, filters=FILTER),
                {"tuned": p.get("tuned_recall_at_10"), "knob": p.get("search_params")}, searcher=searcher)
-    assert last is not None
-    with cat.atomic():
-        cat.set_meta("store", "milvus")
+    if last is not None:
+        with cat.atomic():
+            cat.set_meta("store", "milvus")
     rm: dict[str, float] = {}
     out: dict = {}
-    if not args.no_remove:
+    faiss_remove: dict = {}
+    if not args.no_remove and last is not None:
         pt = a_patient(cat, paths, 123)
         t = time.perf_counter()
         out = remove(cat, paths, patient=pt)
@@ -282,18 +344,29 @@ def main() -> None:
     close_clients()
     if not args.no_remove:
         from indexer.embed import build_indexes
+        from medsearch.stores.faiss import saved_files
 
+        t = time.perf_counter()
         build_indexes(cat, paths, model_id="bench", weights_hash="w", dims={"image": args.dim},
                       config=IndexConfig(kind="flat"), store="faiss")  # fmt: skip
+        faiss_remove["index_s"] = round(time.perf_counter() - t, 1)
+        before = saved_files(directory, "image")
         pt = a_patient(cat, paths, 456)
         t = time.perf_counter()
         out2 = remove(cat, paths, patient=pt)
         rm["faiss-flat"] = round(time.perf_counter() - t, 2)
-        print(f"remove one patient on FAISS flat: {rm['faiss-flat']:.2f} s {out2} (load {load_avg()})", flush=True)
+        after = saved_files(directory, "image")
+        faiss_remove.update(files=len(after), files_rewritten=len(set(before) - set(after)), load_avg=load_avg())
+        print(f"remove one patient on FAISS flat: {rm['faiss-flat']:.2f} s {out2} (load {load_avg()}; "
+              f"{faiss_remove['files_rewritten']} of {len(before)} index files rewritten)", flush=True)
+        faiss_remove.update(equal_to_rebuild(cat, directory, args.dim, xqb))
+        faiss_remove.update(searcher_filtered(home, cat, args.queries))
+        print(json.dumps({"faiss_remove": faiss_remove}), flush=True)
     result = {"n": args.n, "dim": args.dim, "queries": args.queries, "batch": args.batch,
               "filter_fraction": round(float(mask.mean()), 4), "catalog_filter_lookup_ms": round(lookup_ms, 1),
               "rows": rows, "remove_patient_s": rm, "images_removed": out.get("images"), "load_avg": load_avg(),
-              "cpus": os.cpu_count(), "milvus": engine, "stored_vectors": int(len(ids))}  # fmt: skip
+              "cpus": os.cpu_count(), "milvus": engine, "stored_vectors": int(len(ids)),
+              "faiss_remove": faiss_remove}  # fmt: skip
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

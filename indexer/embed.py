@@ -24,7 +24,7 @@ from medsearch.config import EmbedConfig, ImagingConfig, IndexConfig, Paths
 from medsearch.encoders.base import Encoder
 from medsearch.errors import MedsearchError
 from medsearch.stores import choose_store
-from medsearch.stores.faiss import VectorIndex, read_manifest
+from medsearch.stores.faiss import VectorIndex, read_manifest, saved_files
 
 
 @dataclass
@@ -384,7 +384,7 @@ def build_indexes(
                     and man.count == count
                     and man.weights_hash == weights_hash
                     and not catalog.is_dirty(model_id, space)
-                    and (directory / f"{space}.faiss").exists()
+                    and all(f.exists() for f in saved_files(directory, space) or [directory / f"{space}.faiss"])
                     and (config.kind in ("auto", man.kind))
                 ):
                     out[space] = {"count": man.count, "kind": man.kind, "generation": man.generation, "rebuilt": False}

@@ -17,7 +17,7 @@ import numpy as np
 from .catalog import SPACES, Catalog
 from .config import IndexConfig, Paths
 from .errors import IndexNotBuilt, MedsearchError
-from .stores.faiss import VectorIndex, read_manifest
+from .stores.faiss import VectorIndex, delete_files, read_manifest
 
 
 def check_home(catalog: Catalog, paths: Paths, *, repair: bool = False) -> dict[str, Any]:
@@ -70,8 +70,7 @@ def check_home(catalog: Catalog, paths: Paths, *, repair: bool = False) -> dict[
         if broken:
             problems.append(broken)
             if repair and not stored:  # nothing to rebuild from: a stale index must not be served
-                for suffix in (".faiss", ".json"):
-                    (directory / f"{space}{suffix}").unlink(missing_ok=True)
+                delete_files(directory, space)
                 repaired.append(f"removed the {space} index of {model}: the catalog stores no {space} vectors")
                 entry.update(count=0)
             elif repair:

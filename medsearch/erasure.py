@@ -26,7 +26,7 @@ from .catalog import Catalog
 from .catalog import erasure as db
 from .config import Paths
 from .deid import pseudonym
-from .errors import InvalidInput, MedsearchError, NotFound
+from .errors import InvalidInput, MedsearchError, NotFound, StorageError
 
 SPACES = ("image", "text")
 
@@ -79,6 +79,7 @@ def remove(
     if dry_run:
         return out
     plan["stores"] = _store_terms(catalog, paths, plan)
+    plan["in_sync"] = _in_sync(catalog, paths, plan)
     eid = db.begin(catalog, kind=kind, digest=digest_of(catalog, kind, key), actor=actor, plan=plan)
     out.update(_run(catalog, paths, eid, "pending", plan))
     out["erasure_id"] = eid
@@ -133,6 +134,28 @@ def _store_terms(catalog: Catalog, paths: Paths, plan: dict[str, Any]) -> dict[s
     return out
 
 
+def _in_sync(catalog: Catalog, paths: Paths, plan: dict[str, Any]) -> dict[str, int]:
+    """Per FAISS store whose index equals the stored vectors now (not marked dirty): how many of
+    the plan's ids have a stored vector there. After the purge the index is in sync again exactly
+    when it dropped that many, which spares counting 1M stored vectors (~1 s) to find out."""
+    from .stores.base import manifest_path, read_manifest
+
+    out: dict[str, int] = {}
+    for directory in _model_dirs(paths):
+        for space in SPACES:
+            ids = plan["images"] if space == "image" else plan["texts"]
+            mpath = manifest_path(directory, space)
+            if not ids or not mpath.exists():
+                continue
+            try:
+                man = read_manifest(mpath)
+            except MedsearchError:
+                continue
+            if man.store == "faiss" and catalog.get_meta(f"dirty:{man.model_id}:{space}") == "0":
+                out[f"{directory.name}/{space}"] = len(catalog.get_vectors(man.model_id, space, ids))
+    return out
+
+
 def _purge_stores(catalog: Catalog, paths: Paths, plan: dict[str, Any]) -> dict[str, int]:
     from .stores.base import manifest_path, read_manifest
 
@@ -151,7 +174,10 @@ def _purge_stores(catalog: Catalog, paths: Paths, plan: dict[str, Any]) -> dict[
             else:
                 n = _purge_faiss(catalog, directory, space, man, ids)
             removed[f"{man.model_id}/{space}"] = n
-            if catalog.count_vectors(man.model_id, space) == (read_manifest(mpath).count if mpath.exists() else 0):
+            expect = plan.get("in_sync", {}).get(f"{directory.name}/{space}")  # None: resumed, or was behind
+            if (expect is not None and n == expect) or catalog.count_vectors(man.model_id, space) == (
+                read_manifest(mpath).count if mpath.exists() else 0
+            ):
                 with catalog.atomic():
                     catalog.set_meta(f"dirty:{man.model_id}:{space}", "0")
         if (directory / "bm25.json").exists():  # BM25 terms: rebuilt from the catalog's remaining texts
@@ -162,14 +188,24 @@ def _purge_stores(catalog: Catalog, paths: Paths, plan: dict[str, Any]) -> dict[
 
 
 def _purge_faiss(catalog: Catalog, directory: Path, space: str, man: Any, ids: list[int]) -> int:
-    """Drop ids from a FAISS index in place, or rebuild it from the (already purged) stored vectors."""
+    """Drop ids from a FAISS index: a segmented flat index rewrites only the segments that held
+    them; a single file is loaded, ``remove_ids``-ed and saved; kinds that cannot remove (and a
+    damaged index) are rebuilt from the (already purged) stored vectors."""
     import functools
 
     import numpy as np
 
     from .config import IndexConfig
-    from .stores.faiss import VectorIndex
+    from .stores.faiss import VectorIndex, delete_files
 
+    try:
+        n = VectorIndex.remove_saved(directory, space, np.asarray(ids, dtype=np.int64))
+    except StorageError:  # a full disk: the rerun finishes it (a rebuild would not fit either)
+        raise
+    except MedsearchError:
+        n = None  # a missing or damaged segment: rebuilt below from the catalog
+    if n is not None:
+        return int(n)
     idx = None
     try:
         idx = VectorIndex.load(directory, space)
@@ -179,8 +215,7 @@ def _purge_faiss(catalog: Catalog, directory: Path, space: str, man: Any, ids: l
     if n is None:
         stored = catalog.count_vectors(man.model_id, space)
         if stored == 0:
-            for suffix in (".faiss", ".json"):
-                (directory / f"{space}{suffix}").unlink(missing_ok=True)
+            delete_files(directory, space)
             return int(man.count)
         before = idx.ntotal if idx is not None else man.count
         idx = VectorIndex.from_blocks(

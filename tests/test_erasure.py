@@ -160,6 +160,14 @@ elif step == "stores":
     er._purge_stores = killer(er._purge_stores)
 elif step == "files":
     er._purge_files = killer(er._purge_files)
+elif step == "segment":  # a segmented index: one rewritten segment on disk, the manifest not yet swapped
+    import medsearch.stores.segments as sg
+    sg.write_segment = killer(sg.write_segment)
+elif step == "manifest":  # the manifest swapped, the files it no longer names (with the removed rows) still there
+    import medsearch.stores.segments as sg
+    def die(*a, **kw):
+        os.kill(os.getpid(), signal.SIGKILL)
+    sg.collect = die
 from cli.main import app
 app(["remove", "--home", sys.argv[1], "--case", sys.argv[3]])
 """
@@ -225,3 +233,166 @@ def test_api_delete_is_admin_only_and_serves_the_new_generation(small_home, tmp_
         r = c.post("/v1/search/text", json={"query": query, "k": 50}, headers={"X-API-Key": read_key})
         assert r.status_code == 200 and r.json()["hits"] and v["key"] not in r.text
     _assert_gone(home, v)  # the server's own audit log (in the home) included
+
+
+# ---------------------------------------------------------------------------- segmented FAISS indexes
+def _flat(x, ids):
+    from medsearch.config import IndexConfig
+    from medsearch.stores.faiss import VectorIndex
+
+    return VectorIndex.from_blocks([(ids, x)], model_id="m", weights_hash="w", space="image", dim=x.shape[1],
+                                   count=len(ids), config=IndexConfig(kind="flat"))  # fmt: skip
+
+
+def test_segmented_flat_index_answers_as_a_rebuild_and_remove_rewrites_only_its_segments(tmp_path, monkeypatch):
+    import numpy as np
+
+    import medsearch.stores.segments as sg
+    from medsearch.stores.faiss import VectorIndex, saved_files
+
+    monkeypatch.setattr(sg, "SEGMENT_BYTES", 100 * 4 * 16)  # 100 rows of 16-d per segment
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(1, 1001, dtype=np.int64) * 3  # catalog ids are not positions
+    xq = rng.standard_normal((20, 16)).astype(np.float32)
+    _flat(x, ids).save(tmp_path)
+    segs = saved_files(tmp_path, "image")
+    assert len(segs) == 10 and not (tmp_path / "image.faiss").exists()
+    assert sorted(p.name for p in tmp_path.glob("image.*")) == sorted([p.name for p in segs] + ["image.json"])
+    back = VectorIndex.load(tmp_path, "image")
+    truth = ids[np.argsort(-(xq @ x.T), axis=1)[:, :10]]  # brute-force oracle
+    assert (back.search(xq, 10)[1] == truth).all()
+
+    gone = np.r_[ids[300:320], ids[777]]  # rows of segments 3 and 7
+    assert VectorIndex.remove_saved(tmp_path, "image", gone) == 21
+    after = saved_files(tmp_path, "image")
+    assert len(set(segs) - set(after)) == 2 and len(set(after) - set(segs)) == 2  # two rewritten, eight untouched
+    assert sorted(tmp_path.glob("image.seg-*")) == sorted(after)  # the replaced files are gone
+    keep = ~np.isin(ids, gone)
+    now = VectorIndex.load(tmp_path, "image")
+    assert now.ntotal == 979 and now.manifest.generation == back.manifest.generation + 1
+    D, I = now.search(xq, 10)
+    D0, I0 = _flat(x[keep], ids[keep]).search(xq, 10)
+    assert (I == I0).all() and np.allclose(D, D0)  # the same answers as an index rebuilt without them
+    for f in tmp_path.iterdir():
+        data = f.read_bytes()
+        assert not any(x[np.searchsorted(ids, g)].tobytes() in data for g in gone), f
+    assert VectorIndex.remove_saved(tmp_path, "image", gone) == 0 and saved_files(tmp_path, "image") == after
+
+    # new vectors: a save after a sync keeps every segment still on disk and writes only the new rows
+    new = rng.standard_normal((150, 16)).astype(np.float32)
+    assert now.sync([(ids[keep], x[keep]), (np.arange(5000, 5150, dtype=np.int64), new)]) == 150
+    now.save(tmp_path)
+    assert set(after) <= set(saved_files(tmp_path, "image")) and len(saved_files(tmp_path, "image")) == 12
+    assert VectorIndex.load(tmp_path, "image").ntotal == 1129
+    # an in-memory remove rewrites from the first segment that changed on
+    now.remove(np.array([ids[950]]))
+    now.save(tmp_path)
+    assert len(set(after) & set(saved_files(tmp_path, "image"))) == 9
+    # a remove that replaces segments while a server reads them: the reader retries on the new generation
+    real, calls = sg.read_segment, []
+
+    def racing(*a, **kw):
+        if not calls:
+            calls.append(None)
+            monkeypatch.setattr(sg, "read_segment", real)  # the remove itself reads as usual
+            calls[0] = VectorIndex.remove_saved(tmp_path, "image", ids[:5])  # rewrites and collects segment 0
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sg, "read_segment", racing)
+    raced = VectorIndex.load(tmp_path, "image")
+    assert calls == [5] and raced.ntotal == 1128 - 5 and not np.isin(ids[:5], raced.item_ids()).any()
+    monkeypatch.setattr(sg, "read_segment", real)
+    # a damaged segment is refused; one that vanished under a reader is refused with the repair hint
+    victim = saved_files(tmp_path, "image")[0]
+    victim.write_bytes(victim.read_bytes()[:-8] + bytes(8))
+    with pytest.raises(Exception, match="checksum"):
+        VectorIndex.load(tmp_path, "image")
+    victim.unlink()
+    with pytest.raises(Exception, match="missing"):
+        VectorIndex.load(tmp_path, "image")
+    # back under one segment: one file again, no segment left
+    _flat(x[:50], ids[:50]).save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["image.faiss", "image.json"]
+
+
+def _segmented(small_home, tmp_path, monkeypatch) -> Path:
+    """A copy of the small home whose FAISS indexes are saved as segments of 3 image rows."""
+    import medsearch.stores.segments as sg
+    from indexer.embed import build_indexes
+    from medsearch.stores.faiss import saved_files
+
+    home = _copy(small_home, tmp_path, "faiss")
+    cat = Catalog.open(home / "catalog.db")
+    dims = {s: int(next(iter(cat.iter_vectors(MODEL, s)))[1].shape[1]) for s in ("image", "text")}
+    monkeypatch.setattr(sg, "SEGMENT_BYTES", 3 * 4 * dims["image"])
+    build_indexes(cat, Paths(home), model_id=MODEL, weights_hash=cat.get_meta(f"weights:{MODEL}"), dims=dims,
+                  config=__import__("medsearch.config", fromlist=["IndexConfig"]).IndexConfig(kind="flat"), force=True)  # fmt: skip
+    cat.close()
+    d = Paths(home).index_dir(MODEL)
+    assert len(saved_files(d, "image")) > 2 and not (d / "image.faiss").exists()
+    return home
+
+
+def _vector_needles(home: Path, image_ids: list[int]) -> list[bytes]:
+    """The removed images' vectors as the index files hold them (float32) and the catalog (float16)."""
+    import numpy as np
+
+    from medsearch.stores.faiss import VectorIndex
+
+    idx = VectorIndex.load(Paths(home).index_dir(MODEL), "image")
+    vecs = [idx.reconstruct(i) for i in image_ids]
+    return [v.astype(np.float32).tobytes() for v in vecs] + [v.astype(np.float16).tobytes() for v in vecs]
+
+
+@pytest.mark.slow
+def test_remove_on_a_segmented_index_rewrites_only_its_segments_and_leaves_no_vector(small_home, tmp_path, monkeypatch):
+    from medsearch.stores.faiss import saved_files
+
+    home = _segmented(small_home, tmp_path, monkeypatch)
+    v = _victim(home)
+    d = Paths(home).index_dir(MODEL)
+    before = set(saved_files(d, "image"))
+    needles = _vector_needles(home, v["images"])
+    res = runner.invoke(app, ["remove", "--home", str(home), "--case", v["key"]])
+    assert res.exit_code == 0, res.output
+    after = set(saved_files(d, "image"))
+    assert before & after and len(before - after) <= len(v["images"])  # untouched segments kept their files
+    assert sorted(d.glob("image.seg-*")) == sorted(after)
+    _assert_gone(home, v, extra=needles)
+    cat = Catalog.open(home / "catalog.db")
+    assert not cat.is_dirty(MODEL, "image")  # in sync again without a rebuild
+    cat.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["segment", "manifest", "damaged"])
+def test_a_kill_inside_a_segmented_remove_is_finished_by_the_next_run(small_home, tmp_path, monkeypatch, step):
+    from medsearch.stores.faiss import VectorIndex, saved_files
+
+    home = _segmented(small_home, tmp_path, monkeypatch)
+    v = _victim(home)
+    d = Paths(home).index_dir(MODEL)
+    needles = _vector_needles(home, v["images"])
+    if step == "damaged":  # a segment holding the case is damaged: the purge rebuilds from stored vectors
+        held = [f for f in saved_files(d, "image") if any(n in f.read_bytes() for n in needles)]
+        held[0].write_bytes(held[0].read_bytes()[:-4] + bytes(4))
+        res = runner.invoke(app, ["remove", "--home", str(home), "--case", v["key"]])
+        assert res.exit_code == 0, res.output
+    else:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        p = subprocess.run([sys.executable, "-c", _KILL, str(home), step, v["key"]], env=env, capture_output=True, timeout=300)
+        assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-2000:]
+        cat = Catalog.open(home / "catalog.db")
+        assert [e["state"] for e in audit_log(cat)][0] != "done"
+        cat.close()
+        left = set(d.glob("image.seg-*")) - set(saved_files(d, "image"))  # written or replaced, named by no manifest
+        assert left and any(n in f.read_bytes() for f in left for n in needles) == (step == "manifest")
+        # whatever generation the kill left is whole and loadable (the rows already went from the catalog)
+        assert VectorIndex.load(d, "image").ntotal >= 1
+        res = runner.invoke(app, ["remove", "--home", str(home), "--case", v["key"], "--json"])
+        assert res.exit_code == 0, res.output
+        assert '"resumed": 1' in res.output
+    assert sorted(d.glob("image.seg-*")) == sorted(saved_files(d, "image"))  # no unnamed segment left
+    _assert_gone(home, v, extra=needles)

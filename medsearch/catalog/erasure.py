@@ -127,12 +127,21 @@ def _remove_links(catalog: Catalog, keys: list[tuple[str, str]]) -> None:
         store.close()
 
 
+# The distinct models of the vectors table by a skip-scan of its primary key: one index probe per
+# model (DISTINCT read every row of the table: ~1 s at 1M vectors).
+_MODELS = (
+    "WITH RECURSIVE m(model) AS (SELECT (SELECT min(model) FROM vectors) UNION ALL "
+    "SELECT (SELECT min(model) FROM vectors WHERE model > m.model) FROM m WHERE m.model IS NOT NULL) "
+    "SELECT model FROM m WHERE model IS NOT NULL"
+)
+
+
 def delete_rows(catalog: Catalog, erasure_id: int, plan: dict[str, Any]) -> dict[str, int]:
     """Delete the plan's vectors (every model), labels, texts, images and cases in one transaction,
     mark the vector stores dirty and the erasure ``purging``; idempotent. Returns row counts."""
     counts = {"cases": 0, "images": 0, "texts": 0, "vectors": 0, "labels": 0}
     catalog.db.execute("PRAGMA secure_delete = ON")
-    models = [r[0] for r in catalog.db.execute("SELECT DISTINCT model FROM vectors")]
+    models = [r[0] for r in catalog.db.execute(_MODELS)]
     with catalog.atomic():
         for space, ids in (("image", plan["images"]), ("text", plan["texts"])):
             for chunk in _chunks(list(ids), 900):

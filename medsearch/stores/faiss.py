@@ -3,7 +3,9 @@
 One index per (model, space) under ``HOME/indexes/<model>/<space>.faiss`` with a manifest
 ``<space>.json`` beside it. FAISS ids are catalog row ids (``IndexIDMap2``). Saves are atomic:
 write a temp file, fsync, ``os.replace``, then the manifest (written the same way) whose
-checksum must match the file before FAISS reads it.
+checksum must match the file before FAISS reads it. A flat index larger than one segment
+(64 MiB) is saved as segment files the manifest lists (``medsearch.stores.segments``), so a
+``remove`` rewrites only the segments that held the removed ids.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from medsearch.config import IndexConfig
-from medsearch.errors import IndexInconsistent, IndexMismatch, IndexNotBuilt, StorageError
+from medsearch.errors import IndexInconsistent, IndexMismatch, IndexNotBuilt, MedsearchError, StorageError
 from medsearch.fileio import sha256_file
 
-from . import ann
+from . import ann, segments
 from .base import (  # noqa: F401  (read_manifest, write_json_atomic, save_lock: re-exported for callers)
     FORMAT_VERSION,
     Manifest,
@@ -50,6 +52,28 @@ def build_index(dim: int, kind: str, config: IndexConfig = IndexConfig(), n: int
     return ann.new_index(dim, kind, config, n=n)
 
 
+def saved_files(directory: Path, space: str) -> list[Path]:
+    """The index files the FAISS manifest of ``space`` names (one ``.faiss`` or its segments);
+    empty without a readable FAISS manifest."""
+    mpath = Path(directory) / f"{space}.json"
+    try:
+        man = read_manifest(mpath) if mpath.exists() else None
+    except MedsearchError:
+        man = None
+    return [] if man is None or man.store != "faiss" else segments.data_files(Path(directory), space, man.params)
+
+
+def delete_files(directory: Path, space: str, *, manifest: bool = True) -> None:
+    """Delete the FAISS index of ``space``: the manifest first (so no reader finds half an index),
+    then every index file of it there (named or left by a kill). ``manifest=False`` keeps the
+    manifest (another store's, which replaced this index)."""
+    directory = Path(directory)
+    if manifest:
+        (directory / f"{space}.json").unlink(missing_ok=True)
+    for p in segments.data_files(directory, space):
+        p.unlink(missing_ok=True)
+
+
 # Filters that leave at most this many ids are answered exactly from the stored vectors
 # (a gather + matmul), which beats graph/list traversal with a sparse selector.
 EXACT_SUBSET_MAX = 32_768
@@ -63,6 +87,10 @@ class VectorIndex:
     def __init__(self, index: Any, manifest: Manifest) -> None:
         self.index = index
         self.manifest = manifest
+        # segmented saves: the folder and segment entries this index was read from, and how many
+        # leading rows are still those files' rows (a save rewrites only what follows them)
+        self._disk: tuple[Path, list[dict[str, Any]]] | None = None
+        self._clean_rows = 0
 
     @property
     def ntotal(self) -> int:
@@ -217,6 +245,9 @@ class VectorIndex:
             return 0
         if self.manifest.kind != "flat":
             return None
+        pos = self.positions(ids)
+        if len(pos):  # rows before the first removed one keep their place (and their segment files)
+            self._clean_rows = min(self._clean_rows, int(pos.min()))
         try:
             n = int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
         except RuntimeError:
@@ -233,7 +264,9 @@ class VectorIndex:
         """Write ``<space>.faiss`` and its manifest ``<space>.json`` into ``directory``.
 
         Both go to fsynced temp files first and are renamed into place only when both are
-        complete, so a full disk or an I/O error leaves the previous index loadable.
+        complete, so a full disk or an I/O error leaves the previous index loadable. A flat index
+        over more than one segment is written as segment files instead (only those after the rows
+        still on disk from the load), the manifest naming them last; files it no longer names go.
         """
         directory.mkdir(parents=True, exist_ok=True)
         with save_lock(directory):  # one saver per folder: concurrent saves could pair a file with another's manifest
@@ -249,6 +282,8 @@ class VectorIndex:
                 ) from e
 
     def _save_locked(self, directory: Path) -> Path:
+        if self.manifest.kind == "flat" and self.ntotal > segments.segment_rows(self.manifest.dim):
+            return self._save_segments(directory)
         faiss = _faiss()
         space = self.manifest.space
         target, mtarget = directory / f"{space}.faiss", directory / f"{space}.json"
@@ -260,7 +295,8 @@ class VectorIndex:
             faiss.write_index(self.index, tmp)
             checksum = sha256_file(tmp)
             fsync_path(tmp)
-            man = Manifest(**{**asdict(self.manifest), "checksum": checksum, "built_at": now_iso()})
+            params = {k: v for k, v in self.manifest.params.items() if k != "segments"}
+            man = Manifest(**{**asdict(self.manifest), "params": params, "checksum": checksum, "built_at": now_iso()})
             tmps.append(_write_json_tmp(mtarget, asdict(man)))
             os.replace(tmp, target)  # the two renames are the only steps left: no writes in between
             os.replace(tmps[1], mtarget)
@@ -271,7 +307,89 @@ class VectorIndex:
             raise
         fsync_path(str(directory))
         self.manifest = man
+        self._disk = None
+        segments.collect(directory, space, [target])  # segments of an earlier, larger generation
         return target
+
+    def _save_segments(self, directory: Path) -> Path:
+        space, dim, n = self.manifest.space, self.manifest.dim, self.ntotal
+        mtarget = directory / f"{space}.json"
+        keep: list[dict[str, Any]] = []
+        start = 0
+        if self._disk is not None and self._disk[0] == directory.resolve():
+            try:  # reuse only files the manifest on disk still names (another save may have replaced them)
+                now = read_manifest(mtarget).params.get("segments") or []
+            except MedsearchError:
+                now = []
+            named = {(e["file"], e["sha256"]) for e in now}
+            for e in self._disk[1]:
+                if start + int(e["count"]) > self._clean_rows or (e["file"], e["sha256"]) not in named:
+                    break
+                keep.append(e)
+                start += int(e["count"])
+        xb = ann.exact_storage(self.index)  # (n, dim) float32 view
+        new: list[dict[str, Any]] = []
+        committed = False
+        try:
+            new = segments.write_rows(directory, space, ann.ids_of(self.index)[start:], xb[start:], dim)
+            entries = keep + new
+            params = {**self.manifest.params, "segments": entries}
+            man = Manifest(**{**asdict(self.manifest), "params": params, "checksum": segments.checksum_of(entries),
+                              "built_at": now_iso()})  # fmt: skip
+            tmp = _write_json_tmp(mtarget, asdict(man))
+            try:
+                os.replace(tmp, mtarget)  # the commit: readers see the new segments from here on
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            committed = True
+        finally:
+            if not committed:
+                for e in new:
+                    (directory / e["file"]).unlink(missing_ok=True)
+        fsync_path(str(directory))
+        self.manifest = man
+        self._disk, self._clean_rows = (directory.resolve(), entries), n
+        segments.collect(directory, space, [directory / e["file"] for e in entries])
+        return mtarget
+
+    @staticmethod
+    def remove_saved(directory: Path, space: str, item_ids: np.ndarray) -> int | None:
+        """Drop catalog ids from the saved segmented flat index in ``directory`` without loading it
+        whole: only segments whose id range may hold them are read, only those that held any are
+        rewritten, then the manifest (the next generation) and the files it no longer names.
+
+        Returns how many went; None when the saved index is not segmented (load, ``remove`` and
+        ``save`` instead) or would be left empty. IndexInconsistent when a segment it must read is
+        missing or damaged (rebuild from stored vectors), StorageError on a write error.
+        """
+        mpath = directory / f"{space}.json"
+        ids = np.asarray(item_ids, dtype=np.int64)
+        with save_lock(directory):
+            man = read_manifest(mpath)
+            if man.store != "faiss" or man.kind != "flat" or not segments.is_segmented(man.params):
+                return None
+            try:
+                entries, n = segments.remove_ids(directory, space, man.params["segments"], ids, man.dim)
+                if n and not entries:
+                    return None
+                if n:
+                    man = Manifest(**{
+                        **asdict(man), "count": sum(int(e["count"]) for e in entries), "generation": man.generation + 1,
+                        "params": {**man.params, "segments": entries}, "checksum": segments.checksum_of(entries),
+                        "built_at": now_iso(),
+                    })  # fmt: skip
+                    tmp = _write_json_tmp(mpath, asdict(man))
+                    os.replace(tmp, mpath)
+                    fsync_path(str(directory))
+                segments.collect(directory, space, segments.data_files(directory, space, man.params))
+            except FileNotFoundError as e:
+                raise IndexInconsistent(f"{e.filename} is named by the {space} manifest in {directory} but missing",
+                                        hint="run `medsearch check --repair` to rebuild it from stored vectors") from e
+            except (OSError, RuntimeError) as e:
+                raise StorageError(f"could not rewrite the {space} index segments in {directory}: {e}",
+                                   hint="free disk space (or fix the disk) and rerun `medsearch remove`") from e
+        return n
 
     @classmethod
     def load(
@@ -281,15 +399,38 @@ class VectorIndex:
         """Load and check against the manifest (and the expected model when given).
 
         ``mmap``: map the file read-only instead of reading it (flat and IVF data stay on disk
-        until touched; for index shards larger than RAM).
+        until touched; for index shards larger than RAM). A segmented flat index is read whole;
+        when a save replaced its segments while they were read, the new generation is read.
         """
+        for attempt in range(3):
+            man = read_manifest(directory / f"{space}.json") if (directory / f"{space}.json").exists() else None
+            try:
+                return cls._load(directory, space, man, model_id=model_id, weights_hash=weights_hash,
+                                 verify=verify, mmap=mmap)  # fmt: skip
+            except (FileNotFoundError, IndexInconsistent) as e:
+                # a save or remove replaced the files while this read them: read the new generation
+                mpath = directory / f"{space}.json"
+                if attempt < 2 and man is not None and mpath.exists() and read_manifest(mpath) != man:
+                    continue
+                if isinstance(e, FileNotFoundError):
+                    raise IndexInconsistent(
+                        f"{e.filename} is named by the {space} manifest in {directory} but missing",
+                        hint="run `medsearch check --repair` to rebuild it from stored vectors",
+                    ) from e
+                raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load(
+        cls, directory: Path, space: str, man: Manifest | None, *, model_id: str | None, weights_hash: str | None,
+        verify: bool, mmap: bool,
+    ) -> VectorIndex:  # fmt: skip
         faiss = _faiss()
-        path, mpath = directory / f"{space}.faiss", directory / f"{space}.json"
-        if not path.exists() or not mpath.exists():
+        path = directory / f"{space}.faiss"
+        if man is None or (not segments.is_segmented(man.params) and not path.exists()):
             raise IndexNotBuilt(
                 f"no {space} index in {directory}", hint="run `medsearch index` to build it"
             )
-        man = read_manifest(mpath)
         if man.format_version != FORMAT_VERSION:
             raise IndexMismatch(
                 f"{path} has index format {man.format_version}, this medsearch reads {FORMAT_VERSION}",
@@ -306,6 +447,15 @@ class VectorIndex:
                 f"({man.weights_hash} != {weights_hash})",
                 hint="run `medsearch index --rebuild` to re-embed with the current weights",
             )
+        if segments.is_segmented(man.params):  # read whole (mmap does not apply), each file checked first
+            entries = list(man.params["segments"])
+            index = segments.read_all(directory, entries, man.dim, verify=verify)
+            if index.ntotal != man.count:
+                raise IndexInconsistent(f"the {space} segments in {directory} hold {index.ntotal} vectors, "
+                                        f"the manifest says {man.count}", hint="run `medsearch check --repair`")  # fmt: skip
+            out = cls(index, man)
+            out._disk, out._clean_rows = (directory.resolve(), entries), man.count
+            return out
         if verify and sha256_file(str(path)) != man.checksum:
             raise IndexInconsistent(
                 f"{path} does not match its manifest checksum (partial write or tampering)",

@@ -299,7 +299,9 @@ def sync_store(
                    store="milvus")  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
     write_json_atomic(mpath, asdict(man))
-    (directory / f"{space}.faiss").unlink(missing_ok=True)  # a FAISS index of the store this one replaced
+    from .faiss import delete_files
+
+    delete_files(directory, space, manifest=False)  # a FAISS index of the store this one replaced
     return {"count": n, "kind": f"milvus {kind}", "generation": generation, "rebuilt": fresh,
             "added": diff["added"] + diff["updated"] + int(len(held)), "removed": diff["removed"], "store": "milvus"}  # fmt: skip
 
