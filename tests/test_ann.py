@@ -155,3 +155,23 @@ def test_build_indexes_adds_new_vectors_without_rebuilding(tmp_path):
     cat.put_vectors("m", "image", [5], x[6:7])  # a replaced vector: rebuild
     third = build_indexes(cat, paths, model_id="m", weights_hash="w", dims={"image": 32}, config=cfg)["image"]
     assert third["rebuilt"] and third["generation"] == 3
+
+
+def test_ivfpq_tuning_reads_deeper_when_no_nprobe_reaches_the_target(tmp_path):
+    # coarse codes and no re-rank depth: every nprobe falls short at k_factor 1, so the tuner must
+    # widen the exact re-rank (what ivfpq at 1M needed: 0.949 at k_factor 8 with every list probed)
+    n, d = 6000, 32
+    x, q = np.split(_clustered(n + 200, d, seed=5), [n])
+    ids = np.arange(n, dtype=np.int64)
+    shallow = IndexConfig(kind="ivfpq", pq_m=2, refine_k_factor=1.0, target_recall=0.95, tune=False)
+    idx0 = _build(ids, x, shallow)
+    ann.ivf_of(idx0.index).nprobe = ann.ivf_of(idx0.index).nlist  # every list: only the codes limit it
+    assert _recall(idx0.search(q, 10)[1], _oracle(q, x, ids, 10)) < 0.9
+    idx = _build(ids, x, IndexConfig(kind="ivfpq", pq_m=2, refine_k_factor=1.0, target_recall=0.95))
+    p = idx.manifest.params
+    assert p["target_met"] and p["k_factor"] > 1.0
+    assert _recall(idx.search(q, 10)[1], _oracle(q, x, ids, 10)) >= 0.93
+    idx.save(tmp_path)
+    back = VectorIndex.load(tmp_path, "image", model_id="m")
+    assert ann.search_params(back.index)["k_factor"] == p["k_factor"]
+    np.testing.assert_array_equal(back.search(q, 10)[1], idx.search(q, 10)[1])
