@@ -303,7 +303,8 @@ def sync_store(
 
     delete_files(directory, space, manifest=False)  # a FAISS index of the store this one replaced
     return {"count": n, "kind": f"milvus {kind}", "generation": generation, "rebuilt": fresh,
-            "added": diff["added"] + diff["updated"] + int(len(held)), "removed": diff["removed"], "store": "milvus"}  # fmt: skip
+            "added": diff["added"] + diff["updated"] + int(len(held)), "removed": diff["removed"], "store": "milvus",
+            **{k: man.params[k] for k in ("tuned_recall_at_10", "target_recall", "target_met") if k in man.params}}  # fmt: skip
 
 
 def index_space(
