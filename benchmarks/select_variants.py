@@ -76,6 +76,10 @@ def main() -> None:
     ap.add_argument("--fixed-step", type=int, default=0,
                     help="--cv-only: score the folds at this step only (fits stop there; a cheaper cv on a loaded host)")
     ap.add_argument("--ensemble-cv", default="", help="variant(s) whose 3-seed ensemble is scored on the folds")
+    ap.add_argument("--from-cv", action="store_true",
+                    help="dev runs: every seed refit at the step HOME/cv_variants.json chose (no cv rerun)")
+    ap.add_argument("--combine", action="store_true",
+                    help="dev runs: also score the seeds' models averaged as one ensemble model (VARIANT-ens)")
     args = ap.parse_args()
     paths = Paths(args.home)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -89,28 +93,36 @@ def main() -> None:
     results = json.loads(out_file.read_text()) if out_file.exists() else {}
     print(f"load {load_avg()}", file=sys.stderr)
     for name in args.variants.split(","):
-        if name in results and len(results[name]["dev"]) == len(seeds):
+        if name in results and len(results[name]["dev"]) >= len(seeds):
             continue
         base = replace(TrainConfig(), **VARIANTS[name])
         cat = Catalog.open(paths.catalog, readonly=True)
         t0 = time.perf_counter()
         runs = {}
-        res = train(cat, paths, replace(base, seed=seeds[0], name=f"{name}-s{seeds[0]}"), device="cpu",
-                    log=lambda m, n=name: print(f"[{n}] {m}", file=sys.stderr, flush=True))  # fmt: skip
-        sel = res.config["selection"]
-        runs[seeds[0]] = res.model_id
-        for s in seeds[1:]:
+        if args.from_cv:  # the step (and record) of an earlier --cv-only run
+            sel = json.loads((args.home / "cv_variants.json").read_text())[name]["selection"]
+            refit = seeds
+        else:
+            res = train(cat, paths, replace(base, seed=seeds[0], name=f"{name}-s{seeds[0]}"), device="cpu",
+                        log=lambda m, n=name: print(f"[{n}] {m}", file=sys.stderr, flush=True))  # fmt: skip
+            sel = res.config["selection"]
+            runs[seeds[0]] = res.model_id
+            refit = seeds[1:]
+        for s in refit:
             r = train(cat, paths, replace(base, seed=s, name=f"{name}-s{s}", select="none", stop_at=sel["chosen"]["step"]),
                       device="cpu")  # fmt: skip
             runs[s] = r.model_id
         cat.close()
         train_s = time.perf_counter() - t0
+        if args.combine:
+            runs["ens"] = combine(paths, [m.split(":", 1)[1] for m in runs.values()], f"{name}-ens")
         dev = {}
         for s, model in runs.items():
             rep = evaluate_dataset(paths, args.dataset, EvalConfig(split="dev"), model=model, device="cpu")
             dev[s] = {k: _get(rep, p) for k, p in METRICS.items()}
         results[name] = {"params": VARIANTS[name], "selection": {k: sel[k] for k in ("folds", "fold_sizes", "chosen",
-                         "grid", "seconds")}, "models": runs, "dev": dev, "train_seconds": round(train_s, 1)}  # fmt: skip
+                         "grid", "seconds", "fixed_step") if k in sel}, "models": runs, "dev": dev,
+                         "train_seconds": round(train_s, 1), "load": load_avg()}  # fmt: skip
         out_file.write_text(json.dumps(results, indent=1))
         print(f"[{name}] cv {sel['chosen']['cv_score']:.3f} @ {sel['chosen']['step']}; dev "
               + ", ".join(f"{k} {np.mean([d[k]['value'] for d in dev.values()]):.3f}" for k in METRICS),
@@ -226,20 +238,46 @@ def probe(paths: Paths, variants: list[str], fields: tuple[str, ...] = ("modalit
     (paths.home / "probe.json").write_text(json.dumps(out, indent=1))
 
 
+def combine(paths: Paths, names: list[str], out_name: str) -> str:
+    """One ensemble lite model from trained lite models of the same recipe (other seeds): member m's heads
+    as ``member<m>.heads.*`` (what ``train --ensemble N`` writes), no retraining. -> its model id."""
+    from safetensors.torch import load_file
+
+    from medsearch.encoders.lite import WEIGHTS_FILE, model_dir, read_config, save_model
+
+    cfgs = [read_config(model_dir(paths.models, n)) for n in names]
+    keep = ("dims", "dropout", "in_dropout", "tta", "unfreeze")
+    if any({k: c.get(k) for k in keep} != {k: cfgs[0].get(k) for k in keep} for c in cfgs) or cfgs[0].get("unfreeze"):
+        raise SystemExit(f"{names}: not one recipe with frozen towers")
+    state = {}
+    for m, n in enumerate(names):
+        for k, v in load_file(str(model_dir(paths.models, n) / WEIGHTS_FILE)).items():
+            state[k if m == 0 else f"member{m}.{k}"] = v
+    cfg = {**cfgs[0], "model_id": f"lite:{out_name}", "members": len(names), "ensemble_of": [c["model_id"] for c in cfgs]}
+    save_model(model_dir(paths.models, out_name), state, cfg)
+    return cfg["model_id"]
+
+
 def table(results: dict) -> str:
     cols = list(METRICS)
     lines = ["| variant | cv score (+- sd over folds) | chosen step | " + " | ".join(f"dev {c}" for c in cols) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in cols) + " |"]  # fmt: skip
     for name, r in results.items():
         c = r["selection"]["chosen"]
+        seeds = {s: d for s, d in r["dev"].items() if s != "ens"}
         cells = []
         for k in cols:
-            vals = [d[k]["value"] for d in r["dev"].values()]
-            lo = min(d[k]["ci95"][0] for d in r["dev"].values())
-            hi = max(d[k]["ci95"][1] for d in r["dev"].values())
+            vals = [d[k]["value"] for d in seeds.values()]
+            lo = min(d[k]["ci95"][0] for d in seeds.values())
+            hi = max(d[k]["ci95"][1] for d in seeds.values())
             cells.append(f"{np.mean(vals):.3f} ({' / '.join(f'{v:.3f}' for v in vals)}) [{lo:.2f}, {hi:.2f}]")
         lines.append(f"| {name} {r['params'] or ''} | {c['cv_score']:.3f} +- {c['cv_std']:.3f} | {c['step']} | "
                      + " | ".join(cells) + " |")  # fmt: skip
+        if "ens" in r["dev"]:
+            e = r["dev"]["ens"]
+            lines.append(f"| {name}, its {len(seeds)} seeds averaged (one model) | - | {c['step']} | "
+                         + " | ".join(f"{e[k]['value']:.3f} [{e[k]['ci95'][0]:.2f}, {e[k]['ci95'][1]:.2f}]"
+                                      for k in cols) + " |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -499,12 +499,14 @@ def test_tta_ensemble_model_pools_its_views_and_averages_its_heads(trained, home
 
 
 def test_cv_ensemble_scores_each_seed_and_their_average(home):
+    from dataclasses import replace
+
     from medsearch.encoders.registry import load_encoder
     from medsearch.train import TrainConfig
     from medsearch.train.dev import DevSet, dev_scores
-    from medsearch.train.fit import fit_heads
+    from medsearch.train.fit import fit_heads, schedule_total
     from medsearch.train.lite import training_features
-    from medsearch.train.select import cv_ensemble, embed_heldout
+    from medsearch.train.select import _fold_parts, case_folds, cv_ensemble, embed_heldout
 
     cfg = TrainConfig(**{**CV, "crops": 0})
     cat = Catalog.open(home / "catalog.db")
@@ -513,7 +515,13 @@ def test_cv_ensemble_scores_each_seed_and_their_average(home):
     assert img.shape == (len(pairs.image_ids), 1, 1280) and txt.shape == (len(pairs.texts), 384)
     r = cv_ensemble(pairs, img, txt, cfg, step=20, seeds=[0, 1], device="cpu")
     assert len(r["single"]) == 3 and all(len(s) == 2 for s in r["single"]) and len(r["ensemble"]) == 3
-    assert all(0.0 <= v <= 1.0 for v in r["ensemble"]) and r["single"][0][0] != r["single"][0][1]
+    assert all(0.0 <= v <= 1.0 for v in r["ensemble"])
+    # seed 1's fold-0 score is a fit of that fold's train part, scored on its held-out part
+    folds = case_folds(pairs.image_case, 3, cfg.fold_seed)
+    tr, tr_img, tr_txt, held = _fold_parts(pairs, img, txt, folds, 3)[0]
+    f1 = fit_heads(tr, tr_img, tr_txt, replace(cfg, seed=1), total=schedule_total(cfg, tr.n_pairs), stop_at=20)
+    assert r["single"][0][1] == round(dev_scores(held, *embed_heldout([f1], held))["score"], 4)
+    assert not set(held.pairs.image_case.tolist()) & set(tr.image_case.tolist())  # no case on both sides
     # an ensemble of one run twice is that run
     fit = fit_heads(pairs, img, txt, cfg, total=40, stop_at=10)
     dev = DevSet(pairs, img[:, 0], txt)
