@@ -235,7 +235,8 @@ def probe(paths: Paths, variants: list[str], fields: tuple[str, ...] = ("modalit
             print(f"[probe {name}] {fld}: linear {np.mean(acc_lin):.3f} ({', '.join(f'{a:.3f}' for a in acc_lin)}), "
                   f"frozen 10-NN vote {np.mean(acc_knn):.3f}", file=sys.stderr, flush=True)  # fmt: skip
     cat.close()
-    (paths.home / "probe.json").write_text(json.dumps(out, indent=1))
+    f = paths.home / "probe.json"
+    f.write_text(json.dumps({**(json.loads(f.read_text()) if f.exists() else {}), **out}, indent=1))
 
 
 def combine(paths: Paths, names: list[str], out_name: str) -> str:
