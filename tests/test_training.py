@@ -426,3 +426,105 @@ def test_eval_hides_the_evaluated_splits_own_text(home):
     shown = load_eval_set(cat, EvalConfig(split="dev", hide_split_text=False))
     cat.close()
     assert dev_texts & set(shown.docs)
+
+
+def test_tta_views_are_deterministic_images_with_clear_errors():
+    import torch
+
+    from medsearch.encoders.features import TTA_VIEWS, check_tta, tta_view
+
+    g = torch.Generator().manual_seed(0)
+    x = 40 + 150 * torch.rand((2, 3, 224, 224), generator=g)  # (n, 3, H, W) grey levels 40..190
+    x[:, 1:] = x[:, :1]  # grayscale in RGB, like a scan
+    np.testing.assert_array_equal(tta_view(x, "flip").numpy(), x.numpy()[..., ::-1])
+    assert tta_view(x, "s288").shape == (2, 3, 288, 288) and tta_view(x, "zoom").shape == x.shape
+    win = tta_view(x, "win")
+    grey = win.mean(1).reshape(2, -1)
+    assert float(grey.min()) == 0.0 and float(grey.max()) == 255.0  # p1..p99 stretched to the full range
+    assert abs(float((grey == 0).float().mean()) - 0.01) < 0.005  # about 1% clipped at each end
+    eq = tta_view(x, "eq")
+    assert eq.shape == x.shape and float(eq.max()) == 255.0 and float(eq.min()) < float(x.min())
+    for v in TTA_VIEWS:
+        np.testing.assert_array_equal(tta_view(x, v).numpy(), tta_view(x.clone(), v).numpy())
+        assert 0.0 <= float(tta_view(x, v).min()) and float(tta_view(x, v).max()) <= 255.0
+    with pytest.raises(InvalidInput, match="'blur'") as e:
+        check_tta(["flip", "blur"])
+    assert "s288" in e.value.hint
+    with pytest.raises(InvalidInput, match="repeated"):
+        check_tta(["flip", "flip"])
+
+
+def test_tta_ensemble_model_pools_its_views_and_averages_its_heads(trained, home):
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from medsearch.catalog.train_queries import pool_images
+    from medsearch.encoders.lite import make_heads
+    from medsearch.encoders.registry import clear_encoder_cache, load_encoder
+    from medsearch.imaging import load_image
+    from medsearch.train import TrainConfig, train
+
+    cat = Catalog.open(home / "catalog.db")
+    res = train(cat, Paths(home), TrainConfig(**{**FAST, "crops": 0, "steps": 20, "select": "none"}, tta=("flip",),
+                ensemble=2, name="tta-ens"), device="cpu")  # fmt: skip
+    rows = [im.path for im in pool_images(cat)[:3]]
+    cat.close()
+    assert res.config["members"] == 2 and res.config["tta"] == ["flip"]
+    state = load_file(str(res.path / "model.safetensors"))
+    assert "member1.heads.image.fc1.weight" in state and "member2.heads.image.fc1.weight" not in state
+    assert not torch.equal(state["heads.image.fc1.weight"], state["member1.heads.image.fc1.weight"])  # other seed
+    clear_encoder_cache()
+    enc = load_encoder("lite:tta-ens", device="cpu", models_dir=home / "models")
+    assert not enc.frozen_towers  # eval must embed through the encoder, not the centre-view cache
+    x = torch.stack([enc.preprocess(load_image(p)) for p in rows])  # (3, 3, 224, 224)
+    # the image feature is the mean of the centre and the flipped input, computed here from the towers
+    fresh = (enc.towers.image_features(x) + enc.towers.image_features(x.flip(-1))) / 2
+    np.testing.assert_allclose(enc.image_features(x), fresh, atol=1e-4)
+    u8 = torch.stack([enc.preprocess_u8(load_image(p)) for p in rows])  # the uint8 path the indexer ships
+    np.testing.assert_allclose(enc.image_features(u8), fresh, atol=1e-3)
+    # the embedding: each member's unit vector, averaged, normalised again
+    members = []
+    for prefix in ("heads.", "member1.heads."):
+        h = make_heads(res.config)
+        h.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        members.append(h.eval())
+    feats = torch.from_numpy(fresh)
+    with torch.no_grad():
+        want = F.normalize(sum(F.normalize(h.image(feats), dim=-1) for h in members), dim=-1).numpy()
+        one = F.normalize(members[0].image(feats), dim=-1).numpy()
+    got = enc.encode_image_batch(x)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert not np.allclose(got, one, atol=1e-3)
+
+
+def test_cv_ensemble_scores_each_seed_and_their_average(home):
+    from dataclasses import replace
+
+    from medsearch.encoders.registry import load_encoder
+    from medsearch.train import TrainConfig
+    from medsearch.train.dev import DevSet, dev_scores
+    from medsearch.train.fit import fit_heads, schedule_total
+    from medsearch.train.lite import training_features
+    from medsearch.train.select import _fold_parts, case_folds, cv_ensemble, embed_heldout
+
+    cfg = TrainConfig(**{**CV, "crops": 0})
+    cat = Catalog.open(home / "catalog.db")
+    pairs, img, txt = training_features(cat, Paths(home), cfg, towers=load_encoder("towers", device="cpu"))
+    cat.close()
+    assert img.shape == (len(pairs.image_ids), 1, 1280) and txt.shape == (len(pairs.texts), 384)
+    r = cv_ensemble(pairs, img, txt, cfg, step=20, seeds=[0, 1], device="cpu")
+    assert len(r["single"]) == 3 and all(len(s) == 2 for s in r["single"]) and len(r["ensemble"]) == 3
+    assert all(0.0 <= v <= 1.0 for v in r["ensemble"])
+    # seed 1's fold-0 score is a fit of that fold's train part, scored on its held-out part
+    folds = case_folds(pairs.image_case, 3, cfg.fold_seed)
+    tr, tr_img, tr_txt, held = _fold_parts(pairs, img, txt, folds, 3)[0]
+    f1 = fit_heads(tr, tr_img, tr_txt, replace(cfg, seed=1), total=schedule_total(cfg, tr.n_pairs), stop_at=20)
+    assert r["single"][0][1] == round(dev_scores(held, *embed_heldout([f1], held))["score"], 4)
+    assert not set(held.pairs.image_case.tolist()) & set(tr.image_case.tolist())  # no case on both sides
+    # an ensemble of one run twice is that run
+    fit = fit_heads(pairs, img, txt, cfg, total=40, stop_at=10)
+    dev = DevSet(pairs, img[:, 0], txt)
+    a, b = embed_heldout([fit], dev), embed_heldout([fit, fit], dev)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+    assert dev_scores(dev, *a)["score"] == pytest.approx(dev_scores(dev, *b)["score"])

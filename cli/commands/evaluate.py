@@ -36,6 +36,9 @@ def train(
     cv_grid: Annotated[str | None, typer.Option("--cv-grid", help="--select cv: grid to tune, e.g. 'dropout=0.5,0.7;image_image=0.5,1' (default: the recipe's grid; '' = none).")] = None,
     source: Annotated[list[str] | None, typer.Option("--source", help="Only images of this catalog source (repeatable).")] = None,
     crops: Annotated[int | None, typer.Option("--crops", min=0, help="Random crops per image besides the centre view (lite).")] = None,
+    tta: Annotated[str | None, typer.Option("--tta", help="Views pooled with the centre view at training, index and query time, comma-separated: flip, zoom, s288, win, eq (lite; default: none).")] = None,
+    tta_mode: Annotated[str | None, typer.Option("--tta-mode", help="--tta: pool (the image feature is the mean over the views) or aug (training views only).")] = None,
+    ensemble: Annotated[int | None, typer.Option("--ensemble", min=1, help="Heads trained with N seeds and averaged in one model (lite).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=2, help="Pairs per step.")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate.")] = None,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per step (open_clip).")] = 1,
@@ -59,7 +62,9 @@ def train(
     cfg = TrainConfig(base=base, seed=seed, split=split, select=select, dev_split=dev_split, unfreeze=unfreeze,
                       epochs=epochs, grad_accum=grad_accum, name=name, sources=tuple(source or ()))  # fmt: skip
     overrides = {k: v for k, v in dict(steps=steps, crops=crops, batch_size=batch_size, lr=lr, image_image=image_image,
-                                       folds=folds).items() if v is not None}  # fmt: skip
+                                       folds=folds, tta_mode=tta_mode, ensemble=ensemble).items() if v is not None}  # fmt: skip
+    if tta is not None:
+        overrides["tta"] = tuple(v.strip() for v in tta.split(",") if v.strip())
     if cv_grid is not None:
         overrides["cv_grid"] = parse_grid(cv_grid)
     if label_positives is not None:

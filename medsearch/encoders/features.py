@@ -319,3 +319,133 @@ def text_features(
         return np.concatenate(out).astype(np.float32)
 
     return store.get(TEXT_KIND, keys, compute, chunk=1024)
+
+
+# =========================================================================== test-time views (TTA)
+
+# Deterministic views of the centre input (the (3, 224, 224) tensor indexing embeds), so a model
+# that pools them computes the same thing at training, index and query time:
+#   flip  horizontal flip            zoom  centre 80% crop, resized back to 224
+#   s288  the input upscaled to 288 (multi-scale: the pooled 9x9 map sees finer structure)
+#   win   percentile window: grey levels p1..p99 stretched to 0..255 (a contrast view)
+#   eq    histogram equalisation (a global stand-in for CLAHE on grayscale scans)
+TTA_VIEWS = ("flip", "zoom", "s288", "win", "eq")
+TTA_TENSOR_KIND = "by-tensor-tta"  # per-view features keyed "<centre input tensor key>#<view>"
+
+
+def check_tta(names: Sequence[str]) -> tuple[str, ...]:
+    """Validate view names (typed error listing the valid ones)."""
+    from medsearch.errors import InvalidInput
+
+    bad = [n for n in names if n not in TTA_VIEWS]
+    if bad or len(set(names)) != len(names):
+        raise InvalidInput(f"unknown or repeated --tta view(s) {bad or list(names)}", hint=f"use some of {', '.join(TTA_VIEWS)}")
+    return tuple(names)
+
+
+def to_255(batch: torch.Tensor, towers: TowersEncoder) -> torch.Tensor:
+    """(n, 3, H, W) uint8 or normalised float input -> float32 pixel values 0..255."""
+    import torch
+
+    if batch.dtype == torch.uint8:
+        return batch.float()
+    t = towers.transform
+    mean = torch.tensor(t.mean, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(t.std, device=batch.device).view(1, 3, 1, 1)
+    return ((batch.float() * std + mean) * 255.0).clamp_(0.0, 255.0)
+
+
+def tta_view(x: torch.Tensor, name: str) -> torch.Tensor:
+    """(n, 3, H, W) float 0..255 -> view ``name`` (n, 3, h, w) float 0..255 (see TTA_VIEWS)."""
+    import torch
+    import torch.nn.functional as F
+
+    n, _, H, W = x.shape
+    if name == "flip":
+        return x.flip(-1)
+    if name == "zoom":
+        h, w = round(H * 0.8), round(W * 0.8)
+        top, left = (H - h) // 2, (W - w) // 2
+        crop = x[:, :, top : top + h, left : left + w]
+        return F.interpolate(crop, size=(H, W), mode="bicubic", align_corners=False).clamp_(0.0, 255.0)
+    if name == "s288":
+        return F.interpolate(x, size=(288, 288), mode="bicubic", align_corners=False).clamp_(0.0, 255.0)
+    if name == "win":
+        flat = x.mean(1).reshape(n, -1)  # (n, H*W) grey levels
+        lo = torch.quantile(flat, 0.01, dim=1).view(n, 1, 1, 1)
+        hi = torch.quantile(flat, 0.99, dim=1).view(n, 1, 1, 1)
+        return ((x - lo) / (hi - lo).clamp(min=1.0) * 255.0).clamp_(0.0, 255.0)
+    if name == "eq":
+        from torchvision.transforms.functional import equalize
+
+        return equalize(x.round().clamp(0, 255).to(torch.uint8)).float()
+    raise ValueError(name)
+
+
+def tta_features(towers: TowersEncoder, batch: torch.Tensor, names: Sequence[str]) -> np.ndarray:
+    """(n, 3, 224, 224) centre inputs -> (n, len(names), 1280) pooled tower features of each view."""
+    import torch
+
+    x = to_255(batch, towers)
+    t = towers.transform
+    mean = torch.tensor(t.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(t.std, device=x.device).view(1, 3, 1, 1)
+    out = [towers.image_features((tta_view(x, v) / 255.0 - mean) / std) for v in names]
+    return np.stack(out, axis=1).astype(np.float32)
+
+
+def image_tta_features(
+    store: FeatureStore,
+    towers: TowersEncoder,
+    *,
+    keys: Sequence[str],
+    paths: Sequence[str],
+    frames: Sequence[int | None],
+    names: Sequence[str],
+    batch: int = 16,
+    imaging: ImagingConfig = ImagingConfig(),
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """(n, len(names), 1280) cached features of the TTA views of each image (kind ``tta-<view>``).
+
+    Each computed view is also remembered under its centre input tensor (float and uint8 keys), so
+    the lite encoder looks it up instead of recomputing it for an image training saw.
+    """
+    import torch
+
+    names = check_tta(names)
+    flat = [f"{k}@{v}" for k in keys for v in names]  # one folder for all views: one index read
+    kind = "tta"
+    index = store.index(kind)
+    todo = len({i // len(names) for i, k in enumerate(flat) if k not in index})
+    done = 0
+
+    def compute(missing: list[int]) -> np.ndarray:
+        nonlocal done
+        need: dict[int, list[int]] = {}
+        for m in missing:
+            need.setdefault(m // len(names), []).append(m % len(names))
+        images = sorted(need)
+        results: dict[int, np.ndarray] = {}
+        by_tensor: dict[str, np.ndarray] = {}
+        for s in range(0, len(images), batch):
+            part = images[s : s + batch]
+            pil = list(load_images([paths[i] for i in part], [frames[i] for i in part], imaging))
+            xs = torch.stack([towers.preprocess(p) for p in pil])  # (b, 3, 224, 224) float
+            u8 = [tensor_key(towers.preprocess_u8(p)) for p in pil] if hasattr(towers, "preprocess_u8") else []
+            feats = tta_features(towers, xs, names)  # (b, V, 1280)
+            for j, i in enumerate(part):
+                kf = tensor_key(xs[j])
+                for v in range(len(names)):
+                    results[i * len(names) + v] = feats[j, v]
+                    by_tensor[f"{kf}#{names[v]}"] = feats[j, v]
+                    if u8:
+                        by_tensor[f"{u8[j]}#{names[v]}"] = feats[j, v]
+            done += len(part)
+            if progress:
+                progress("tta features", min(done, todo), todo)
+        store.put(TTA_TENSOR_KIND, list(by_tensor), np.stack(list(by_tensor.values())))
+        return np.stack([results[m] for m in missing])
+
+    feats = store.get(kind, flat, compute, chunk=200 * len(names))
+    return feats.reshape(len(keys), len(names), feats.shape[-1])

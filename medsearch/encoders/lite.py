@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medsearch.encoders.base import l2_normalize, pick_device
-from medsearch.encoders.features import TENSOR_KIND, FeatureStore, tensor_key
+from medsearch.encoders.features import TENSOR_KIND, TTA_TENSOR_KIND, FeatureStore, check_tta, tensor_key, tta_features
 from medsearch.errors import InvalidInput, ModelNotAvailable
 from medsearch.fileio import sha256_file, write_atomic
 
@@ -146,10 +146,20 @@ class LiteEncoder:
                 hint="retrain with `medsearch train` (the tower packages changed)",
             )
         state = load_file(str(self.directory / WEIGHTS_FILE), device="cpu")
-        heads = make_heads(self.config)
-        head_state = {k[len("heads.") :]: v for k, v in state.items() if k.startswith("heads.")}
-        heads.load_state_dict(head_state, strict=True)
-        self.heads = heads.eval().requires_grad_(False).to(self.device)
+        self.members = []  # one Heads per ensemble member: member 0 under "heads.", member m under "member<m>.heads."
+        for m in range(int(self.config.get("members", 1))):
+            prefix = "heads." if m == 0 else f"member{m}.heads."
+            heads = make_heads(self.config)
+            head_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            if not head_state:
+                raise ModelNotAvailable(
+                    f"{self.directory / WEIGHTS_FILE} lacks the heads of ensemble member {m}",
+                    hint="retrain with `medsearch train`",
+                )
+            heads.load_state_dict(head_state, strict=True)
+            self.members.append(heads.eval().requires_grad_(False).to(self.device))
+        self.heads = self.members[0]
+        self.tta = check_tta(self.config.get("tta") or ())  # views pooled with the centre view (features.TTA_VIEWS)
         self._image_net = None  # a private copy of the image tower when blocks were fine-tuned
         tower_state = {k[len("tower.") :]: v for k, v in state.items() if k.startswith("tower.")}
         if tower_state:
@@ -171,6 +181,7 @@ class LiteEncoder:
         self.temperature = float(1.0 / torch.exp(self.heads.logit_scale).item())
         self._cache_dir = Path(feature_cache) if feature_cache is not None else None
         self._by_tensor: dict[str, np.ndarray] | None = None
+        self._by_tensor_tta: dict[str, np.ndarray] | None = None
         self.cache_hits = 0  # images whose tower features came from the training cache
 
     # ---- identity
@@ -182,20 +193,22 @@ class LiteEncoder:
 
     @property
     def frozen_towers(self) -> bool:
-        """True when the image tower is the stock one (so cached tower features can be reused)."""
-        return self._image_net is None
+        """True when an image's feature is the stock tower's centre view (so cached centre features
+        can be reused); False with fine-tuned blocks or pooled TTA views."""
+        return self._image_net is None and not self.tta
 
     # ---- features -> shared space
 
     def project_image_features(self, feats: np.ndarray) -> np.ndarray:
         """(n, 1280) raw tower features -> (n, 256) float32, unit norm."""
-        return self._project(self.heads.image, feats, self.config["dims"]["image_in"])
+        return self._project("image", feats, self.config["dims"]["image_in"])
 
     def project_text_features(self, feats: np.ndarray) -> np.ndarray:
         """(n, 384) raw tower features -> (n, 256) float32, unit norm."""
-        return self._project(self.heads.text, feats, self.config["dims"]["text_in"])
+        return self._project("text", feats, self.config["dims"]["text_in"])
 
-    def _project(self, head: Any, feats: np.ndarray, d_in: int) -> np.ndarray:
+    def _project(self, side: str, feats: np.ndarray, d_in: int) -> np.ndarray:
+        """Each member's head, L2-normalised, averaged over members, normalised again."""
         import torch
 
         feats = np.asarray(feats, dtype=np.float32)
@@ -204,8 +217,9 @@ class LiteEncoder:
         if len(feats) == 0:
             return np.zeros((0, self.image_dim), dtype=np.float32)
         with torch.inference_mode():
-            z = head(torch.from_numpy(feats).to(self.device))  # (n, 256)
-        return l2_normalize(z.float().cpu().numpy())
+            x = torch.from_numpy(feats).to(self.device)
+            z = sum(torch.nn.functional.normalize(getattr(h, side)(x).float(), dim=-1) for h in self.members)  # (n, 256)
+        return l2_normalize(z.cpu().numpy())
 
     # ---- Encoder protocol
 
@@ -229,12 +243,35 @@ class LiteEncoder:
             self._by_tensor = store.read_all(TENSOR_KIND) if store is not None else {}
         return self._by_tensor
 
+    def _tta_index(self) -> dict[str, np.ndarray]:
+        if self._by_tensor_tta is None:
+            store = FeatureStore.for_towers(self._cache_dir, self.towers) if self._cache_dir is not None else None
+            self._by_tensor_tta = store.read_all(TTA_TENSOR_KIND) if store is not None and self.tta else {}
+        return self._by_tensor_tta
+
     def image_features(self, batch: torch.Tensor) -> np.ndarray:
-        """(n, 3, 224, 224) -> (n, 1280) pooled tower features (fine-tuned blocks when present).
+        """(n, 3, 224, 224) -> (n, 1280) pooled tower features (fine-tuned blocks when present;
+        with TTA views, the mean over the centre and its views).
 
         With frozen towers, an input tensor whose features training already cached (same
         preprocessed pixels, same tower weights) is looked up instead of recomputed.
         """
+        centre = self._centre_features(batch)
+        if not self.tta:
+            return centre
+        index = self._tta_index()
+        keys = [tensor_key(x) for x in batch]
+        views = np.empty((len(keys), len(self.tta), centre.shape[1]), dtype=np.float32)  # (n, T, 1280)
+        miss = [i for i, k in enumerate(keys) if any(f"{k}#{v}" not in index for v in self.tta)]
+        missed = set(miss)
+        if miss:
+            views[miss] = tta_features(self.towers, batch[miss], self.tta)
+        for i, k in enumerate(keys):
+            if i not in missed:
+                views[i] = np.stack([index[f"{k}#{v}"] for v in self.tta])
+        return np.concatenate([centre[:, None], views], axis=1).mean(1)  # (n, 1280)
+
+    def _centre_features(self, batch: torch.Tensor) -> np.ndarray:
         if self._image_net is None:
             index = self._tensor_index()
             if not index:

@@ -44,6 +44,12 @@ class TrainConfig:
     text_text: float = 0.5  # weight of a text-text term (same case or identical text = positive)
     case_positives: str = "findings"  # findings: case-level texts of the same case are positives; all: any text
     crops: int = 0  # random crops per training image, besides the centre view (0: dropout views)
+    # deterministic views of the centre input (encoders.features.TTA_VIEWS: flip, zoom, s288, win, eq);
+    # tta_mode pool: the image feature is the mean over centre + these views, in training and at index /
+    # query time (the encoder computes them too); aug: extra training views only, the index embeds the centre
+    tta: tuple[str, ...] = ()
+    tta_mode: str = "pool"
+    ensemble: int = 1  # lite: heads trained with seeds seed..seed+N-1, their unit vectors averaged (one model)
     crop_scale: tuple[float, float] = (0.35, 1.0)
     flip: bool = True
     seed: int = 0

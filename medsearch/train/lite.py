@@ -38,7 +38,14 @@ import numpy as np
 
 from medsearch.catalog import Catalog
 from medsearch.config import ImagingConfig, Paths
-from medsearch.encoders.features import FeatureStore, ViewSpec, image_view_features, text_features
+from medsearch.encoders.features import (
+    FeatureStore,
+    ViewSpec,
+    check_tta,
+    image_tta_features,
+    image_view_features,
+    text_features,
+)
 from medsearch.errors import InvalidInput
 from medsearch.train.config import Log, Progress, TrainConfig, TrainResult
 from medsearch.train.dev import DevSet, resolve_dev_split
@@ -74,10 +81,21 @@ def _features(
         kind = f"act{start}-{spec.digest()}"
 
     def images(p: PairData, n_views: int) -> np.ndarray:
-        return image_view_features(
+        out = image_view_features(
             store, towers, keys=p.image_keys(), paths=p.image_path, frames=p.image_frame, n_views=n_views, spec=spec,
             fn=fn, kind=kind, batch=cfg.image_batch, imaging=imaging, progress=progress,
-        )  # fmt: skip
+        )  # (n, V, 1280)  # fmt: skip
+        if not cfg.tta:
+            return out
+        tv = image_tta_features(
+            store, towers, keys=p.image_keys(), paths=p.image_path, frames=p.image_frame, names=cfg.tta,
+            batch=cfg.image_batch, imaging=imaging, progress=progress,
+        )  # (n, T, 1280)  # fmt: skip
+        if cfg.tta_mode == "pool":  # view 0 = mean over the centre and its TTA views (what the encoder embeds)
+            out = out.copy()
+            out[:, 0] = np.concatenate([out[:, :1], tv], axis=1).mean(1)
+            return out
+        return np.concatenate([out, tv.astype(out.dtype)], axis=1)  # aug: extra training views
 
     img_feats = images(pairs, 1 + cfg.crops)
     txt_feats = text_features(store, towers, pairs.texts, progress=progress)
@@ -86,6 +104,19 @@ def _features(
         dev_img = images(dev_pairs, 1)[:, 0]
         dev = DevSet(dev_pairs, dev_img, text_features(store, towers, dev_pairs.texts, progress=progress))
     return img_feats, txt_feats, dev
+
+
+def training_features(
+    catalog: Catalog, paths: Paths, cfg: TrainConfig, *, towers: TowersEncoder, imaging: ImagingConfig = ImagingConfig(),
+    progress: Progress | None = None,
+) -> tuple[PairData, np.ndarray, np.ndarray]:  # fmt: skip
+    """(pairs, image features (n_img, V, 1280), text features) of ``cfg.split`` as ``train_lite`` sees
+    them (cached): what a selection benchmark runs ``cross_validate`` on without a refit."""
+    pairs = collect_pairs(catalog, cfg.split, sources=cfg.sources)
+    store = FeatureStore.for_towers(paths.models / "cache", towers)
+    spec = ViewSpec(scale=cfg.crop_scale, flip=cfg.flip, seed=0)
+    img, txt, _ = _features(pairs, None, towers, store, cfg, spec, imaging, progress)
+    return pairs, img, txt
 
 
 # =========================================================================== training
@@ -116,6 +147,14 @@ def train_lite(
     cfg = config
     if cfg.crops < 0 or cfg.batch_size < 2 or cfg.steps < 1:
         raise InvalidInput("crops must be >= 0, batch size >= 2 and steps >= 1", hint="check the training options")
+    if cfg.tta:
+        check_tta(cfg.tta)
+        if cfg.unfreeze:
+            raise InvalidInput("--tta works on frozen towers only", hint="drop --tta or --unfreeze")
+        if cfg.tta_mode not in ("pool", "aug"):
+            raise InvalidInput(f"unknown --tta-mode {cfg.tta_mode!r}", hint="use pool or aug")
+    if cfg.ensemble < 1 or (cfg.ensemble > 1 and cfg.unfreeze):
+        raise InvalidInput("--ensemble must be >= 1 and works on frozen towers only", hint="drop --unfreeze")
     if cfg.select not in SELECT_METHODS:
         raise InvalidInput(f"unknown --select {cfg.select!r}", hint=f"use {', '.join(SELECT_METHODS)}")
     pairs = collect_pairs(catalog, cfg.split, sources=cfg.sources)
@@ -153,6 +192,13 @@ def train_lite(
         f"(batch {min(fit_cfg.batch_size, pairs.n_pairs)}), seed {cfg.seed}")  # fmt: skip
     fit = fit_heads(pairs, img_feats, txt_feats, fit_cfg, total=total, stop_at=stop_at, dev=dev, net=net, device=device,
                     log=log, progress=progress)  # fmt: skip
+    state = dict(fit.state)
+    for m in range(1, cfg.ensemble):  # more heads, other seeds, the same step; tensors "member<m>.heads.*"
+        log(f"ensemble member {m + 1}/{cfg.ensemble}: seed {cfg.seed + m}, {fit.best_step} steps")
+        more = fit_heads(pairs, img_feats, txt_feats, replace(fit_cfg, seed=cfg.seed + m), total=total,
+                         stop_at=fit.best_step or stop_at, device=device, progress=progress,
+                         stage=f"ensemble member {m + 1}")  # fmt: skip
+        state.update({f"member{m}.{k}": v for k, v in more.state.items()})
 
     # ---- save (write, then swap) -------------------------------------------------------------
     final_scale = float(fit.state["heads.logit_scale"].exp().item())
@@ -161,11 +207,13 @@ def train_lite(
         "model_id": f"lite:{cfg.name}" if cfg.name else "lite",
         "towers": {**TOWERS_DESCRIPTION, "weights_hash": towers.weights_hash},
         "unfreeze": cfg.unfreeze,
+        "tta": list(cfg.tta) if cfg.tta_mode == "pool" else [],
+        "members": cfg.ensemble,
         "temperature": round(1.0 / final_scale, 6),
         "training": {
             "split": cfg.split, "sources": list(cfg.sources), "data_hash": pairs.data_hash(),
             "n_images": int(len(pairs.image_ids)), "n_texts": len(pairs.texts), "n_pairs": pairs.n_pairs,
-            "views": n_views, "view_spec": asdict(spec), "seed": cfg.seed,
+            "views": n_views, "view_spec": asdict(spec), "seed": cfg.seed, "tta": list(cfg.tta), "tta_mode": cfg.tta_mode,
             "batch_size": min(fit_cfg.batch_size, pairs.n_pairs), "lr": fit_cfg.lr,
             "weight_decay": fit_cfg.weight_decay, "dropout": fit_cfg.dropout, "image_image": fit_cfg.image_image,
             "text_text": fit_cfg.text_text, "label_positives": list(cfg.label_positives),
@@ -181,6 +229,6 @@ def train_lite(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
     directory = model_dir(paths.models, cfg.name)
-    save_model(directory, fit.state, out_cfg)
+    save_model(directory, state, out_cfg)
     log(f"saved {directory} (step {fit.best_step}, {time.perf_counter() - t_start:.0f}s)")
     return TrainResult(out_cfg["model_id"], directory, out_cfg, fit.history, time.perf_counter() - t_start)

@@ -144,15 +144,9 @@ def cross_validate(
     t0 = time.perf_counter()
     folds = case_folds(pairs.image_case, cfg.folds, cfg.fold_seed)
     grid = cfg.cv_grid or ((),)
-    parts = []  # per fold: (train PairData, train feats, held-out DevSet)
-    sizes = []
-    for f in range(cfg.folds):
-        tr_idx, ho_idx = np.where(folds != f)[0], np.where(folds == f)[0]
-        tr, tr_txt = pairs.subset(tr_idx)
-        ho, ho_txt = pairs.subset(ho_idx)
-        held = DevSet(ho, img_feats[ho_idx, 0], txt_feats[ho_txt])
-        parts.append((tr, img_feats[tr_idx], txt_feats[tr_txt], held))
-        sizes.append({"cases": int(len(np.unique(ho.image_case))), "images": int(len(ho_idx)), "pairs": ho.n_pairs})
+    parts = _fold_parts(pairs, img_feats, txt_feats, folds, cfg.folds)  # per fold: (train pairs, feats, held-out)
+    sizes = [{"cases": int(len(np.unique(h.pairs.image_case))), "images": int(len(h.pairs.image_ids)),
+              "pairs": h.pairs.n_pairs} for *_, h in parts]  # fmt: skip
     log(f"cv: {cfg.folds} folds of {cfg.split} grouped by case ({', '.join(str(s['cases']) for s in sizes)} cases), "
         f"{len(grid)} grid point(s)")  # fmt: skip
     results = []
@@ -190,3 +184,59 @@ def cross_validate(
         params=chosen["params"], step=chosen["best_step"], score=chosen["cv_score"],
         fold_scores=chosen["fold_scores"], seconds=time.perf_counter() - t0,
     )  # fmt: skip
+
+
+def _fold_parts(pairs: PairData, img_feats: np.ndarray, txt_feats: np.ndarray, folds: np.ndarray, k: int) -> list:
+    out = []
+    for f in range(k):
+        tr_idx, ho_idx = np.where(folds != f)[0], np.where(folds == f)[0]
+        tr, tr_txt = pairs.subset(tr_idx)
+        ho, ho_txt = pairs.subset(ho_idx)
+        out.append((tr, img_feats[tr_idx], txt_feats[tr_txt], DevSet(ho, img_feats[ho_idx, 0], txt_feats[ho_txt])))
+    return out
+
+
+def embed_heldout(fits: list[Any], dev: DevSet, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(image, text) embeddings of a held-out set under the heads of ``fits``: each member's unit
+    vectors averaged and normalised again (what the lite encoder does with an ensemble)."""
+    import torch
+    import torch.nn.functional as F
+
+    from medsearch.encoders.lite import make_heads
+
+    zi = zt = 0
+    x_img = torch.from_numpy(dev.image_feats.astype(np.float32)).to(device)
+    x_txt = torch.from_numpy(dev.text_feats.astype(np.float32)).to(device)
+    for fit in fits:
+        heads = make_heads(fit.model_cfg).to(device)
+        heads.load_state_dict({k[len("heads.") :]: v for k, v in fit.state.items() if k.startswith("heads.")})
+        heads.eval()
+        with torch.no_grad():
+            zi = zi + F.normalize(heads.image(x_img), dim=-1)
+            zt = zt + F.normalize(heads.text(x_txt), dim=-1)
+    return F.normalize(zi, dim=-1).cpu().numpy(), F.normalize(zt, dim=-1).cpu().numpy()  # type: ignore[union-attr]
+
+
+def cv_ensemble(
+    pairs: PairData, img_feats: np.ndarray, txt_feats: np.ndarray, cfg: TrainConfig, *, step: int, seeds: list[int],
+    device: str = "cpu", progress: Progress | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Held-out scores at ``step`` of each seed alone and of the seeds' averaged embeddings, per fold.
+
+    -> {"single": [[score per seed] per fold], "ensemble": [score per fold], "single_mean", "ensemble_mean"}
+    """
+    from medsearch.train.dev import dev_scores
+
+    folds = case_folds(pairs.image_case, cfg.folds, cfg.fold_seed)
+    single, ens = [], []
+    for tr, tr_img, tr_txt, held in _fold_parts(pairs, img_feats, txt_feats, folds, cfg.folds):
+        fits = [
+            fit_heads(tr, tr_img, tr_txt, replace(cfg, seed=s), total=schedule_total(cfg, tr.n_pairs), stop_at=step,
+                      device=device, progress=progress, stage=f"cv ensemble seed {s}")
+            for s in seeds
+        ]  # fmt: skip
+        single.append([round(dev_scores(held, *embed_heldout([f], held, device))["score"], 4) for f in fits])
+        ens.append(round(dev_scores(held, *embed_heldout(fits, held, device))["score"], 4))
+    return {"step": step, "seeds": seeds, "single": single, "ensemble": ens,
+            "single_mean": round(float(np.mean(single)), 4), "ensemble_mean": round(float(np.mean(ens)), 4),
+            "ensemble_std": round(float(np.std(ens)), 4)}  # fmt: skip
