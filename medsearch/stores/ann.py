@@ -232,25 +232,22 @@ def tune(index: Any, kind: str, config: IndexConfig, queries: np.ndarray, *, k: 
     else:
         # nprobe first at the configured re-rank depth; when every nprobe falls short (at ~1M the PQ
         # codes' ranking, not the lists probed, is the limit: 0.949 at k_factor 8), the exact re-rank
-        # reads deeper (k_factor x2, x4, x8) and nprobe is swept again from the plateau's start.
+        # reads deeper (k_factor x2, x4, x8) with nprobe swept again at each depth.
         nlist = ivf_of(index).nlist
         probes = sorted({min(p, nlist) for p in IVF_NPROBE})
         factors = [inner.k_factor * f for f in (1, 2, 4, 8)]
         candidates = [(p, f) for f in factors for p in probes]
-    best, recall, best_recall = candidates[-1], 0.0, -1.0
+    best, recall = candidates[-1], -1.0  # the setting kept and its recall: the first to reach the target, else the best
     for value, factor in candidates:
         _set_knob(index, kind, value)
         if factor:
             inner.k_factor = float(factor)
         _, found = inner.search(xq, k)  # internal positions
-        recall = float(np.mean([len(t & set(row.tolist())) / max(1, len(t)) for t, row in zip(truth, found, strict=True)]))
-        if recall > best_recall:
-            best_recall = recall
-        if recall >= target:
-            best = (value, factor)
+        got = float(np.mean([len(t & set(row.tolist())) / max(1, len(t)) for t, row in zip(truth, found, strict=True)]))
+        if got > recall:
+            best, recall = (value, factor), got
+        if got >= target:
             break
-    else:
-        recall = best_recall
     _set_knob(index, kind, best[0])
     if best[1]:
         inner.k_factor = float(best[1])
