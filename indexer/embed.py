@@ -24,6 +24,7 @@ from medsearch.config import EmbedConfig, ImagingConfig, IndexConfig, Paths
 from medsearch.encoders.base import Encoder
 from medsearch.errors import MedsearchError
 from medsearch.stores import choose_store
+from medsearch.stores.base import recall_summary
 from medsearch.stores.faiss import VectorIndex, read_manifest, saved_files
 
 
@@ -417,7 +418,7 @@ def build_indexes(
         idx.save(directory)
         catalog.mark_clean(model_id, space)
         out[space] = {"count": idx.ntotal, "kind": idx.manifest.kind, "generation": generation, "rebuilt": True,
-                      **recall_of(idx.manifest.params)}  # fmt: skip
+                      **recall_summary(idx.manifest.params)}  # fmt: skip
     catalog.set_meta("default_model", model_id)
     return out
 
@@ -481,12 +482,6 @@ def run_index(
     summary.indexes["bm25"] = {"kind": "bm25", **build_bm25_index(catalog, paths.index_dir(encoder.model_id), force=rebuild)}
     summary.index_seconds = time.perf_counter() - t0
     return summary
-
-
-def recall_of(params: dict) -> dict:
-    """The tuned recall an ANN build measured, for the index summary (empty for exact indexes)."""
-    keys = ("tuned_recall_at_10", "target_recall", "target_met")
-    return {k: params[k] for k in keys if k in params}
 
 
 def _flush(catalog: Catalog, model: str, space: str, ids: list[np.ndarray], vecs: list[np.ndarray]) -> None:

@@ -145,3 +145,11 @@ def values_of(value: str | Sequence[str] | None) -> list[str]:
     if value is None or value == "":
         return []
     return [str(v).lower() for v in ([value] if isinstance(value, str) else value) if v not in (None, "")]
+
+
+RECALL_KEYS = ("tuned_recall_at_10", "target_recall", "target_met")
+
+
+def recall_summary(params: dict[str, Any]) -> dict[str, Any]:
+    """The tuned recall an ANN build measured (manifest params), for an index summary; empty when exact."""
+    return {k: params[k] for k in RECALL_KEYS if k in params}

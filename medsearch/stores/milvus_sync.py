@@ -16,7 +16,7 @@ from medsearch.catalog.scalars import SCALAR_FIELDS, not_embedded, scalars
 from medsearch.config import IndexConfig
 from medsearch.errors import IndexInconsistent, MedsearchError
 
-from .base import Manifest, manifest_path, now_iso, read_manifest, write_json_atomic
+from .base import Manifest, manifest_path, now_iso, read_manifest, recall_summary, write_json_atomic
 from .milvus import (
     BATCH,
     CONSISTENCY,
@@ -304,7 +304,7 @@ def sync_store(
     delete_files(directory, space, manifest=False)  # a FAISS index of the store this one replaced
     return {"count": n, "kind": f"milvus {kind}", "generation": generation, "rebuilt": fresh,
             "added": diff["added"] + diff["updated"] + int(len(held)), "removed": diff["removed"], "store": "milvus",
-            **{k: man.params[k] for k in ("tuned_recall_at_10", "target_recall", "target_met") if k in man.params}}  # fmt: skip
+            **recall_summary(man.params)}  # fmt: skip
 
 
 def index_space(
