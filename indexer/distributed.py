@@ -32,7 +32,7 @@ import numpy as np
 
 from medsearch.catalog import Catalog
 from medsearch.config import EmbedConfig, ImagingConfig
-from medsearch.encoders.base import Encoder
+from medsearch.encoders.base import Encoder, image_preprocessor
 from medsearch.errors import IndexInconsistent, MedsearchError, ModelNotAvailable
 from medsearch.fileio import sha256_file, write_atomic
 
@@ -125,7 +125,7 @@ class EmbedActor:
         self.encoder = load_encoder(spec, device=device, models_dir=Path(models_dir) if models_dir else None)
         self.shard_dir = Path(shard_dir)
         self.imaging = imaging
-        self.uint8 = bool(getattr(self.encoder, "uint8_input", False))
+        self.preprocess = image_preprocessor(self.encoder)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -137,7 +137,7 @@ class EmbedActor:
         for image_id, path, frame in zip(batch["id"], batch["path"], batch["frame"], strict=True):
             try:
                 img = load_image(str(path), frame=None if int(frame) < 0 else int(frame), config=self.imaging)
-                xs.append(enc.preprocess_u8(img) if self.uint8 else enc.preprocess(img))  # type: ignore[attr-defined]
+                xs.append(self.preprocess(img))
                 ok_ids.append(int(image_id))
             except MedsearchError as e:
                 failed.append((int(image_id), e.message))

@@ -21,7 +21,7 @@ import numpy as np
 
 from medsearch.catalog import Catalog
 from medsearch.config import EmbedConfig, ImagingConfig, IndexConfig, Paths
-from medsearch.encoders.base import Encoder
+from medsearch.encoders.base import Encoder, image_preprocessor
 from medsearch.errors import MedsearchError
 from medsearch.stores import choose_store
 from medsearch.stores.base import recall_summary
@@ -75,7 +75,7 @@ class _ImageDataset:
     def __init__(self, ids: np.ndarray, encoder: Encoder, imaging: ImagingConfig, *, db_path: Path | None = None,
                  rows: dict[int, tuple[str, int | None]] | None = None, uint8: bool = False) -> None:  # fmt: skip
         self.ids = ids
-        self.preprocess = encoder.preprocess_u8 if uint8 else encoder.preprocess  # type: ignore[attr-defined]
+        self.preprocess = image_preprocessor(encoder, uint8)
         self.imaging = imaging
         self.db_path = db_path
         self.rows = rows

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from medsearch.encoders.base import Encoder
+from medsearch.encoders.base import Encoder, image_preprocessor
 
 
 class StreamEmbedder:
@@ -140,7 +140,7 @@ class StreamEmbedder:
 
         enc = self.encoder
         assert enc is not None
-        pre = enc.preprocess_u8 if getattr(enc, "uint8_input", False) else enc.preprocess  # type: ignore[attr-defined]
+        pre = image_preprocessor(enc)
         t = time.perf_counter()
         keys, xs = [], []
         for key, pixels in batch:

@@ -13,7 +13,7 @@ in DataLoader workers and batch tensors onto the device:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -47,6 +47,15 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     n = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(n, 1e-12)
+
+
+def image_preprocessor(encoder: Encoder, uint8: bool = True) -> Any:
+    """The preprocessing the embedding pipelines feed ``encode_image_batch``: the encoder's uint8 one
+    (``preprocess_u8``: 4x less to copy between processes and to the GPU, normalised on the device)
+    when it has one and ``uint8`` allows it, else its float ``preprocess``."""
+    if uint8 and getattr(encoder, "uint8_input", False):
+        return encoder.preprocess_u8  # type: ignore[attr-defined]
+    return encoder.preprocess
 
 
 def encode_images(encoder: Encoder, images: list[Image.Image]) -> np.ndarray:
