@@ -260,3 +260,33 @@ def test_evaluate_dataset_reads_a_folder_that_is_not_ingested_into_memory(tmp_pa
     assert "image->image P@10 modality_type" in markdown(report)
     with pytest.raises(NotFound, match="split 'nope' has no images"):
         evaluate_dataset(paths, str(data), EvalConfig(split="nope"), device="cpu", ingest=ingest)
+
+
+def _lcs_table(a: list[str], b: list[str]) -> int:
+    d = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            d[i + 1][j + 1] = d[i][j] + 1 if x == y else max(d[i][j + 1], d[i + 1][j])
+    return d[-1][-1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from("abcdef"), max_size=40), st.lists(st.sampled_from("abcdefg"), max_size=70))
+def test_bit_parallel_lcs_matches_the_table(a, b):
+    from medsearch.metrics import lcs_length, token_masks
+
+    assert lcs_length(a, token_masks(b), len(b)) == _lcs_table(a, b)
+
+
+def test_lcs_f1_equals_rouge_score_on_report_text():
+    from rouge_score import rouge_scorer
+
+    from medsearch.metrics import lcs_f1, lcs_length, token_masks
+
+    r = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    ref = "Axial CT images demonstrate a large enhancing mass in the left lower lobe with a small pleural effusion."
+    for hyp in ("There is a mass in the left lower lobe.", "No pleural effusion.", "Normal brain MRI.", ref):
+        a, b = r._tokenizer.tokenize(hyp), r._tokenizer.tokenize(ref)
+        assert lcs_f1(lcs_length(a, token_masks(b), len(b)), len(a), len(b)) == pytest.approx(
+            r.score(ref, hyp)["rougeL"].fmeasure, abs=1e-12
+        )

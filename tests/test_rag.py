@@ -480,7 +480,7 @@ def test_eval_drafts_cli_table_has_baselines(indexed_home):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
-    assert res["images"] == 5 and set(res["systems"]) == {"extractive", "random case", "fixed text", "nearest case"}
+    assert res["images"] == 5 and set(res["systems"]) == {"extractive", "random case", "fixed text", "medoid text", "nearest case"}
     ex = res["systems"]["extractive"]
     for m in ("bleu4", "rougeL", "cosine", "agree_region", "supported", "cit_valid"):
         v, (lo, hi) = ex[m]["value"], ex[m]["ci95"]

@@ -14,9 +14,10 @@ Per query image (evidence comes from ``pool_split`` only, the query's own case e
     supported     share of draft sentences with a valid citation and support >= threshold
     cit. valid    valid citations / citations written
 
-Baselines in the same run: a random pool case's findings, one fixed generic findings text
-(the pool medoid: the findings closest to the mean pool findings embedding, chosen on the
-pool split only), and the nearest pool case's findings copied verbatim.
+Baselines in the same run: a random pool case's findings, two fixed texts drafted for every image,
+both chosen on the pool split only ("fixed text": the pool findings with the highest mean ROUGE-L
+against the other pool findings, the hardest single text for ROUGE-L; "medoid text": the findings
+closest to the mean pool findings embedding), and the nearest pool case's findings copied verbatim.
 95% intervals: percentile bootstrap resampling *cases* (all images of a drawn case together).
 A draft that fails (GenerationError) counts as an empty draft and is counted in ``failed``.
 """
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medsearch.errors import InvalidInput, MedsearchError, ModelNotAvailable, NotFound
+from medsearch.metrics import lcs_f1, lcs_length, token_masks
 from medsearch.search import Filters
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -128,6 +130,26 @@ def _medoid_findings(searcher: Searcher, pool: list[_PoolCase]) -> _PoolCase:
     V = np.stack(vecs)  # (n, d)
     mean = V.mean(axis=0)
     return pool[int(np.argmax(V @ mean))]
+
+
+def _central_findings(pool: list[_PoolCase], tokenize: Callable[[str], list[str]], max_refs: int = 300,
+                      seed: int = 0) -> _PoolCase:
+    """The pool case whose findings score the highest mean ROUGE-L F1 against the other pool findings
+    (a seeded sample of at most ``max_refs`` of them): the one text that does best on ROUGE-L for every query."""
+    toks = [tokenize(c.findings) for c in pool]
+    refs = np.arange(len(pool))
+    if len(refs) > max_refs:
+        refs = np.sort(np.random.default_rng(seed).choice(len(pool), size=max_refs, replace=False))
+    ref_masks = [(int(j), token_masks(toks[j]), len(toks[j])) for j in refs if toks[j]]
+    best, best_i = -1.0, 0
+    for i, a in enumerate(toks):
+        if not a:
+            continue
+        f = [lcs_f1(lcs_length(a, m, n), len(a), n) for j, m, n in ref_masks if j != i]
+        mean = sum(f) / max(len(f), 1)
+        if mean > best:
+            best, best_i = mean, i
+    return pool[best_i]
 
 
 def _vote(draft: Draft) -> dict[str, str | None]:
@@ -237,11 +259,12 @@ def evaluate_drafts(
     if not pool:
         raise NotFound(f"no {pool_split!r} cases with findings to draw evidence from", hint="ingest the training split")
     pool_filters = Filters(split=pool_split, source=source)
-    fixed = _medoid_findings(searcher, pool)
+    fixed = _central_findings(pool, rouge._tokenizer.tokenize, seed=seed)
+    medoid = _medoid_findings(searcher, pool)
     rng = np.random.default_rng(seed + 1)
 
     systems = {name: _System(name) for name in drafters}
-    base = {n: _System(n) for n in ("random case", "fixed text", "nearest case")}
+    base = {n: _System(n) for n in ("random case", "fixed text", "medoid text", "nearest case")}
     refs: list[str] = []
     truths: list[dict[str, str | None]] = []
     dx_hits: dict[str, list[float]] = {n: [] for n in [*drafters, *base]}
@@ -255,7 +278,7 @@ def evaluate_drafts(
         others = [c for c in pool if c.case_id != q.case_id]
         rnd = others[int(rng.integers(len(others)))]
         nearest = _nearest(searcher, query, pool_filters)
-        for sysname, c in (("random case", rnd), ("fixed text", fixed), ("nearest case", nearest)):
+        for sysname, c in (("random case", rnd), ("fixed text", fixed), ("medoid text", medoid), ("nearest case", nearest)):
             s = base[sysname]
             s.hyps.append(c.findings if c else "")
             s.labels.append({lab: c.label(lab) for lab in LABELS} if c else dict.fromkeys(LABELS))
@@ -343,6 +366,7 @@ def evaluate_drafts(
         "skipped_no_findings": skipped_no_findings,
         "pool_cases": len(pool),
         "fixed_text_case": fixed.case_key,
+        "medoid_text_case": medoid.case_key,
         "model": searcher.model_id,
         "judge": "all-MiniLM-L6-v2 (frozen towers text side)",
         "n_boot": n_boot,
@@ -401,5 +425,8 @@ def format_table(result: dict[str, Any]) -> str:
                 f"{row['sentences_mean']:.1f} sentences/draft; failed {row['failed']}, fallbacks {row['fallbacks']}"
                 + (f" {row['errors']}" if row["errors"] else "")
             )
-    lines.append(f"fixed text = findings of pool case {result['fixed_text_case']} (pool medoid)")
+    lines.append(
+        f"fixed text = findings of pool case {result['fixed_text_case']} (best mean ROUGE-L against the pool); "
+        f"medoid text = findings of pool case {result.get('medoid_text_case', '-')} (pool embedding medoid)"
+    )
     return "\n".join(lines)
