@@ -28,6 +28,7 @@ from medsearch.rag.fit import Target, allowed_terms, foreign_terms, metadata_fit
 from medsearch.rag.generators.extractive import (
     ExtractiveConfig,
     consensus_findings,
+    consensus_scores,
     impression_and_differential,
     is_negated,
     same_diagnosis,
@@ -181,6 +182,64 @@ def test_extractive_prefers_consensus_and_drops_duplicates_and_contradictions(to
     assert "No pleural effusion." not in texts
     chosen = next(p for p in out if p.text == effusions[0])
     assert len(chosen.cites) >= 2  # corroborated by the other cases that say it
+
+
+def test_wording_prior_shares_and_typicality():
+    from medsearch.rag.wording import WordingPrior
+
+    p = WordingPrior.from_texts(["There is a mass in the liver.", "There is an effusion.", "", "Mass: 2 cm."])
+    assert p.n_texts == 3  # a text without words is not counted
+    assert p.shares["there"] == pytest.approx(2 / 3) and p.shares["mass"] == pytest.approx(2 / 3)
+    assert p.shares["liver"] == pytest.approx(1 / 3) and "kidney" not in p.shares
+    t = p.typicality(["There is a mass.", "Kidney cyst", "", "there IS"])
+    assert t.dtype == np.float32 and t.shape == (4,)
+    # (there 2/3 + is 2/3 + a 1/3 + mass 2/3) / 4; unknown words count 0; no words -> 0; case-blind
+    assert t[0] == pytest.approx((2 / 3 + 2 / 3 + 1 / 3 + 2 / 3) / 4) and t[1] == 0.0 and t[2] == 0.0
+    assert t[3] == pytest.approx(2 / 3)
+    assert WordingPrior.from_texts([]).typicality(["a mass"]).tolist() == [0.0]
+
+
+def test_wording_prior_prefers_the_usual_wording_among_equal_evidence(towers):
+    from dataclasses import replace
+
+    from medsearch.rag.wording import WordingPrior
+
+    usual = "There is restricted diffusion in the right parietal lobe."
+    odd = "24 Jan MRI from ED: DWI bright R post parietal, ADC dark = acute CVA."
+    pack = _pack(towers, [[odd, "Old lacunar infarcts."], [usual, "Mild volume loss."]], [0.90, 0.90])
+    pool = ["There is a mass in the left lobe of the liver.", "There is restricted diffusion in the pons.",
+            "The ventricles are normal in size.", "There is a small effusion in the right pleural space."]  # fmt: skip
+    pack.sent_typical = WordingPrior.from_texts(pool).typicality(pack.sent_text)
+    cand = np.arange(len(pack.sent_text))
+    off = [p.text for p in select(pack, cand, 1, ExtractiveConfig(wording=0.0), "findings")]
+    on = [p.text for p in select(pack, cand, 1, ExtractiveConfig(), "findings")]
+    assert on == [usual] and off != on  # the prior decides between the two stroke sentences, nothing else
+    assert consensus_scores(pack, cand, replace(ExtractiveConfig(), wording=0.0)).tolist() == pytest.approx(
+        (consensus_scores(pack, cand, ExtractiveConfig()) - 8.0 * pack.sent_typical).tolist(), abs=1e-5
+    )
+
+
+def test_drafter_wording_prior_reads_only_the_pool(searcher):
+    cat = searcher.catalog
+    pool = {"split": "dev", "source": "medpix-2.0"}  # the slice is medpix dev cases, beside covid-chestxray
+    mine = [c for c in cat.cases_where(split="dev", source="medpix-2.0") if c.sections.get("findings")]
+    other = [c for c in cat.cases_where() if c.source != "medpix-2.0" and c.sections.get("findings")]
+    assert mine and other
+    sample = cat.section_sample("findings", pool, limit=1000)
+    assert sorted(" ".join(t.split()) for t in sample) == sorted(" ".join(c.sections["findings"].split()) for c in mine)
+    assert cat.section_sample("findings", {"split": "train", "source": "medpix-2.0"}, limit=1000) == []
+    small = cat.section_sample("findings", pool, limit=3, seed=3)
+    assert len(small) == 3 and small == cat.section_sample("findings", pool, limit=3, seed=3) and set(small) <= set(sample)
+    d = Drafter(searcher)
+    prior = d.prior(Filters(split="dev", source="medpix-2.0"))
+    assert prior is not None and prior.n_texts == len(mine)
+    assert Drafter(searcher).prior(Filters(split="dev", source="medpix-2.0")) is prior  # once per pool and process
+    assert d.prior(Filters(split="dev", source="covid-chestxray")) is not prior
+    q = _medpix_image(searcher)
+    pack = d.evidence(int(q["image_id"]), Filters(split="dev"))
+    assert pack.sent_typical is not None and pack.sent_typical.shape == (len(pack.sent_text),)
+    assert ((pack.sent_typical >= 0) & (pack.sent_typical <= 1)).all() and pack.sent_typical.max() > 0
+    assert Drafter(searcher, config=DraftConfig(extractive=ExtractiveConfig(wording=0.0))).prior() is None
 
 
 def test_off_target_modality_and_view_terms():

@@ -146,6 +146,21 @@ class ReadQueries(CatalogBase):
                 out.setdefault(r.case_id, []).append(r)
         return out
 
+    def section_sample(
+        self, section: str, filters: dict[str, str | Sequence[str] | None], *, limit: int, seed: int = 0
+    ) -> list[str]:
+        """Up to ``limit`` whole report sections named ``section`` (case-level texts), of cases with an image
+        matching ``filters`` (every case when none is set): a seeded sample when there are more, in id order."""
+        where, params = filter_sql(filters)
+        sql = "SELECT t.id FROM texts t WHERE t.kind = 'section' AND t.image_id IS NULL AND t.section = ?"
+        if where:
+            sql += f" AND t.case_id IN (SELECT case_id FROM images WHERE {where})"
+        ids = np.fromiter((r[0] for r in self.db.execute(sql, [section, *params])), dtype=np.int64)
+        if len(ids) > limit:
+            ids = np.sort(np.random.default_rng(seed).choice(ids, size=limit, replace=False))
+        rows = self.text_rows(ids.tolist())
+        return [rows[int(i)].text for i in ids if int(i) in rows]
+
     def caption_ids(self, image_ids: Sequence[int]) -> dict[int, int]:
         """image id -> text id of its caption row (so a caption's stored vector can be reused)."""
         out: dict[int, int] = {}

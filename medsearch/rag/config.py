@@ -65,6 +65,11 @@ class ExtractiveConfig:
     # image lies closer to its own findings than to any evidence case (96% of queries), so the weight rises
     # on train (2.0: ROUGE-L +0.004, cosine +0.017) and not on dev (+0.001, -0.002), eval_drafts_dev.md round 3
     weights: tuple[float, float, float, float] = (0.7, 0.3, 0.0, 0.3)
+    # weight of the wording prior (rag.wording: how common a sentence's words are in the pool's findings).
+    # Chosen on 3 case-grouped folds of train with the lite model refitted without each fold (600 queries):
+    # 0 / 4 / 8 / 12 -> ROUGE-L 0.132 / 0.148 / 0.149 / 0.150, cosine 0.469 / 0.476 / 0.473 / 0.469; 8 is the
+    # middle of the plateau (eval_drafts_dev.md round 4). 0 turns it off.
+    wording: float = 8.0
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from medsearch.rag.evidence import EvidencePack, select_evidence
 from medsearch.rag.generators import Generator, OnToken, make_generator
 from medsearch.rag.grounding import ground, parse_generation
 from medsearch.rag.records import Draft
+from medsearch.rag.wording import WordingPrior, pool_prior
 from medsearch.search import Filters
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,8 +56,15 @@ class Drafter:
         return self._extractive
 
     def evidence(self, image: str | Path | int | Image.Image | ImageQuery, filters: Filters = Filters()) -> EvidencePack:
-        """The evidence pack for ``image`` (retrieval, adaptive k, guarded sentences)."""
-        return select_evidence(self.searcher, image, self.evidence_config, filters)
+        """The evidence pack for ``image`` (retrieval, adaptive k, guarded sentences, their wording typicality)."""
+        return select_evidence(self.searcher, image, self.evidence_config, filters, prior=self.prior(filters))
+
+    def prior(self, filters: Filters = Filters()) -> WordingPrior | None:
+        """The wording prior of the pool ``filters`` draw evidence from (None when the extractive weight is 0);
+        shared by the drafters of one process (``rag.wording.pool_prior``)."""
+        if not self.config.extractive.wording:
+            return None
+        return pool_prior(self.searcher.catalog, filters)
 
     def draft(
         self,

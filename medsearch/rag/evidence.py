@@ -7,6 +7,7 @@
           voted by the neighbours when the query has none) ─► adaptive k (stop at a sharp drop)
        ─► sentences (findings, impression, diagnosis, matched caption), guarded, off-target ones
           (another modality or view, unless every evidence case names it) dropped, with vectors
+          (and, given a wording prior, how typical each sentence's wording is of the pool's findings)
 
 Without a shared space (the frozen towers) the report text of the image->image neighbours is
 the evidence; with one (the trained lite model, CLIP) image->text hits join the ranking and
@@ -28,6 +29,7 @@ from medsearch.rag.config import EvidenceConfig
 from medsearch.rag.fit import Target, allowed_terms, foreign_terms, metadata_fit, norm_modality, query_target
 from medsearch.rag.guard import neutralise
 from medsearch.rag.records import EvidenceCase, EvidenceSentence
+from medsearch.rag.wording import WordingPrior
 from medsearch.search import Filters, ImageQuery, rrf
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,6 +53,7 @@ class EvidencePack:
     query: str
     target: Target | None = None  # the modality, region and plane the evidence was fitted to
     off_target: int = 0  # sentences dropped for naming another modality or view
+    sent_typical: np.ndarray | None = None  # (m,) float32 wording typicality of each sentence (rag.wording)
 
     def case_sentences(self, i: int) -> np.ndarray:
         """Indices of the sentences of case ``i``."""
@@ -85,8 +88,10 @@ def select_evidence(
     image: str | Path | int | Image.Image | ImageQuery,
     config: EvidenceConfig = EvidenceConfig(),
     filters: Filters = Filters(),
+    prior: WordingPrior | None = None,
 ) -> EvidencePack:
-    """Retrieve, cut and load the evidence for one query image (see the module docstring)."""
+    """Retrieve, cut and load the evidence for one query image (see the module docstring); with a wording
+    ``prior`` every sentence also gets its typicality (``EvidencePack.sent_typical``)."""
     q = searcher.image_query(image)  # resolved once: decoded and encoded at most once
     shared = bool(searcher.encoder.shared_space)
     exclude = {"exclude_same_case": config.exclude_same_case, "exclude_same_patient": config.exclude_same_patient}
@@ -153,7 +158,10 @@ def select_evidence(
         ]  # fmt: skip
         if len(agree) >= config.k_min:
             case_order = agree
-    return _load_sentences(searcher, case_order, by_case, rows, q.vector if shared else None, q, config, target)
+    pack = _load_sentences(searcher, case_order, by_case, rows, q.vector if shared else None, q, config, target)
+    if prior is not None:
+        pack.sent_typical = prior.typicality(pack.sent_text)
+    return pack
 
 
 def _fmt(filters: Filters) -> str:

@@ -8,7 +8,8 @@ impression/diagnosis sentences for IMPRESSION), with case weights w = exp((score
     centroid(i)  = cos(i, weighted mean of all candidate vectors)   (is it typical of the set?)
     case(i)      = w_{c(i)} / max w                                 (how close is its case?)
     image(i)     = cos(query image, i), min-max scaled              (shared space only)
-    score(i)     = a * agreement + b * centroid + c * case + d * image
+    typical(i)   = mean share of the pool's findings holding each word of i   (rag.wording)
+    score(i)     = a * agreement + b * centroid + c * case + d * image + wording * typical
 
 Sentences are then taken greedily by score, skipping near-duplicates (cosine >= duplicate)
 and contradictions (a negation mismatch, "no effusion" vs "small effusion", between
@@ -63,6 +64,8 @@ def consensus_scores(pack: EvidencePack, cand: np.ndarray, cfg: ExtractiveConfig
         it = pack.image_text[cand]
         span = float(it.max() - it.min())
         out = out + d * ((it - it.min()) / span if span > 0 else np.zeros_like(it))
+    if pack.sent_typical is not None and cfg.wording:
+        out = out + cfg.wording * pack.sent_typical[cand]
     return out.astype(np.float32)
 
 
