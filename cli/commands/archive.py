@@ -164,9 +164,10 @@ def index(
         state = "rebuilt" if info["rebuilt"] else (f"updated, +{info['added']}" if info.get("added") else "up to date")
         output.line(f"  {space} index: {info['count']} vectors, {info['kind']}, generation {info['generation']} ({state})")
         if info.get("target_met") is False:
+            other = (", or with a Milvus server (HNSW tuned to the target)" if info.get("store") == "milvus"
+                     else ", or as HNSW (--kind hnsw)" if info["kind"] != "hnsw" else "")  # fmt: skip
             output.problem(f"  {space} index: recall@10 {info['tuned_recall_at_10']} on held-out stored vectors is below the "
-                           f"target {info['target_recall']}: rebuild exact (--kind flat), or with a Milvus server "
-                           "(HNSW tuned to the target)")  # fmt: skip
+                           f"target {info['target_recall']}: rebuild exact (--kind flat){other}")  # fmt: skip
     for image_id, reason in summary.images_failed[:20]:
         output.problem(f"  image {image_id} failed: {reason}")
 
