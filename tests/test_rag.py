@@ -614,3 +614,36 @@ def test_a_citation_cut_short_by_max_tokens_leaves_no_marker():
     assert extract_citations("Effusion [C") == ("Effusion", [])
     assert extract_citations("A mass [C1][C3].") == ("A mass.", [1, 3])
     assert extract_citations("C1-C2 subluxation") == ("C1-C2 subluxation", [])
+
+
+def test_wording_prior_is_read_again_after_an_ingest_or_an_erasure(tmp_path, monkeypatch):
+    from conftest import MEDPIX, make_slice
+
+    from indexer.ingest import ingest_path
+    from medsearch.catalog import Catalog
+    from medsearch.config import Paths
+    from medsearch.erasure import remove
+    from medsearch.rag import wording
+
+    cases = [json.loads(line)["id"] for line in open(MEDPIX / "reports.jsonl")][:5]
+    cat = Catalog.open(tmp_path / "home" / "catalog.db")
+    pool = Filters(source="medpix-2.0")
+    ingest_path(cat, make_slice(tmp_path / "a" / "medpix-2.0", MEDPIX, set(cases[:3])), source="medpix-2.0")
+    first = wording.pool_prior(cat, pool)
+    n3 = first.n_texts
+    assert n3 >= 2  # the first medpix cases have findings
+    ingest_path(cat, make_slice(tmp_path / "b" / "medpix-2.0", MEDPIX, set(cases[3:])), source="medpix-2.0")
+    assert wording.pool_prior(cat, pool) is first  # changed within MIN_AGE_S: still the cached one
+    monkeypatch.setattr(wording, "MIN_AGE_S", 0.0)
+    grown = wording.pool_prior(cat, pool)
+    assert grown.n_texts > n3 and wording.pool_prior(cat, pool) is grown  # unchanged catalog: cached
+    gone = cat.get_case(cases[0])
+    words_before = set(grown.shares)
+    remove(cat, Paths(tmp_path / "home"), case=cases[0])
+    after = wording.pool_prior(cat, pool)
+    assert after.n_texts == grown.n_texts - (1 if gone.sections.get("findings") else 0)
+    only_there = set(wording.words(gone.sections.get("findings", ""))) - set().union(
+        *(wording.words(cat.get_case(c).sections.get("findings", "")) for c in cases[1:])
+    )
+    assert only_there and only_there <= words_before and not only_there & set(after.shares)  # the erased report's own words are gone
+    cat.close()

@@ -15,6 +15,7 @@ typicality to the consensus score raised ROUGE-L 0.132 -> 0.149 and MiniLM cosin
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -66,26 +67,36 @@ class WordingPrior:
         return out
 
 
-_CACHE: dict[tuple[str, str, str, int, int], tuple[float, WordingPrior]] = {}
+_CACHE: dict[tuple[str, str, str, int, int], tuple[float, tuple[int, ...] | None, WordingPrior]] = {}
 _LOCK = threading.Lock()
-TTL_S = 600.0  # a prior is re-read after this long, so new cases reach it (it is a prior: staleness costs little)
+MIN_AGE_S = 5.0  # while the catalog is being written, re-read a prior at most this often
+
+
+def _stamp(catalog: Catalog) -> tuple[int, ...] | None:
+    """Modification times of the catalog file and its write-ahead log: any ingest or erasure changes them."""
+    try:
+        return tuple(os.stat(f"{catalog.path}{ext}").st_mtime_ns if os.path.exists(f"{catalog.path}{ext}") else 0
+                     for ext in ("", "-wal"))  # fmt: skip
+    except (OSError, TypeError):
+        return None
 
 
 def pool_prior(catalog: Catalog, filters: Filters, *, limit: int = 2000, seed: int = 0) -> WordingPrior:
     """The prior of the pool the evidence comes from: FINDINGS sections of the filters' split and source.
 
-    Cached per process by (catalog file, split, source) for ``TTL_S`` seconds: every ``Drafter`` (one per
-    API request) shares it, and the sampled read of the catalog runs once per pool and period."""
+    Cached per process by (catalog file, split, source): every ``Drafter`` (one per API request) shares it.
+    It is read again once the catalog has changed (an ingest, or an erasure: no erased report's words stay
+    in it for more than ``MIN_AGE_S``), at most every ``MIN_AGE_S`` seconds while writes go on."""
     key = (str(catalog.path), repr(filters.split), repr(filters.source), limit, seed)
-    now = time.monotonic()
+    now, stamp = time.monotonic(), _stamp(catalog)
     with _LOCK:
         hit = _CACHE.get(key)
-    if hit is not None and now - hit[0] < TTL_S:
-        return hit[1]
+    if hit is not None and (hit[1] == stamp or now - hit[0] < MIN_AGE_S):
+        return hit[2]
     pool = {"split": filters.split, "source": filters.source}
     prior = WordingPrior.from_texts(catalog.section_sample("findings", pool, limit=limit, seed=seed))
     with _LOCK:
         if len(_CACHE) > 64:  # many homes or pools in one process: start again rather than grow
             _CACHE.clear()
-        _CACHE[key] = (now, prior)
+        _CACHE[key] = (now, stamp, prior)
     return prior
