@@ -163,7 +163,10 @@ def main() -> None:
     print(f"{'setting':<40} {'ROUGE-L':>22} {'MiniLM cosine':>22} {'words':>6}")
     for name, hs in hyps.items():
         rl = np.array([rouge.score(r, h)["rougeL"].fmeasure if h else 0.0 for r, h in zip(refs, hs, strict=True)])
-        cos = (judge.encode_texts([h or " " for h in hs]) * ref_vecs).sum(axis=1)
+        ok = [i for i, h in enumerate(hs) if h.strip()]  # an empty draft scores cosine 0, as in `eval drafts`
+        cos = np.zeros(len(hs))
+        if ok:
+            cos[ok] = (judge.encode_texts([hs[i] for i in ok]) * ref_vecs[ok]).sum(axis=1)
         cells = []
         for vals in (rl, cos):
             m, lo, hi = boot(vals, g, 1000, 0)
