@@ -36,6 +36,7 @@ class StreamEmbedder:
         self.batch = max(1, batch)
         self.torch_threads = torch_threads  # > 0: torch.set_num_threads in the embedding thread (process-wide)
         self.encoder: Encoder | None = None
+        self._preprocess: Callable[[Any], Any] | None = None  # the encoder's, chosen once it is loaded
         self._q: queue.Queue[tuple[Hashable, np.ndarray] | None] = queue.Queue(maxsize=max(1, depth))
         self._cv = threading.Condition()
         self._open: set[Hashable] = set()  # submitted, not yet embedded (or failed)
@@ -110,6 +111,7 @@ class StreamEmbedder:
 
                 torch.set_num_threads(self.torch_threads)
             self.encoder = self._load()
+            self._preprocess = image_preprocessor(self.encoder)
         except BaseException as e:  # ModelNotAvailable and the like: raised to the producer
             with self._cv:
                 self._error = e
@@ -138,9 +140,8 @@ class StreamEmbedder:
         import torch
         from PIL import Image
 
-        enc = self.encoder
-        assert enc is not None
-        pre = image_preprocessor(enc)
+        enc, pre = self.encoder, self._preprocess
+        assert enc is not None and pre is not None
         t = time.perf_counter()
         keys, xs = [], []
         for key, pixels in batch:
