@@ -34,6 +34,15 @@ _WS = re.compile(r"\s+")
 _MARKER_ONLY = re.compile(r"^\(?(?:\d{1,2}|[a-zA-Z])[.)]$")  # "2." left over from "1. A. 2. B."
 
 
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def words(text: str | None) -> list[str]:
+    """Lower-case words (letters and digits) of a text, in order: what diagnoses are matched on and what the
+    drafter's wording prior counts."""
+    return _WORD.findall((text or "").lower())
+
+
 def _is_heading(line: str) -> bool:
     """'FINDINGS', 'Impression:' - a short line that labels what follows."""
     s = line.strip()

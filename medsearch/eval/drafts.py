@@ -24,7 +24,6 @@ A draft that fails (GenerationError) counts as an empty draft and is counted in 
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -36,6 +35,7 @@ import numpy as np
 from medsearch.errors import InvalidInput, MedsearchError, ModelNotAvailable, NotFound
 from medsearch.metrics import lcs_f1, lcs_length, token_masks
 from medsearch.search import Filters
+from medsearch.text import words
 
 if TYPE_CHECKING:  # pragma: no cover
     from medsearch.encoders.base import Encoder
@@ -172,7 +172,7 @@ def _vote(draft: Draft) -> dict[str, str | None]:
 
 def norm_dx(text: str | None) -> str:
     """A diagnosis for matching: lower case, words only, in order ("Glioblastoma (GBM)" -> "glioblastoma gbm")."""
-    return " ".join(re.findall(r"[a-z0-9]+", (text or "").lower()))
+    return " ".join(words(text))
 
 
 def dx_match(truth: str | None, candidates: list[str | None]) -> float:

@@ -16,7 +16,6 @@ typicality to the consensus score raised ROUGE-L 0.132 -> 0.149 and MiniLM cosin
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from collections import Counter
@@ -26,17 +25,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from medsearch.text import words
+
 if TYPE_CHECKING:  # pragma: no cover
     from medsearch.catalog import Catalog
     from medsearch.search import Filters
-
-_WORD = re.compile(r"[a-z0-9]+")
-
-
-def words(text: str) -> list[str]:
-    """Lower-case words (letters and digits) of a text, in order."""
-    return _WORD.findall(text.lower())
-
 
 @dataclass(frozen=True)
 class WordingPrior:
@@ -72,12 +65,18 @@ _LOCK = threading.Lock()
 MIN_AGE_S = 5.0  # while the catalog is being written, re-read a prior at most this often
 
 
+def _mtime_ns(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except FileNotFoundError:  # no write-ahead log (yet)
+        return 0
+
+
 def _stamp(catalog: Catalog) -> tuple[int, ...] | None:
     """Modification times of the catalog file and its write-ahead log: any ingest or erasure changes them."""
     try:
-        return tuple(os.stat(f"{catalog.path}{ext}").st_mtime_ns if os.path.exists(f"{catalog.path}{ext}") else 0
-                     for ext in ("", "-wal"))  # fmt: skip
-    except (OSError, TypeError):
+        return (_mtime_ns(f"{catalog.path}"), _mtime_ns(f"{catalog.path}-wal"))
+    except OSError:
         return None
 
 

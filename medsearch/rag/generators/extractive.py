@@ -28,6 +28,7 @@ from medsearch.rag.config import ExtractiveConfig
 from medsearch.rag.evidence import EvidencePack
 from medsearch.rag.generators.base import Generation, OnToken
 from medsearch.rag.grounding import Proposed
+from medsearch.text import words
 
 _NEGATION = re.compile(
     r"\b(no|not|without|absent|absence|negative|free of|unremarkable|normal|resolved|ruled out|none)\b", re.IGNORECASE
@@ -166,7 +167,7 @@ def consensus_findings(pack: EvidencePack, cand: np.ndarray, cfg: ExtractiveConf
 
 
 def _norm_dx(text: str | None) -> str:
-    return " ".join(re.findall(r"[a-z0-9]+", (text or "").lower()))
+    return " ".join(words(text))
 
 
 def _case_texts(pack: EvidencePack, k: int) -> list[tuple[str, str, int]]:
